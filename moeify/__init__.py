@@ -1,0 +1,16 @@
+"""moeify: turn any CNN into a sparsely-gated Mixture-of-Experts CNN by torch.fx graph rewriting."""
+from .convert import convert, moe_layers, plan, routing
+from .errors import ConversionError, MoeifyError, RoutingError
+from .io import load, save
+from .macs import count_macs
+from .nn import execution
+from .plan import ConversionPlan
+from .spec import MoESpec
+from .zoo import create_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert", "plan", "moe_layers", "routing", "count_macs", "execution", "save", "load", "create_model",
+    "MoESpec", "ConversionPlan", "ConversionError", "MoeifyError", "RoutingError",
+]

@@ -1,0 +1,170 @@
+"""Model -> MoE-CNN: trace, analyse channel groups, plan, and rewrite the graph.
+
+The rewrite is one pass over the traced graph: for each planned MoE layer it inserts a router call
+before the layer's first producer, routes every producer's output and every consumer's input
+through it, and gates residual-branch outputs before the add they join. Original parameters keep
+their state_dict keys; routers live under ``moeify_layers.*`` (and ``moeify_router`` for a global
+router).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import ConversionError
+from .graph import analyze, infer_shapes, trace
+from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_moe_module
+from .nn.gated import FUNCTIONAL
+from .plan import ConversionPlan, LayerPlan, build_plan
+from .spec import MoESpec
+
+
+def _spec(experts, top_k, spec: MoESpec | None, **kw) -> MoESpec:
+    if spec is not None:
+        if experts is not None or top_k is not None:
+            raise ConversionError("pass either spec= or experts=/top_k=, not both")
+        return spec
+    if experts is None:
+        raise ConversionError("experts is required (e.g. experts=4), or pass spec=MoESpec(...)")
+    return MoESpec(experts=experts, top_k=top_k, **kw)
+
+
+def _inputs(model: nn.Module, example_inputs) -> tuple[torch.Tensor, ...]:
+    if example_inputs is None:
+        size = getattr(model, "moeify_input_size", None)
+        if size is None:
+            raise ConversionError("example_inputs is required for this model (e.g. torch.randn(1, 3, 224, 224))")
+        return (torch.zeros(1, *size),)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(model, "moeify_source", None) or type(model).__name__
+
+
+def _analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: MoESpec) -> tuple[fx.GraphModule, ConversionPlan]:
+    was = model.training
+    model.eval()  # trace the inference graph; modules keep following .training at run time
+    try:
+        gm = trace(model)
+    finally:
+        model.train(was)
+    infer_shapes(gm, inputs)
+    return gm, build_plan(gm, analyze(gm), spec, _model_name(model))
+
+
+def plan(model: nn.Module, experts: int | None = None, top_k: int | None = None, example_inputs=None, *,
+         spec: MoESpec | None = None, **spec_kw) -> ConversionPlan:
+    """The printable conversion plan for ``model`` under a spec; converts nothing."""
+    spec = _spec(experts, top_k, spec, **spec_kw)
+    return _analyse(model, _inputs(model, example_inputs), spec)[1]
+
+
+def convert(model: nn.Module, experts: int | None = None, top_k: int | None = None, example_inputs=None, *,
+            spec: MoESpec | None = None, **spec_kw) -> fx.GraphModule:
+    """A new MoE-CNN module built from ``model`` (left untouched) by graph rewriting.
+
+    ``experts``/``top_k`` (or ``spec=MoESpec(...)``, plus ``scope=``, ``router=``, ``layers=``,
+    ``exclude=``) say how; ``example_inputs`` gives input shapes. Raises ConversionError when no
+    layer can be converted or the model cannot be traced.
+    """
+    spec = _spec(experts, top_k, spec, **spec_kw)
+    inputs = _inputs(model, example_inputs)
+    work = copy.deepcopy(model)
+    gm, p = _analyse(work, inputs, spec)
+    if not p.layers:
+        reasons = sorted({d.reason.split(" (")[0].split(";")[0] for d in p.dense})[:4]
+        raise ConversionError(f"no layer of {p.model_name} can be converted"
+                              + (f" ({'; '.join(reasons)})" if reasons else " (it has no conv or linear layer)")
+                              + "; try another scope (--scope branches) or a number of experts that divides the channels")
+    rewrite(gm, p, inputs)
+    gm.train(model.training)
+    gm.moeify_info = {
+        "source": getattr(model, "moeify_source", None),
+        "model_kwargs": getattr(model, "moeify_kwargs", {}),
+        "spec": spec.to_dict(),
+        "input_shape": list(inputs[0].shape[1:]),
+    }
+    gm.moeify_plan = p
+    return gm
+
+
+def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor]) -> None:
+    """Insert routers and route producers, consumers and branch adds of every planned layer."""
+    graph = gm.graph
+    spec = p.spec
+    shared = None
+    if spec.router == "global":
+        image = next(n for n in graph.nodes if n.op == "placeholder")
+        if inputs[0].ndim != 4:
+            raise ConversionError("router='global' needs an image input [B, C, H, W]; use router='layer'")
+        gm.add_submodule("moeify_router", GlobalRouter(inputs[0].shape[1], spec.experts, spec.top_k))
+        last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last_ph):
+            shared = graph.call_module("moeify_router", (image,))
+    for lp in p.layers:
+        _rewrite_layer(gm, lp, shared)
+    graph.lint()
+    gm.recompile()
+
+
+def _rewrite_layer(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None) -> None:
+    graph, g = gm.graph, lp.group
+    prim = g.primary
+    x = prim.node.args[0]
+    key = "moeify_layers." + lp.name.replace(".", "_")
+    router = None
+    if shared is None:
+        cdim = prim.info.cdim_in
+        in_features = x.meta["tensor_meta"].shape[cdim]
+        router = LayerRouter(in_features, lp.experts, lp.top_k, cdim)
+    gm.add_submodule(key, MoELayer(lp.name, lp.channels, lp.experts, lp.top_k, lp.producers, lp.consumers, router))
+    with graph.inserting_before(prim.node):
+        route = graph.call_module(key, (shared if shared is not None else x,))
+    for u in g.producers:
+        _route(gm, u.node, "out_route", route)
+    for u in g.consumers:
+        _route(gm, u.node, "in_route", route)
+    for u in g.add_sinks:
+        with graph.inserting_before(u.node):
+            gated = graph.call_function(gate_channels, (u.operand, route, u.cdim))
+        u.node.replace_input_with(u.operand, gated)
+
+
+def _route(gm: fx.GraphModule, node: fx.Node, kw: str, route: fx.Node) -> None:
+    if node.op == "call_module":
+        make_moe_module(gm.get_submodule(node.target))
+    else:
+        node.target = FUNCTIONAL[node.target]
+    node.kwargs = {**node.kwargs, kw: route}
+
+
+def moe_layers(moe: nn.Module) -> dict[str, MoELayer]:
+    """{qualified name of the original producer layer: MoE layer} of a converted model."""
+    return {m.name: m for m in moe.modules() if isinstance(m, MoELayer)}
+
+
+def routing(moe: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{layer name: LongTensor[B, top_k]} experts chosen per sample (eval mode, no grad)."""
+    chosen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, layer in moe_layers(moe).items():
+        def hook(_m, _inp, out: Route, name=name):
+            chosen[name] = out.idx.detach().clone()
+        hooks.append(layer.register_forward_hook(hook))
+    was = moe.training
+    moe.eval()
+    try:
+        with torch.no_grad():
+            moe(x)
+    finally:
+        moe.train(was)
+        for h in hooks:
+            h.remove()
+    return chosen

@@ -1,0 +1,104 @@
+"""Capture a model's graph with torch.fx and annotate every node with its output shape.
+
+Conv, linear and BatchNorm subclasses stay leaves (their forward may be custom), and so do the
+modules timm marks as not traceable, plus stochastic-depth modules whose behaviour depends on
+``training`` (tracing through them would bake in eval behaviour).
+"""
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import ConversionError
+
+
+def _extra_leaf_types() -> tuple[type, ...]:
+    types: list[type] = [nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm]
+    try:
+        from torchvision.ops import StochasticDepth
+
+        types.append(StochasticDepth)
+    except ImportError:
+        pass
+    try:
+        from timm.layers import DropPath
+
+        types.append(DropPath)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
+class MoeifyTracer(fx.Tracer):
+    """fx tracer with timm's leaf-module / autowrap settings and conv/BN subclasses as leaves."""
+
+    def __init__(self) -> None:
+        self._timm_leaves, timm_functions = _timm_notrace()
+        self._leaves = _extra_leaf_types()
+        super().__init__(autowrap_functions=timm_functions)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaves) or isinstance(m, self._timm_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of user/model code (not torch internals) where tracing failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        f = fr.filename.replace("\\", "/")
+        if "/torch/" not in f and "/moeify/" not in f:
+            return f"{fr.filename}:{fr.lineno}: {(fr.line or '').strip()}"
+    return ""
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` (in its current mode) into a GraphModule sharing its submodules."""
+    tracer = MoeifyTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types; all mean "not traceable"
+        where = _where(e)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"cannot trace {type(model).__name__} with torch.fx: {msg}"
+            + (f" (at {where})" if where else "")
+            + "; make that code independent of tensor values or move it into a leaf module"
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def infer_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Record ``node.meta['tensor_meta']`` for every node, on fake tensors (no real compute)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with torch.no_grad():
+            ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+        return
+    except ConversionError:
+        raise
+    except Exception:
+        pass  # some ops lack fake kernels: fall back to one real pass on the example input
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"the model fails on an input of shape {tuple(example_inputs[0].shape)}: {msg}; "
+            "pass example inputs of the size the model expects (--input-size C,H,W)"
+        ) from e

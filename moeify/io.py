@@ -1,0 +1,64 @@
+"""Save and load converted models: safetensors weights plus the spec needed to rebuild them."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .errors import MoeifyError
+from .spec import MoESpec
+
+FORMAT = "moeify/1"
+
+
+def save(moe: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``moe`` (from ``moeify.convert``) to ``path`` atomically (a crash leaves no half file)."""
+    info = getattr(moe, "moeify_info", None)
+    if info is None:
+        raise MoeifyError("save() expects a model returned by moeify.convert()")
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_model(moe, tmp, metadata={"format": FORMAT, "moeify": json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The conversion metadata stored in a saved model."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MoeifyError(f"no such file {path!r}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise MoeifyError(f"{path} is not a moeify model file ({type(e).__name__})") from e
+    if meta.get("format") != FORMAT:
+        raise MoeifyError(f"{path} is not a moeify model file (format {meta.get('format')!r})")
+    return json.loads(meta["moeify"])
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild and load a saved MoE model (eval mode).
+
+    ``model=None`` rebuilds named torchvision/timm backbones (and FILE.py:FUNCTION ones whose file
+    still exists); for any other backbone pass a fresh dense instance.
+    """
+    from . import zoo
+    from .convert import convert
+
+    info = read_info(path)
+    if model is None:
+        if not info.get("source"):
+            raise MoeifyError(f"{path} holds a user backbone; pass model=<a fresh instance of it> to load()")
+        model = zoo.rebuild(info["source"], info.get("model_kwargs", {}))
+    moe = convert(model, spec=MoESpec.from_dict(info["spec"]), example_inputs=torch.zeros(1, *info["input_shape"]))
+    missing, unexpected = load_model(moe, os.fspath(path), strict=False)
+    if missing or unexpected:
+        raise MoeifyError(f"{path} does not match this model: {len(missing)} missing, {len(unexpected)} unexpected "
+                          f"tensors (e.g. {(list(missing) + list(unexpected))[0]}); pass the backbone it was made from")
+    moe.moeify_info = {**info, "source": info.get("source")}
+    return moe.eval()

@@ -1,0 +1,71 @@
+"""The declarative conversion spec: what a recipe's `moe:` section maps onto one-to-one."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConversionError
+
+SCOPES = ("hidden", "branches", "paper")
+ROUTERS = ("layer", "global")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """How to turn a dense CNN into an MoE-CNN.
+
+    experts: N, the number of equal contiguous channel groups per MoE layer.
+    top_k: K, experts kept per sample (default N // 2, the paper's ratio 0.5).
+    scope: which channel groups become MoE: ``hidden`` (never touch a residual stream),
+        ``branches`` (also residual-branch outputs that are only added into the stream),
+        ``paper`` (the AdvMoE layer set: ``branches`` without the first conv).
+    router: ``layer`` (one router per MoE layer, on that layer's input) or ``global``
+        (one router on the image shared by every layer, as in the released AdvMoE code).
+    layers: optional glob patterns of producer names to convert (others stay dense).
+    exclude: glob patterns of producer names to keep dense.
+    """
+
+    experts: int
+    top_k: int | None = None
+    scope: str = "hidden"
+    router: str = "layer"
+    layers: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.experts, bool) or not isinstance(self.experts, int) or self.experts < 1:
+            raise ConversionError(f"experts must be an integer >= 1, got {self.experts!r}")
+        if self.top_k is None:
+            object.__setattr__(self, "top_k", max(1, self.experts // 2))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConversionError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_k > self.experts:
+            raise ConversionError(
+                f"top_k ({self.top_k}) cannot exceed experts ({self.experts}); use top_k <= {self.experts}"
+            )
+        if self.scope not in SCOPES:
+            raise ConversionError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
+        if self.router not in ROUTERS:
+            raise ConversionError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MoESpec":
+        known = {"experts", "top_k", "scope", "router", "layers", "exclude"}
+        unknown = set(d) - known
+        if unknown:
+            raise ConversionError(f"unknown MoE spec key(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        kw = dict(d)
+        if kw.get("layers") is not None:
+            kw["layers"] = tuple(kw["layers"])
+        if "exclude" in kw:
+            kw["exclude"] = tuple(kw["exclude"] or ())
+        return cls(**kw)
