@@ -141,7 +141,7 @@ def _route(gm: fx.GraphModule, node: fx.Node, kw: str, route: fx.Node) -> None:
     if node.op == "call_module":
         make_moe_module(gm.get_submodule(node.target))
     else:
-        node.target = FUNCTIONAL[node.target]
+        node.target = FUNCTIONAL.get(node.target, node.target)  # may already be routed (in and out)
     node.kwargs = {**node.kwargs, kw: route}
 
 

@@ -56,7 +56,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             raise MoeifyError(f"{path} holds a user backbone; pass model=<a fresh instance of it> to load()")
         model = zoo.rebuild(info["source"], info.get("model_kwargs", {}))
     moe = convert(model, spec=MoESpec.from_dict(info["spec"]), example_inputs=torch.zeros(1, *info["input_shape"]))
-    missing, unexpected = load_model(moe, os.fspath(path), strict=False)
+    try:
+        missing, unexpected = load_model(moe, os.fspath(path), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise MoeifyError(f"{path} does not match this model ({first}); pass the backbone it was made from") from e
     if missing or unexpected:
         raise MoeifyError(f"{path} does not match this model: {len(missing)} missing, {len(unexpected)} unexpected "
                           f"tensors (e.g. {(list(missing) + list(unexpected))[0]}); pass the backbone it was made from")

@@ -1,0 +1,115 @@
+"""The `moeify` command line: convert and inspect (robustify/evaluate build on these)."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import MoeifyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="moeify: turn any CNN into a sparsely-gated Mixture-of-Experts CNN.")
+console = Console()
+err = Console(stderr=True)
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    _DEBUG["on"] = debug
+
+
+def _size(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise MoeifyError(f"--input-size must be comma-separated integers like 3,224,224, got {text!r}") from None
+    if not size or any(v < 1 for v in size):
+        raise MoeifyError(f"--input-size must be positive integers like 3,224,224, got {text!r}")
+    return size
+
+
+def _summary(dense_macs: float, moe_macs: float, n_layers: int) -> None:
+    console.print(f"[bold]{n_layers}[/] MoE layers; measured MACs per sample: dense {dense_macs / 1e6:,.1f} M, "
+                  f"MoE {moe_macs / 1e6:,.1f} M ({moe_macs / dense_macs:.1%} of dense)")
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="resnet18, timm:NAME, torchvision:NAME or FILE.py:FUNCTION")],
+    experts: Annotated[int, typer.Option(help="Experts (channel groups) per MoE layer.")] = 4,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts kept per sample [default: experts/2].")] = None,
+    scope: Annotated[str, typer.Option(help="hidden | branches | paper")] = "hidden",
+    router: Annotated[str, typer.Option(help="layer | global")] = "layer",
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Save the MoE model here (.moe).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+) -> None:
+    """Print the conversion plan, convert, and report the MAC saving (optionally save)."""
+    import torch
+
+    from . import convert as convert_model, count_macs, create_model, moe_layers, save
+    from .spec import MoESpec
+
+    spec = MoESpec(experts=experts, top_k=top_k, scope=scope, router=router)
+    if out and os.path.exists(out) and not force:
+        raise MoeifyError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+    dense = create_model(model, num_classes=num_classes, input_size=_size(input_size)).eval()
+    moe = convert_model(dense, spec=spec)
+    console.print(moe.moeify_plan)
+    x = torch.rand(2, *dense.moeify_input_size)
+    _summary(count_macs(dense, x), count_macs(moe, x), len(moe_layers(moe)))
+    if out:
+        save(moe, out)
+        console.print(f"saved to {out}")
+
+
+@app.command()
+def inspect(path: Annotated[str, typer.Argument(help="A saved .moe file.")]) -> None:
+    """Show the plan and the MAC cost of a saved MoE model."""
+    import torch
+
+    from . import count_macs, load, moe_layers
+    from . import zoo
+    from .io import read_info
+
+    info = read_info(path)
+    moe = load(path)
+    console.print(f"{path}: {info.get('source')} input {tuple(info['input_shape'])}")
+    console.print(moe.moeify_plan)
+    x = torch.rand(2, *info["input_shape"])
+    dense = zoo.rebuild(info["source"], info.get("model_kwargs", {})).eval()
+    _summary(count_macs(dense, x), count_macs(moe, x), len(moe_layers(moe)))
+
+
+def main() -> None:
+    """Entry point: one-line errors and a non-zero exit, tracebacks only with --debug."""
+    try:
+        app(standalone_mode=False)
+    except MoeifyError as e:
+        if _DEBUG["on"]:
+            raise
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if _DEBUG["on"]:
+            raise
+        err.print(f"[red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,132 @@
+"""Small user-written backbones that exercise the graph rules (used by tests and the CLI test)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SE(nn.Module):
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(c, c // r, 1)
+        self.expand = nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
+
+
+class Zoo(nn.Module):
+    """cat, SE, grouped and depthwise convs, channel shuffle, fan-out, a functional conv."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(16)
+        # fan-out: a 32-channel hidden group read by two consumers, joined by cat
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.left = nn.Conv2d(32, 16, 3, padding=1)
+        self.right = nn.Conv2d(32, 16, 1)
+        # grouped conv producer + depthwise + SE inside one hidden group
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.se = SE(32)
+        self.project = nn.Conv2d(32, 32, 1)
+        # channel shuffle after this conv: its group must stay dense
+        self.pre_shuffle = nn.Conv2d(32, 32, 1)
+        # functional conv consuming a hidden group
+        self.fw = nn.Parameter(torch.randn(24, 32, 3, 3) * 0.1)
+        self.mid = nn.Conv2d(32, 32, 1)
+        self.head = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(self.bn1(self.expand(x)))
+        x = torch.cat([self.left(h), self.right(h)], dim=1)
+        y = F.relu(self.bn2(self.grouped(x)))
+        y = F.silu(self.bn3(self.dw(y)))
+        y = self.se(y)
+        x = self.project(y)
+        s = self.pre_shuffle(x)
+        b, c, hh, ww = s.shape
+        s = s.view(b, 4, c // 4, hh, ww).transpose(1, 2).reshape(b, c, hh, ww)
+        m = F.relu(self.mid(s))
+        z = F.conv2d(m, self.fw, padding=1)
+        return self.head(F.adaptive_avg_pool2d(F.relu(z), 1).flatten(1))
+
+
+class PreActDense(nn.Module):
+    """Pre-activation blocks (BN-ReLU-conv) with dense connectivity (DenseNet style)."""
+
+    def __init__(self, num_classes: int = 10, growth: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        c = 16
+        self.layers = nn.ModuleList()
+        for _ in range(3):
+            self.layers.append(nn.ModuleDict({
+                "bn1": nn.BatchNorm2d(c), "conv1": nn.Conv2d(c, 4 * growth, 1, bias=False),
+                "bn2": nn.BatchNorm2d(4 * growth), "conv2": nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False),
+            }))
+            c += growth
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            h = layer["conv1"](F.relu(layer["bn1"](x)))
+            h = layer["conv2"](F.relu(layer["bn2"](h)))
+            x = torch.cat([x, h], 1)
+        return self.fc(F.relu(self.bn(x)).mean((2, 3)))
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation residual blocks: BN-ReLU-conv1-BN-ReLU-conv2, added to the stream."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "bn1": nn.BatchNorm2d(width), "conv1": nn.Conv2d(width, width, 3, padding=1, bias=False),
+            "bn2": nn.BatchNorm2d(width), "conv2": nn.Conv2d(width, width, 3, padding=1, bias=False),
+        }) for _ in range(2))
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            h = b["conv1"](F.relu(b["bn1"](x)))
+            x = x + b["conv2"](F.relu(b["bn2"](h)))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1))
+
+
+class DataDependent(nn.Module):
+    """Not traceable: Python control flow on a tensor value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+
+class NoConv(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def build_zoo(num_classes: int = 10) -> nn.Module:
+    return Zoo(num_classes)
+
+
+def build_preact(num_classes: int = 10) -> nn.Module:
+    return PreActResNet(num_classes)

@@ -1,0 +1,64 @@
+"""The command line: tables, saved files, and one-line errors with non-zero exits."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+
+
+def run(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "moeify", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_convert_prints_plan_and_saves_then_inspect(tmp_path):
+    out = tmp_path / "r18.moe"
+    r = run("convert", "resnet18", "--experts", "4", "--input-size", "3,64,64", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "layer1.0.conv1" in r.stdout and "left dense" in r.stdout and "MoE layers" in r.stdout
+    assert out.exists()
+    r = run("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "torchvision:resnet18" in r.stdout and "layer4.1.conv1" in r.stdout
+    again = run("convert", "resnet18", "--experts", "4", "--input-size", "3,64,64", "--out", str(out))
+    assert again.returncode != 0 and "already exists" in again.stderr  # never overwrites silently
+
+
+def test_convert_user_file():
+    r = run("convert", f"{TESTS / 'models.py'}:build_preact", "--experts", "2", "--scope", "paper",
+            "--input-size", "3,32,32", "--num-classes", "10")
+    assert r.returncode == 0, r.stderr
+    assert "blocks.0.conv1" in r.stdout and "blocks.0.conv2" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("convert", "resnet18", "--experts", "0"), "experts must be"),
+    (("convert", "resnet18", "--experts", "2", "--top-k", "3"), "cannot exceed"),
+    (("convert", "resnet181", "--experts", "2"), "did you mean resnet18"),
+    (("convert", "missing.py:build", "--experts", "2"), "not found"),
+    (("convert", f"{TESTS / 'models.py'}:nope", "--experts", "2"), "has no function"),
+    (("convert", "resnet18", "--experts", "2", "--input-size", "3,x"), "--input-size"),
+    (("inspect", "nothing.moe"), "no such file"),
+])
+def test_bad_input_is_one_line_without_traceback(args, message):
+    r = run(*args)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_untraceable_model_names_the_line(tmp_path):
+    src = tmp_path / "net.py"
+    src.write_text("import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n"
+                   "    def __init__(self):\n        super().__init__()\n        self.c = nn.Conv2d(3, 8, 3)\n"
+                   "    def forward(self, x):\n        if x.mean() > 0:\n            return self.c(x)\n"
+                   "        return x\n\ndef build():\n    return Net()\n")
+    r = run("convert", f"{src}:build", "--experts", "2", "--input-size", "3,8,8")
+    assert r.returncode != 0 and "cannot trace" in r.stderr and "net.py:9" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run("--debug", "convert", f"{src}:build", "--experts", "2", "--input-size", "3,8,8")
+    assert "Traceback" in r.stderr

@@ -1,0 +1,111 @@
+"""Execution semantics a user relies on: sparse == masked (values and gradients), batch
+independence, routers learn from the task loss, deterministic ties, NaN scores refuse to route."""
+import pytest
+import torch
+
+import moeify
+from conftest import randomize
+from models import PreActResNet, Zoo
+from moeify.nn import select_top_k
+
+
+def _moe(cls=PreActResNet, scope="branches", experts=4, top_k=2, train=False):
+    model = randomize(cls())
+    moe = moeify.convert(model, experts=experts, top_k=top_k, example_inputs=torch.rand(2, 3, 16, 16), scope=scope)
+    return moe.train(train)
+
+
+def _grads(moe, x, mode):
+    moe.zero_grad()
+    x = x.clone().requires_grad_(True)
+    with moeify.execution(mode):
+        out = moe(x)
+    (out.square().sum()).backward()
+    return out.detach(), x.grad.detach(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("cls,scope", [(PreActResNet, "branches"), (Zoo, "hidden")])
+@pytest.mark.parametrize("train", [False, True])
+def test_sparse_equals_masked_with_gradients(cls, scope, train):
+    moe = _moe(cls, scope, train=train)
+    x = torch.rand(8, 3, 16, 16)
+    out_s, gx_s, gp_s = _grads(moe, x, "sparse")
+    out_m, gx_m, gp_m = _grads(moe, x, "masked")
+    assert torch.allclose(out_s, out_m, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gx_s, gx_m, rtol=1e-5, atol=1e-7)
+    assert set(gp_s) == set(gp_m)
+    overall = max(g.abs().max() for g in gp_m.values())
+    for name in gp_m:  # 1e-5 relative; a floor for gradients that are zero up to rounding (bias before BN)
+        allowed = 1e-5 * gp_m[name].abs().max() + 1e-7 * overall
+        assert (gp_s[name] - gp_m[name]).abs().max() <= allowed, name
+
+
+def test_routers_receive_gradient_from_the_task_loss():
+    moe = _moe(train=True)
+    _, _, grads = _grads(moe, torch.rand(8, 3, 16, 16), "sparse")
+    router_grads = [g for n, g in grads.items() if n.startswith("moeify_layers.")]
+    assert router_grads and all(g.abs().sum() > 0 for g in router_grads)
+
+
+def test_batch_independence():
+    moe = _moe().eval()
+    x = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        whole = moe(x)
+        alone = torch.cat([moe(x[i:i + 1]) for i in range(8)])
+        shuffled = moe(x.flip(0)).flip(0)
+    assert torch.allclose(whole, alone, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(whole, shuffled, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_reports_top_k_per_sample_and_samples_differ():
+    moe = _moe(experts=4, top_k=2)
+    r = moeify.routing(moe, torch.rand(16, 3, 16, 16))
+    assert set(r) == set(moeify.moe_layers(moe))
+    for idx in r.values():
+        assert idx.shape == (16, 2) and idx.dtype == torch.long
+        assert (idx[:, 0] < idx[:, 1]).all() and idx.min() >= 0 and idx.max() < 4
+    assert any(len(torch.unique(idx, dim=0)) > 1 for idx in r.values())
+
+
+def test_ties_break_to_the_lower_expert_and_gate_is_one():
+    scores = torch.zeros(3, 4, requires_grad=True)
+    route = select_top_k(scores, 2)
+    assert route.idx.tolist() == [[0, 1]] * 3
+    assert torch.equal(route.gate, torch.ones(3, 2))
+    route.gate.sum().backward()
+    assert scores.grad.abs().sum() > 0
+
+
+def test_nan_scores_refuse_to_route():
+    with pytest.raises(moeify.RoutingError, match="NaN"):
+        select_top_k(torch.tensor([[float("nan"), 0.0]]), 1)
+    moe = _moe()
+    layer = next(iter(moeify.moe_layers(moe).values()))
+    with torch.no_grad():
+        layer.router.proj.weight.fill_(float("nan"))
+    with pytest.raises(moeify.RoutingError):
+        moe(torch.rand(2, 3, 16, 16))
+
+
+def test_global_router_shares_one_route():
+    model = randomize(PreActResNet())
+    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=torch.rand(2, 3, 16, 16), scope="branches",
+                         router="global").eval()
+    r = moeify.routing(moe, torch.rand(6, 3, 16, 16))
+    first = next(iter(r.values()))
+    assert all(torch.equal(v, first) for v in r.values())
+    full = moeify.convert(model, experts=2, top_k=2, example_inputs=torch.rand(2, 3, 16, 16), router="global").eval()
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(full(x), model.eval()(x), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sparse_equals_masked():
+    moe = _moe().cuda()
+    x = torch.rand(8, 3, 16, 16, device="cuda")
+    out_s, gx_s, _ = _grads(moe, x, "sparse")
+    out_m, gx_m, _ = _grads(moe, x, "masked")
+    assert torch.allclose(out_s, out_m, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(gx_s, gx_m, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,71 @@
+"""The graph rules on user-written modules: what converts, what stays dense and why, exactness."""
+import torch
+
+import moeify
+from conftest import randomize
+from models import PreActDense, PreActResNet, Zoo
+
+
+def _plan(model, scope="hidden", experts=2):
+    return moeify.plan(model, experts=experts, example_inputs=torch.rand(2, 3, 16, 16), scope=scope)
+
+
+def _dense_reason(plan, name):
+    return next(d.reason for d in plan.dense if d.name == name)
+
+
+def test_user_zoo_plan_follows_the_rules():
+    p = _plan(Zoo())
+    layers = {lp.name: lp for lp in p.layers}
+    assert layers["expand"].consumers == ["left", "right"]  # fan-out: one gate, two consumers
+    assert set(layers["grouped"].producers) == {"grouped", "se.expand"}  # SE stays inside the group
+    assert set(layers["grouped"].consumers) == {"se.reduce", "project"}
+    assert layers["mid"].consumers == ["conv2d"]  # functional conv consumes
+    assert layers["conv2d"].consumers == ["head"]  # functional conv produces; flatten of 1x1 keeps channels
+    assert "mixed" in _dense_reason(p, "left")  # cat of left/right, consumed as one tensor
+    assert "reshape" in _dense_reason(p, "pre_shuffle")  # channel shuffle is a barrier
+    assert "model output" in _dense_reason(p, "head")
+
+
+def test_grouped_conv_needs_aligned_experts():
+    p = _plan(Zoo(), experts=8)  # experts of 4 channels cannot cover whole 8-channel conv groups
+    assert "grouped conv" in _dense_reason(p, "grouped")
+
+
+def test_preactivation_dense_connectivity():
+    p = _plan(PreActDense())
+    assert [lp.name for lp in p.layers] == ["layers.0.conv1", "layers.1.conv1", "layers.2.conv1"]
+    assert "mixed" in _dense_reason(p, "stem")  # stem and every conv2 are concatenated into one stream
+
+
+def test_scopes_on_preact_resnet():
+    hidden = _plan(PreActResNet())
+    assert "branches" in _dense_reason(hidden, "blocks.0.conv2")
+    branches = _plan(PreActResNet(), scope="branches")
+    gated = {lp.name: lp for lp in branches.layers}
+    assert gated["blocks.0.conv2"].add_gates == ["add"]
+    assert "stream" in _dense_reason(branches, "stem")
+
+
+def test_user_models_are_exact_and_sparse_equals_masked():
+    x = torch.rand(4, 3, 16, 16)
+    for cls, scope in ((Zoo, "hidden"), (PreActDense, "hidden"), (PreActResNet, "branches")):
+        model = randomize(cls()).eval()
+        with torch.no_grad():
+            ref = model(x)
+            full = moeify.convert(model, experts=2, top_k=2, example_inputs=x, scope=scope).eval()
+            assert ((full(x) - ref).abs().max() <= 1e-4 * ref.abs().max())
+            moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, scope=scope).eval()
+            with moeify.execution("masked"):
+                masked = moe(x)
+            assert torch.allclose(moe(x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet18_paper_scope_matches_the_paper_layer_set():
+    model = moeify.create_model("resnet18")
+    p = moeify.plan(model, experts=2, top_k=1, scope="paper")
+    names = {lp.name for lp in p.layers}
+    block_convs = {f"layer{s}.{b}.conv{c}" for s in range(1, 5) for b in range(2) for c in (1, 2)}
+    assert names == block_convs  # all 16 block convs; stem, shortcuts and fc stay dense
+    assert "first conv" in _dense_reason(moeify.plan(moeify.create_model("vgg11_bn"), experts=2, scope="paper"),
+                                          "features.0")

@@ -1,0 +1,42 @@
+"""Every named torchvision/timm model converts exactly: top_k == experts is the dense model, and
+top_k < experts runs, agrees with the masked reference and counts fewer MACs."""
+import pytest
+import torch
+
+import moeify
+from conftest import randomize
+
+TORCHVISION = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+               "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf",
+               "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d", "shufflenet_v2_x1_0", "squeezenet1_1",
+               "vgg11_bn", "wide_resnet50_2"]
+TIMM = ["resnet18", "resnet50d", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_large_100", "regnetx_002",
+        "regnety_004", "convnext_atto", "densenet121", "dpn68", "ghostnet_100", "vgg11_bn", "tf_efficientnet_b0",
+        "res2net50_14w_8s", "cspresnet50", "repvgg_a0", "inception_v3"]
+# repvgg has no hidden channels at all (every conv output is summed into the stream): branches scope
+SCOPE = {"timm:repvgg_a0": "branches"}
+CASES = [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_model_converts_exactly(name):
+    model = randomize(moeify.create_model(name)).eval()
+    side = 96 if "inception" in name else 64
+    x = torch.rand(2, 3, side, side)
+    scope = SCOPE.get(name, "hidden")
+    with torch.no_grad():
+        ref = model(x)
+        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x, scope=scope).eval()
+        assert _rel(full(x), ref) <= 1e-4
+        moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, scope=scope).eval()
+        assert len(moeify.moe_layers(moe)) >= 1
+        sparse = moe(x)
+        with moeify.execution("masked"):
+            masked = moe(x)
+        assert torch.isfinite(sparse).all()
+        assert _rel(sparse, masked) <= 1e-4
+    assert moeify.count_macs(moe, x) < moeify.count_macs(model, x)
