@@ -88,6 +88,44 @@ def inspect(path: Annotated[str, typer.Argument(help="A saved .moe file.")]) -> 
     _summary(count_macs(dense, x), count_macs(moe, x), len(moe_layers(moe)))
 
 
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="Model name, as for convert.")] = "resnet18",
+    experts: Annotated[int, typer.Option()] = 2,
+    top_k: Annotated[Optional[int], typer.Option("--top-k")] = None,
+    scope: Annotated[str, typer.Option()] = "hidden",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16",
+    repeats: Annotated[int, typer.Option()] = 10,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """Time conversion, and dense vs masked vs sparse inference side by side (medians)."""
+    import json
+
+    import torch
+    from rich.table import Table
+
+    from .bench import convert_seconds, latency, machine, rows_as_dicts
+    from .spec import MoESpec
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoeifyError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    spec = MoESpec(experts=experts, top_k=top_k, scope=scope)
+    batches = [int(b) for b in _size(batch)]
+    conv_s = convert_seconds(model, spec)
+    rows = latency(model, spec, batches, repeats=repeats, device=device)
+    t = Table(title=f"{model} experts={spec.experts} top_k={spec.top_k} scope={spec.scope} on {device} "
+                    f"({machine()}); convert: {conv_s:.2f} s")
+    for col in ("batch", "variant", "ms / batch", "MACs / sample", "speed-up vs dense"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M", f"{r.speedup:.2f}x")
+    console.print(t)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"machine": machine(), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
+
+
 def main() -> None:
     """Entry point: one-line errors and a non-zero exit, tracebacks only with --debug."""
     try:

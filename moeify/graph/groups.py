@@ -186,9 +186,7 @@ class _Analysis:
         info = classify(node, self.gm)
         if shape is None:  # a non-tensor result (x.size(), x.dim()): nothing flows through it
             return None
-        handler = getattr(self, f"_{info.kind.value}")
-        out = handler(node, info, shape)
-        return out
+        return getattr(self, f"_{info.kind.value}")(node, info, shape)
 
     def _first(self, node: fx.Node):
         a = node.args[0] if node.args else None
@@ -220,6 +218,8 @@ class _Analysis:
                 self.arg_state(a) is not None for a in node.args) else None
         if not isinstance(x, Chan) or not isinstance(shape, tuple):
             return self.barrier(node, info.what, shape)
+        if info.cdim_in is not None and x.cdim != info.cdim_in % len(shape):
+            return self.barrier(node, f"{info.what} with channels on dim {x.cdim}", shape)
         self._sink_rest(node, info.what)
         if len(shape) > x.cdim and shape[x.cdim] == len(x.ids):
             return Chan(x.ids, x.cdim)
@@ -237,7 +237,6 @@ class _Analysis:
         if len(live) == 1:
             return Chan(live[0][1].ids, live[0][1].cdim)
         (a, sa), (b, sb) = live
-        c = len(shape)
         if sa.cdim != sb.cdim or shape[sa.cdim] != max(len(sa.ids), len(sb.ids)):
             return self.barrier(node, info.what, shape)
         if len(sa.ids) != len(sb.ids):  # one operand broadcasts over channels (e.g. a spatial map)
@@ -250,7 +249,6 @@ class _Analysis:
             ids = self.uf.new(shape[sa.cdim])
             self.sources.append((ids, f"residual stream (joined at {node.name})"))
             return Chan(ids, sa.cdim)
-        del c
         self.uf.union(sa.ids, sb.ids)
         return Chan(sa.ids, sa.cdim)
 
@@ -312,7 +310,8 @@ class _Analysis:
             return Chan(base.ids[s], base.cdim)
         return Chan(base.ids, base.cdim)
 
-    def state_shape(self, n: fx.Node):
+    @staticmethod
+    def state_shape(n: fx.Node):
         return _out_shapes(n)
 
     def _permute(self, node, info, shape):
@@ -338,7 +337,7 @@ class _Analysis:
         src = self.state_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         if not isinstance(x, Chan) or not isinstance(shape, tuple) or not isinstance(src, tuple):
             return self.barrier(node, info.what, shape)
-        c, n = x.cdim, len(x.ids)
+        c = x.cdim
         if shape[0] == src[0] and len(shape) > c and shape[:c + 1] == src[:c + 1]:
             return Chan(x.ids, c)  # everything up to and including channels is unchanged
         tail = len(src) - c
@@ -346,7 +345,6 @@ class _Analysis:
             return Chan(x.ids, len(shape) - tail)  # channels and everything after them unchanged
         self.sink(x, f"channels reach a reshape that mixes them with other dims ({node.name}: "
                      f"{list(src)} -> {list(shape)})")
-        del n
         return self.opaque(shape, f"output of reshape ({node.name})")
 
     def _reduce(self, node, info, shape):

@@ -37,7 +37,8 @@ class OpInfo:
     kind: Kind
     what: str  # a human name for the op, used in plan reasons
     module: nn.Module | None = None
-    cdim_in: int | None = None  # contractions: the dim they contract (1 for conv, -1 for linear)
+    cdim_in: int | None = None  # the dim channels must be on: contracted (conv 1, linear -1), or
+    # the dim a positional channel-wise op treats as channels (BatchNorm, pooling: 1); None = any
     groups: int = 1
 
 
@@ -73,6 +74,9 @@ def _channelwise_module_types() -> tuple[type, ...]:
 
 
 CHANNELWISE_MODULES = _channelwise_module_types()
+# channel-wise only when channels are on dim 1 (they normalise, pool, pad or resize the dims after it)
+POSITIONAL_MODULES = tuple(t for t in CHANNELWISE_MODULES if any(
+    k in t.__name__ for k in ("Pool", "Upsampl", "Pad"))) + (nn.modules.batchnorm._BatchNorm,)
 
 _CHANNELWISE_FUNCS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.sigmoid,
@@ -81,6 +85,10 @@ _CHANNELWISE_FUNCS = {
     F.adaptive_max_pool2d, F.interpolate, F.batch_norm, F.pad,
     torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, torch.abs, torch.exp,
     torch.nn.functional.relu_, operator.neg, torch.neg,
+}
+_POSITIONAL_FUNCS = {
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, F.interpolate, F.batch_norm, F.pad,
 }
 _CHANNELWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clamp_min",
@@ -111,13 +119,15 @@ def classify(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
         name = type(m).__name__
         if isinstance(m, nn.modules.conv._ConvNd):
             if is_depthwise(m):
-                return OpInfo(Kind.CHANNELWISE, f"depthwise {name}", m)
+                return OpInfo(Kind.CHANNELWISE, f"depthwise {name}", m, cdim_in=1)
             if m.transposed:
                 return OpInfo(Kind.BARRIER, f"transposed conv {name}", m)
             return OpInfo(Kind.CONTRACT, name, m, cdim_in=1, groups=m.groups)
         if isinstance(m, nn.Linear):
             return OpInfo(Kind.CONTRACT, name, m, cdim_in=-1)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, CHANNELWISE_MODULES):
+        if isinstance(m, POSITIONAL_MODULES):
+            return OpInfo(Kind.CHANNELWISE, name, m, cdim_in=1)
+        if isinstance(m, CHANNELWISE_MODULES):
             return OpInfo(Kind.CHANNELWISE, name, m)
         return OpInfo(Kind.BARRIER, f"module {name}", m)
     if node.op == "call_function":
@@ -127,6 +137,8 @@ def classify(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
             return OpInfo(Kind.CONTRACT, name, cdim_in=1, groups=groups if isinstance(groups, int) else -1)
         if t is F.linear:
             return OpInfo(Kind.CONTRACT, name, cdim_in=-1)
+        if t in _POSITIONAL_FUNCS:
+            return OpInfo(Kind.CHANNELWISE, name, cdim_in=1)
         table = [(_CHANNELWISE_FUNCS, Kind.CHANNELWISE), (_ADD, Kind.ADD), (_MUL, Kind.MUL),
                  (_RESHAPE_FUNCS, Kind.RESHAPE), (_REDUCE_FUNCS, Kind.REDUCE), (_SPLIT_FUNCS, Kind.SPLIT)]
         for funcs, kind in table:
