@@ -64,5 +64,5 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     if missing or unexpected:
         raise MoeifyError(f"{path} does not match this model: {len(missing)} missing, {len(unexpected)} unexpected "
                           f"tensors (e.g. {(list(missing) + list(unexpected))[0]}); pass the backbone it was made from")
-    moe.moeify_info = {**info, "source": info.get("source")}
+    moe.moeify_info = info
     return moe.eval()

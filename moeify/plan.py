@@ -13,7 +13,9 @@ import torch.fx as fx
 from rich.console import Console
 from rich.table import Table
 
+from .errors import ConversionError
 from .graph.groups import ChannelGroup, _name
+from .graph.ops import Kind, classify
 from .spec import MoESpec
 
 
@@ -183,10 +185,12 @@ def build_plan(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec,
     for lp in layers:
         for a in lp.add_gates:
             by_add.setdefault(a, []).append(lp)
+    def cost(lp: LayerPlan) -> int:
+        return sum(node_macs(u.node, gm) for u in lp.group.producers)
+
     drop: set[int] = set()
     for a, cands in by_add.items():
         if len(cands) > 1:
-            cost = lambda lp: sum(node_macs(u.node, gm) for u in lp.group.producers)  # noqa: E731
             keep = max(cands, key=cost)
             for lp in cands:
                 if lp is not keep:
@@ -203,8 +207,6 @@ def build_plan(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec,
 
 def _check_named_layers(spec: MoESpec, layers: list[LayerPlan], dense: list[DenseEntry]) -> None:
     """A layer the spec names exactly (no wildcard) must convert; say why it cannot."""
-    from .errors import ConversionError
-
     converted = {lp.name for lp in layers}
     reasons = {d.name: d for d in dense}
     for p in spec.layers or ():
@@ -218,8 +220,6 @@ def _check_named_layers(spec: MoESpec, layers: list[LayerPlan], dense: list[Dens
 
 
 def _is_contraction(n: fx.Node, gm: fx.GraphModule) -> bool:
-    from .graph.ops import Kind, classify
-
     return n.op in ("call_module", "call_function") and classify(n, gm).kind == Kind.CONTRACT
 
 
