@@ -30,6 +30,36 @@ def _channel_index(idx: torch.Tensor, per_expert: int) -> torch.Tensor:
     return (idx[:, None] * per_expert + torch.arange(per_expert, device=idx.device)).reshape(-1)
 
 
+def _run_of(experts: list[int]) -> bool:
+    """True when the selected experts are adjacent, so their channels are one slice (a view)."""
+    return experts == list(range(experts[0], experts[0] + len(experts)))
+
+
+def _take(t: torch.Tensor, dim: int, experts: list[int], per: int, index: torch.Tensor) -> torch.Tensor:
+    """The selected experts' channels of ``t`` along ``dim``: a view when they are adjacent."""
+    if _run_of(experts):
+        return t.narrow(dim, experts[0] * per, len(experts) * per)
+    return t.index_select(dim, index)
+
+
+def _place(ys: torch.Tensor, b: int, c_out: int, cdim: int, experts: list[int], per: int,
+           index: torch.Tensor) -> torch.Tensor:
+    """A [B, c_out, ...] tensor holding ``ys`` at the selected experts' channels, zero elsewhere."""
+    if _run_of(experts):
+        start, width = experts[0] * per, len(experts) * per
+        parts = []
+        for n in (start, c_out - start - width):
+            if n:
+                shape = list(ys.shape)
+                shape[cdim] = n
+                parts.append(ys.new_zeros(shape))
+        parts.insert(1 if start else 0, ys)
+        return torch.cat(parts, dim=cdim) if len(parts) > 1 else ys
+    shape = list(ys.shape)
+    shape[0], shape[cdim] = b, c_out
+    return ys.new_zeros(shape).index_copy(cdim, index, ys)
+
+
 def _row_gates(route: Route, rows: torch.Tensor | None, per_expert: int) -> torch.Tensor:
     g = route.gate if rows is None else route.gate.index_select(0, rows)
     return g.repeat_interleave(per_expert, dim=1)
@@ -63,17 +93,18 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         xs = x if rows is None else x.index_select(0, rows)
         w, bs = weight, bias
         k_in = 0
+        experts = pat.tolist()
         if in_route is not None:
             per = x.shape[cdim] // in_route.experts
-            ch = _channel_index(pat[: in_route.top_k], per)
             k_in = in_route.top_k
-            xs = xs.index_select(cdim, ch) * _bshape(_row_gates(in_route, rows, per), xs.ndim, cdim).to(xs.dtype)
-            w = w.index_select(1, ch)
+            sel, ch = experts[:k_in], _channel_index(pat[:k_in], per)
+            xs = _take(xs, cdim, sel, per, ch) * _bshape(_row_gates(in_route, rows, per), xs.ndim, cdim).to(xs.dtype)
+            w = _take(w, 1, sel, per, ch)
         if out_route is not None:
             per_out = c_out // out_route.experts
-            ch_out = _channel_index(pat[k_in:], per_out)
-            w = w.index_select(0, ch_out)
-            bs = None if bs is None else bs.index_select(0, ch_out)
+            sel_out, ch_out = experts[k_in:], _channel_index(pat[k_in:], per_out)
+            w = _take(w, 0, sel_out, per_out, ch_out)
+            bs = None if bs is None else _take(bs, 0, sel_out, per_out, ch_out)
         ys = fn(xs, w, bs)
         if out_route is None:
             if rows is None:
@@ -83,20 +114,19 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             out = out.index_copy(0, rows, ys)
             continue
         ys = ys * _bshape(_row_gates(out_route, rows, per_out), ys.ndim, cdim).to(ys.dtype)
+        if rows is None:
+            return _place(ys, b, c_out, cdim, sel_out, per_out, ch_out)
         if out is None:
             shape = list(ys.shape)
             shape[0], shape[cdim] = b, c_out
             out = ys.new_zeros(shape)
-        if rows is None:
-            out = out.index_copy(cdim, ch_out, ys)
-        else:
-            out = out.index_put((rows.view(-1, 1), ch_out.view(1, -1)), ys.movedim(cdim, 1)) if cdim == 1 \
-                else _put_rows_channels(out, rows, ch_out, ys, cdim)
+        out = _put_rows_channels(out, rows, ch_out, ys, cdim)
     return out
 
 
 def _put_rows_channels(out: torch.Tensor, rows: torch.Tensor, ch: torch.Tensor, ys: torch.Tensor,
                        cdim: int) -> torch.Tensor:
+    """``out`` with ``ys`` written at (rows, channels ch); channels on ``cdim``."""
     moved = out.movedim(cdim, 1)
     moved = moved.index_put((rows.view(-1, 1), ch.view(1, -1)), ys.movedim(cdim, 1))
     return moved.movedim(1, cdim)
