@@ -15,7 +15,7 @@ import numpy as np
 import torch.fx as fx
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .ops import Kind, OpInfo, classify
+from .ops import OpInfo, classify
 
 INPUT = "model input"
 
