@@ -1,49 +1,56 @@
-"""Benchmarks: conversion time and side-by-side inference latency of dense, masked and sparse.
+"""Benchmarks: conversion time, and dense vs static twin vs masked vs sparse MoE, side by side.
 
-Timings are interleaved (dense, masked, sparse, dense, ...) in one process and reported as medians,
-so machine noise hits every variant alike.
+Timings are interleaved (dense, twin, masked, sparse, dense, ...) in one process and reported as
+medians, so machine noise hits every variant alike. ``mode="train"`` times a training step
+(forward + backward of a cross-entropy loss, train-mode BatchNorm) instead of eval inference.
 """
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from .convert import convert
+from .convert import convert, moe_layers
 from .macs import count_macs
-from .nn import execution
+from .nn import GlobalRouter, execution
 from .spec import MoESpec
+from .twin import static_twin
 from .zoo import create_model
+
+VARIANTS = ("dense", "static twin", "moe masked", "moe sparse")
 
 
 @dataclass
 class BenchRow:
     model: str
+    experts: int
+    top_k: int
+    scope: str
+    mode: str
     batch: int
     variant: str
     ms: float
     macs: float
-    speedup: float
+    speedup: float  # over dense
+    ideal: float  # the MAC-ideal speed-up: dense MACs / this variant's MACs
+    of_twin: float  # this variant's speed-up as a fraction of the static twin's
 
 
-def _time_once(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1e3
-
-
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}")
 
 
-def convert_seconds(name: str, spec: MoESpec, repeats: int = 3) -> float:
-    """Median wall time of ``convert`` for a named model at its default input size."""
-    model = create_model(name)
+def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tuple[int, ...] | None = None) -> float:
+    """Median wall time of ``convert`` for a named model (at its default input size if not given)."""
+    model = create_model(name, input_size=input_size)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -52,42 +59,100 @@ def convert_seconds(name: str, spec: MoESpec, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def latency(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",
-            channels_last: bool = True) -> list[BenchRow]:
-    """Median eval latency per batch of dense vs masked vs sparse MoE, with executed MACs."""
-    dense = create_model(name).eval()
-    moe = convert(dense, spec=spec).eval()
+def _step(model: nn.Module, exec_mode: str, x: torch.Tensor, mode: str, sync: Callable[[], None]):
+    if mode == "eval":
+        def f():
+            with torch.inference_mode(), execution(exec_mode):
+                model(x)
+            sync()
+        return f
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    def g():
+        with execution(exec_mode):
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        sync()
+    return g
+
+
+def spread_routing(moe: nn.Module, seed: int = 0) -> list:
+    """Make every router of ``moe`` pick experts as if at random (its scores plus large seeded
+    noise), so samples in a batch take different routes, as trained routers do; untrained ones
+    on synthetic images send every sample to the same experts. Returns the hook handles."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(_m, _inp, out):
+        noise = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+        return out + 1e3 * noise
+
+    routers = [m.router.proj for m in moe_layers(moe).values() if m.router is not None]
+    routers += [m.proj for m in moe.modules() if isinstance(m, GlobalRouter)]
+    return [r.register_forward_hook(hook) for r in routers]
+
+
+def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",
+            mode: str = "eval", channels_last: bool = True, compile: bool = False,
+            routing: str = "spread", input_size: tuple[int, ...] | None = None) -> list[BenchRow]:
+    """Median latency per batch of dense, static twin, masked and sparse MoE, with executed MACs.
+
+    ``routing="spread"`` routes samples independently at random (the case a trained model is
+    in); ``"model"`` keeps the freshly initialised routers' choices.
+    """
+    dense = create_model(name, input_size=input_size)
+    models = {"dense": dense, "static twin": static_twin(dense, spec=spec), "moe": convert(dense, spec=spec)}
+    if routing == "spread":
+        spread_routing(models["moe"])
     size = dense.moeify_input_size
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dense, moe = dense.to(device, memory_format=fmt), moe.to(device, memory_format=fmt)
+    fmt = torch.channels_last if channels_last and len(size) == 3 else torch.contiguous_format
+    for m in models.values():
+        m.train(mode == "train").to(device, memory_format=fmt)
+    runners = dict(models)
+    if compile:
+        runners = {k: torch.compile(m) for k, m in models.items()}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows: list[BenchRow] = []
     for b in batches:
         x = torch.rand(b, *size, device=device).contiguous(memory_format=fmt)
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-        def run(model: nn.Module, mode: str):
-            def f():
-                with torch.inference_mode(), execution(mode):
-                    model(x)
-                sync()
-            return f
-
-        variants = {"dense": run(dense, "sparse"), "moe masked": run(moe, "masked"), "moe sparse": run(moe, "sparse")}
-        for f in variants.values():  # warm-up
+        fns = {"dense": _step(runners["dense"], "sparse", x, mode, sync),
+               "static twin": _step(runners["static twin"], "sparse", x, mode, sync),
+               "moe masked": _step(runners["moe"], "masked", x, mode, sync),
+               "moe sparse": _step(runners["moe"], "sparse", x, mode, sync)}
+        for f in fns.values():  # warm-up (and compilation)
             f(), f()
-        times: dict[str, list[float]] = {k: [] for k in variants}
+        times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(repeats):
-            for k, f in variants.items():
-                times[k].append(_time_once(f))
-        base = statistics.median(times["dense"])
-        xc = x.float().cpu() if device != "cpu" else x
-        macs = {"dense": count_macs(dense.cpu(), xc.contiguous()), "moe sparse": count_macs(moe.cpu(), xc.contiguous())}
-        with execution("masked"):
-            macs["moe masked"] = count_macs(moe, xc.contiguous())
-        dense.to(device), moe.to(device)
-        for k in variants:
-            ms = statistics.median(times[k])
-            rows.append(BenchRow(name, b, k, ms, macs[k], base / ms))
+            for k, f in fns.items():
+                t = time.perf_counter()
+                f()
+                times[k].append((time.perf_counter() - t) * 1e3)
+        xc = x[:min(b, 8)].float().cpu().contiguous()
+        macs = {}
+        for k, m in models.items():
+            m.cpu().eval()
+            if k == "moe":
+                macs["moe sparse"] = count_macs(m, xc)
+                with execution("masked"):
+                    macs["moe masked"] = count_macs(m, xc)
+            else:
+                macs[k] = count_macs(m, xc)
+            m.train(mode == "train").to(device)
+        ms = {k: statistics.median(v) for k, v in times.items()}
+        twin_gain = ms["dense"] / ms["static twin"] - 1
+        for k in VARIANTS:
+            gain = ms["dense"] / ms[k]
+            rows.append(BenchRow(name, spec.experts, spec.top_k, spec.scope, mode, b, k, ms[k], macs[k], gain,
+                                 macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain > 0 else float("nan")))
+    return rows
+
+
+def sweep(name: str, batches: list[int], experts: tuple[int, ...] = (2, 4, 8), scope: str = "hidden",
+          **kw) -> list[BenchRow]:
+    """``compare`` for each number of experts at K/N = 1/2."""
+    rows: list[BenchRow] = []
+    for n in experts:
+        rows += compare(name, MoESpec(experts=n, top_k=n // 2, scope=scope), batches, **kw)
     return rows
 
 

@@ -97,33 +97,55 @@ def bench(
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16",
     repeats: Annotated[int, typer.Option()] = 10,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    mode: Annotated[str, typer.Option(help="eval (inference) | train (forward + backward step)")] = "eval",
+    routing: Annotated[str, typer.Option(help="spread (samples take different routes, as after training) | model (the untrained routers' choice)")] = "spread",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile every variant.")] = False,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="experts 2, 4, 8 at top_k = experts/2 (ignores --experts/--top-k).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
 ) -> None:
-    """Time conversion, and dense vs masked vs sparse inference side by side (medians)."""
+    """Time dense, static twin, masked and sparse MoE side by side (interleaved, medians)."""
     import json
 
     import torch
     from rich.table import Table
 
-    from .bench import convert_seconds, latency, machine, rows_as_dicts
+    from .bench import compare, convert_seconds, machine, rows_as_dicts
+    from .bench import sweep as run_sweep
     from .spec import MoESpec
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MoeifyError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
-    spec = MoESpec(experts=experts, top_k=top_k, scope=scope)
+    if mode not in ("eval", "train"):
+        raise MoeifyError(f"--mode must be eval or train, not {mode!r}")
+    if routing not in ("spread", "model"):
+        raise MoeifyError(f"--routing must be spread or model, not {routing!r}")
+    if json_out and os.path.exists(json_out):
+        raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
     batches = [int(b) for b in _size(batch)]
-    conv_s = convert_seconds(model, spec)
-    rows = latency(model, spec, batches, repeats=repeats, device=device)
-    t = Table(title=f"{model} experts={spec.experts} top_k={spec.top_k} scope={spec.scope} on {device} "
-                    f"({machine()}); convert: {conv_s:.2f} s")
-    for col in ("batch", "variant", "ms / batch", "MACs / sample", "speed-up vs dense"):
+    size = _size(input_size)
+    kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size)
+    if sweep:
+        conv_s = None
+        rows = run_sweep(model, batches, scope=scope, **kw)
+    else:
+        spec = MoESpec(experts=experts, top_k=top_k, scope=scope)
+        conv_s = convert_seconds(model, spec, input_size=size)
+        rows = compare(model, spec, batches, **kw)
+    title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}"
+    if conv_s is not None:
+        title += f"; convert: {conv_s:.2f} s"
+    t = Table(title=title)
+    for col in ("experts", "batch", "variant", "ms / batch", "MACs / sample", "speed-up", "MAC-ideal",
+                "of twin's gain"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M", f"{r.speedup:.2f}x")
+        t.add_row(f"{r.top_k}/{r.experts}", str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M",
+                  f"{r.speedup:.2f}x", f"{r.ideal:.2f}x", "" if r.variant == "dense" else f"{r.of_twin:.0%}")
     console.print(t)
     if json_out:
         with open(json_out, "w") as f:
-            json.dump({"machine": machine(), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
+            json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ router).
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -17,8 +18,9 @@ from torch import nn
 
 from .errors import ConversionError
 from .graph import analyze, infer_shapes, trace
-from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_moe_module
-from .nn.gated import FUNCTIONAL
+from .graph.interior import Interior, interior
+from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
+from .nn.gated import FUNCTIONAL, moe_add
 from .plan import ConversionPlan, LayerPlan, build_plan
 from .spec import MoESpec
 
@@ -108,15 +110,23 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
         last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]
         with graph.inserting_after(last_ph):
             shared = graph.call_module("moeify_router", (image,))
-    for lp in p.layers:
-        _rewrite_layer(gm, lp, shared)
+    interiors = [interior(lp.group, gm) for lp in p.layers]
+    owner: dict[fx.Node, int] = {}  # node -> index of the MoE layer whose channels it carries
+    for i, (lp, inner) in enumerate(zip(p.layers, interiors)):
+        owner.update({u.node: i for u in lp.group.producers})
+        owner.update({n: i for n in inner.nodes})
+    routes = [_insert_router(gm, lp, inner, shared) for lp, inner in zip(p.layers, interiors)]
+    for lp, inner, route in zip(p.layers, interiors, routes):
+        x = route.args[0]
+        if shared is None and x in owner:
+            route.kwargs = {"in_route": routes[owner[x]]}
+        _route_layer(gm, lp, inner, route)
     graph.lint()
     gm.recompile()
 
 
-def _rewrite_layer(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None) -> None:
-    graph, g = gm.graph, lp.group
-    prim = g.primary
+def _insert_router(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, shared: fx.Node | None) -> fx.Node:
+    graph, prim = gm.graph, lp.group.primary
     x = prim.node.args[0]
     key = "moeify_layers." + lp.name.replace(".", "_")
     router = None
@@ -124,17 +134,29 @@ def _rewrite_layer(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None) ->
         cdim = prim.info.cdim_in
         in_features = x.meta["tensor_meta"].shape[cdim]
         router = LayerRouter(in_features, lp.experts, lp.top_k, cdim)
-    gm.add_submodule(key, MoELayer(lp.name, lp.channels, lp.experts, lp.top_k, lp.producers, lp.consumers, router))
+    gm.add_submodule(key, MoELayer(lp.name, lp.channels, lp.experts, lp.top_k, lp.producers, lp.consumers,
+                                   router, packed=inner.blocker is None))
     with graph.inserting_before(prim.node):
-        route = graph.call_module(key, (shared if shared is not None else x,))
+        return graph.call_module(key, (shared if shared is not None else x,))
+
+
+def _route_layer(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, route: fx.Node) -> None:
+    graph, g = gm.graph, lp.group
     for u in g.producers:
         _route(gm, u.node, "out_route", route)
     for u in g.consumers:
         _route(gm, u.node, "in_route", route)
+    for n in inner.routed:
+        make_channelwise_module(gm.get_submodule(n.target))
+        n.kwargs = {**n.kwargs, "route": route}
     for u in g.add_sinks:
-        with graph.inserting_before(u.node):
-            gated = graph.call_function(gate_channels, (u.operand, route, u.cdim))
-        u.node.replace_input_with(u.operand, gated)
+        n = u.node
+        plain = n.target in (operator.add, operator.iadd, torch.add, moe_add) and len(n.args) == 2 and not n.kwargs
+        with graph.inserting_before(n):
+            gated = graph.call_function(gate_channels, (u.operand, route, u.cdim, plain))
+        n.replace_input_with(u.operand, gated)
+        if plain:
+            n.target = moe_add
 
 
 def _route(gm: fx.GraphModule, node: fx.Node, kw: str, route: fx.Node) -> None:

@@ -99,3 +99,23 @@ def test_unconvertible_layers_stay_dense_with_reason():
 def test_unknown_model_suggests_names():
     with pytest.raises(moeify.MoeifyError, match="did you mean resnet18"):
         moeify.create_model("resnet181")
+
+
+@pytest.mark.parametrize("scope", ["hidden", "paper"])
+def test_static_twin_is_the_moe_routed_to_its_first_experts(scope):
+    """The twin (S-Dense) computes what the MoE computes when every router picks experts 0..K-1,
+    with the MoE's executed MACs minus its routers'."""
+    from moeify.twin import static_twin
+
+    model = randomize(PreActResNet()).eval()
+    x = torch.rand(4, 3, 16, 16)
+    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x, scope=scope).eval()
+    twin = static_twin(model, experts=4, top_k=2, example_inputs=x, scope=scope).eval()
+    with torch.no_grad():
+        for layer in moeify.moe_layers(moe).values():
+            layer.router.proj.weight.zero_()
+            layer.router.proj.bias.copy_(torch.tensor([3.0, 2.0, 1.0, 0.0]))
+        out, ref = moe(x), twin(x)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert moeify.count_macs(twin, x) < moeify.count_macs(moe, x) < 1.02 * moeify.count_macs(twin, x)
+    assert moeify.count_macs(twin, x) < 0.75 * moeify.count_macs(model, x)

@@ -62,3 +62,21 @@ def test_untraceable_model_names_the_line(tmp_path):
     assert "Traceback" not in r.stderr
     r = run("--debug", "convert", f"{src}:build", "--experts", "2", "--input-size", "3,8,8")
     assert "Traceback" in r.stderr
+
+
+def test_bench_times_all_variants_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run("bench", f"{TESTS / 'models.py'}:build_preact", "--experts", "2", "--scope", "paper",
+            "--input-size", "3,16,16", "--batch", "1,4", "--repeats", "1", "--mode", "train", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert {(x["batch"], x["variant"]) for x in rows} == {
+        (b, v) for b in (1, 4) for v in ("dense", "static twin", "moe masked", "moe sparse")}
+    macs = {(x["batch"], x["variant"]): x["macs"] for x in rows}
+    # sparse executes the twin's MACs plus its routers; masked executes at least the dense MACs
+    assert macs[1, "static twin"] < macs[1, "moe sparse"] < 1.05 * macs[1, "static twin"] < macs[1, "dense"]
+    assert macs[1, "moe masked"] >= macs[1, "dense"]
+    again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))
+    assert again.returncode != 0 and "exists" in again.stderr

@@ -6,6 +6,7 @@ import torch
 import moeify
 from conftest import randomize
 from models import PreActResNet, Zoo
+from moeify.bench import spread_routing
 from moeify.nn import select_top_k
 
 
@@ -15,29 +16,44 @@ def _moe(cls=PreActResNet, scope="branches", experts=4, top_k=2, train=False):
     return moe.train(train)
 
 
-def _grads(moe, x, mode):
+def _grads(moe, x, mode, spread=False):
+    """Output, input gradient and parameter gradients; ``spread`` sends samples on different routes
+    (the same ones on every call)."""
     moe.zero_grad()
     x = x.clone().requires_grad_(True)
+    hooks = spread_routing(moe, seed=0) if spread else []
     with moeify.execution(mode):
         out = moe(x)
+    for h in hooks:
+        h.remove()
     (out.square().sum()).backward()
     return out.detach(), x.grad.detach(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("cls,scope", [(PreActResNet, "branches"), (Zoo, "hidden")])
+@pytest.mark.parametrize("cls,scope", [(PreActResNet, "branches"), (PreActResNet, "paper"), (Zoo, "hidden")])
 @pytest.mark.parametrize("train", [False, True])
-def test_sparse_equals_masked_with_gradients(cls, scope, train):
-    moe = _moe(cls, scope, train=train)
-    x = torch.rand(8, 3, 16, 16)
-    out_s, gx_s, gp_s = _grads(moe, x, "sparse")
-    out_m, gx_m, gp_m = _grads(moe, x, "masked")
-    assert torch.allclose(out_s, out_m, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(gx_s, gx_m, rtol=1e-5, atol=1e-7)
-    assert set(gp_s) == set(gp_m)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("spread", [False, True])
+def test_sparse_equals_masked_with_gradients(cls, scope, train, dtype, rtol, spread):
+    """Outputs, input gradients, parameter gradients (experts and routers) and, in training,
+    BatchNorm running statistics agree; float64 shows the agreement is exact up to rounding."""
+    moe = _moe(cls, scope, train=train).to(dtype)
+    x = torch.rand(8, 3, 16, 16, dtype=dtype)
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    out_s, gx_s, gp_s = _grads(moe, x, "sparse", spread)
+    stats_s = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe.load_state_dict(state)
+    out_m, gx_m, gp_m = _grads(moe, x, "masked", spread)
+    stats_m = moe.state_dict()
+    assert torch.allclose(out_s, out_m, rtol=rtol, atol=rtol * out_m.abs().max())
+    assert torch.allclose(gx_s, gx_m, rtol=rtol, atol=rtol * gx_m.abs().max())
+    assert set(gp_s) == set(gp_m) and any(n.startswith("moeify_layers.") for n in gp_m)
     overall = max(g.abs().max() for g in gp_m.values())
-    for name in gp_m:  # 1e-5 relative; a floor for gradients that are zero up to rounding (bias before BN)
-        allowed = 1e-5 * gp_m[name].abs().max() + 1e-7 * overall
+    for name in gp_m:  # relative to the tensor; a floor for gradients that are zero up to rounding (bias before BN)
+        allowed = rtol * gp_m[name].abs().max() + 0.1 * rtol * overall
         assert (gp_s[name] - gp_m[name]).abs().max() <= allowed, name
+    for name, v in stats_m.items():
+        assert torch.allclose(stats_s[name].to(v.dtype), v, rtol=rtol, atol=rtol), name
 
 
 def test_routers_receive_gradient_from_the_task_loss():

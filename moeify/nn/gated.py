@@ -15,137 +15,121 @@ import torch.nn.functional as F
 from torch import nn
 
 from .execution import current_execution
-from .router import Route
+from .packing import PackedBranch, add_packed, empty, expert_channels, pack, place, put, take, times_gates, weight_slice, unpack, zeros
+from .route import Route, pattern_groups
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1) -> torch.Tensor:
-    """Zero the unselected experts' channels of ``x`` (used where a branch joins a residual add)."""
+def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = False):
+    """A branch joining a residual add: full width, unselected experts' channels zero.
+
+    Packed branches (sparse execution) are scattered back to full width here, or, with ``lazy``
+    (the add is ``moe_add``), handed over packed so the add writes only the selected channels.
+    """
+    if route.packed and current_execution() == "sparse":
+        channels = x.shape[cdim] * route.experts // route.top_k
+        if lazy:
+            return PackedBranch(x, route, channels, cdim)
+        return unpack(x, route, channels, cdim)
     return route.apply(x, cdim)
 
 
-def _channel_index(idx: torch.Tensor, per_expert: int) -> torch.Tensor:
-    """Channel indices of the experts in ``idx`` [K]: their contiguous blocks, in order."""
-    return (idx[:, None] * per_expert + torch.arange(per_expert, device=idx.device)).reshape(-1)
+def moe_add(a, b):
+    """``a + b`` where an operand may be a packed branch from ``gate_channels(..., lazy=True)``."""
+    if isinstance(b, PackedBranch):
+        a, b = b, a
+    if isinstance(a, PackedBranch):
+        if isinstance(b, PackedBranch):
+            b = b.full()
+        return add_packed(b, a)
+    return a + b
 
 
-def _run_of(experts: list[int]) -> bool:
-    """True when the selected experts are adjacent, so their channels are one slice (a view)."""
-    return experts == list(range(experts[0], experts[0] + len(experts)))
-
-
-def _take(t: torch.Tensor, dim: int, experts: list[int], per: int, index: torch.Tensor) -> torch.Tensor:
-    """The selected experts' channels of ``t`` along ``dim``: a view when they are adjacent."""
-    if _run_of(experts):
-        return t.narrow(dim, experts[0] * per, len(experts) * per)
-    return t.index_select(dim, index)
-
-
-def _place(ys: torch.Tensor, b: int, c_out: int, cdim: int, experts: list[int], per: int,
-           index: torch.Tensor) -> torch.Tensor:
-    """A [B, c_out, ...] tensor holding ``ys`` at the selected experts' channels, zero elsewhere."""
-    if _run_of(experts):
-        start, width = experts[0] * per, len(experts) * per
-        parts = []
-        for n in (start, c_out - start - width):
-            if n:
-                shape = list(ys.shape)
-                shape[cdim] = n
-                parts.append(ys.new_zeros(shape))
-        parts.insert(1 if start else 0, ys)
-        return torch.cat(parts, dim=cdim) if len(parts) > 1 else ys
-    shape = list(ys.shape)
-    shape[0], shape[cdim] = b, c_out
-    return ys.new_zeros(shape).index_copy(cdim, index, ys)
-
-
-def _row_gates(route: Route, rows: torch.Tensor | None, per_expert: int) -> torch.Tensor:
-    g = route.gate if rows is None else route.gate.index_select(0, rows)
-    return g.repeat_interleave(per_expert, dim=1)
-
-
-def _bshape(t: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
-    shape = [t.shape[0]] + [1] * (ndim - 1)
-    shape[cdim] = t.shape[1]
-    return t.reshape(shape)
+def _groups(in_route: Route | None, out_route: Route | None) -> list[tuple[list[int], torch.Tensor | None]]:
+    if in_route is None or out_route is None:
+        return (in_route or out_route).groups()
+    gi, go = in_route.groups(), out_route.groups()
+    if len(gi) == 1 and len(go) == 1 and gi[0][1] is None and go[0][1] is None:
+        return [(gi[0][0] + go[0][0], None)]
+    return pattern_groups(torch.cat([in_route.idx, out_route.idx], dim=1))
 
 
 def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: Fn, cdim: int,
                  in_route: Route | None, out_route: Route | None) -> torch.Tensor:
-    """Run ``fn(x, weight, bias)`` computing only routed channels; unselected outputs are zero.
+    """Run ``fn(x, weight, bias)`` computing only routed channels.
 
     ``weight`` is laid out [out, in, ...] (conv and linear); channels of x and of the output live on
-    ``cdim``. One call of ``fn`` per distinct routing pattern in the batch, never per sample.
+    ``cdim``. A packed ``in_route`` means x holds only the selected channels; a packed ``out_route``
+    means the result does too (else unselected output channels are zero-filled). One call of ``fn``
+    per distinct routing pattern in the batch, never per sample.
     """
     cdim = cdim % x.ndim
     b = x.shape[0]
-    keys = [r.idx for r in (in_route, out_route) if r is not None]
-    key = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
-    if b == 1 or bool((key == key[:1]).all()):
-        patterns, members = key[:1], [None]
-    else:
-        patterns, inverse = torch.unique(key, dim=0, return_inverse=True)
-        members = [torch.nonzero(inverse == p).squeeze(1) for p in range(patterns.shape[0])]
-    out = None
     c_out = weight.shape[0]
-    for pat, rows in zip(patterns, members):
-        xs = x if rows is None else x.index_select(0, rows)
-        w, bs = weight, bias
-        k_in = 0
-        experts = pat.tolist()
+    per_in = weight.shape[1] // in_route.experts if in_route is not None else 0
+    per_out = c_out // out_route.experts if out_route is not None else 0
+    k_in = in_route.top_k if in_route is not None else 0
+    groups = _groups(in_route, out_route)
+    out = None
+    for experts, rows in groups:
+        xs = x if rows is None else x[rows]  # (index_select would drop channels_last)
+        bs = bias
         if in_route is not None:
-            per = x.shape[cdim] // in_route.experts
-            k_in = in_route.top_k
-            sel, ch = experts[:k_in], _channel_index(pat[:k_in], per)
-            xs = _take(xs, cdim, sel, per, ch) * _bshape(_row_gates(in_route, rows, per), xs.ndim, cdim).to(xs.dtype)
-            w = _take(w, 1, sel, per, ch)
+            sel = experts[:k_in]
+            if not in_route.packed:
+                xs = take(xs, cdim, sel, per_in)
+            xs = times_gates(xs, in_route, rows, per_in, cdim)
         if out_route is not None:
-            per_out = c_out // out_route.experts
-            sel_out, ch_out = experts[k_in:], _channel_index(pat[k_in:], per_out)
-            w = _take(w, 0, sel_out, per_out, ch_out)
-            bs = None if bs is None else _take(bs, 0, sel_out, per_out, ch_out)
+            sel_out = experts[k_in:]
+            bs = None if bs is None else take(bs, 0, sel_out, per_out)
+        w = weight_slice(weight, experts[:k_in] if in_route is not None else None, per_in,
+                         sel_out if out_route is not None else None, per_out)
         ys = fn(xs, w, bs)
-        if out_route is None:
-            if rows is None:
-                return ys
-            if out is None:
-                out = ys.new_zeros((b,) + tuple(ys.shape[1:]))
-            out = out.index_copy(0, rows, ys)
-            continue
-        ys = ys * _bshape(_row_gates(out_route, rows, per_out), ys.ndim, cdim).to(ys.dtype)
+        if out_route is not None:
+            ys = times_gates(ys, out_route, rows, per_out, cdim)
+        full = out_route is not None and not out_route.packed
         if rows is None:
-            return _place(ys, b, c_out, cdim, sel_out, per_out, ch_out)
+            return place(ys, c_out, cdim, sel_out, per_out) if full else ys
         if out is None:
             shape = list(ys.shape)
-            shape[0], shape[cdim] = b, c_out
-            out = ys.new_zeros(shape)
-        out = _put_rows_channels(out, rows, ch_out, ys, cdim)
+            shape[0] = b
+            if full:
+                shape[cdim] = c_out
+                out = zeros(ys, shape)
+            else:
+                out = empty(ys, shape)
+        if full:
+            out = put(out, rows, expert_channels(sel_out, per_out, ys.device), ys, cdim)
+        else:
+            out[rows] = ys
     return out
 
 
-def _put_rows_channels(out: torch.Tensor, rows: torch.Tensor, ch: torch.Tensor, ys: torch.Tensor,
-                       cdim: int) -> torch.Tensor:
-    """``out`` with ``ys`` written at (rows, channels ch); channels on ``cdim``."""
-    moved = out.movedim(cdim, 1)
-    moved = moved.index_put((rows.view(-1, 1), ch.view(1, -1)), ys.movedim(cdim, 1))
-    return moved.movedim(1, cdim)
-
-
-def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
+def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], cdim: int, c_in: int,
                 in_route: Route | None, out_route: Route | None,
                 sparse: tuple[torch.Tensor, torch.Tensor | None, Fn] | None) -> torch.Tensor:
-    """Dispatch to sparse (when ``sparse`` gives weight, bias and fn) or masked execution."""
+    """Dispatch to sparse (when ``sparse`` gives weight, bias and fn) or masked execution.
+
+    A layer without a sparse kernel (grouped conv, custom forward) runs masked; in sparse mode its
+    packed input is unpacked first (``c_in`` channels) and its output packed after.
+    """
     if in_route is None and out_route is None:
         return full(x)
-    if sparse is not None and current_execution() == "sparse":
+    mode = current_execution()
+    if sparse is not None and mode == "sparse":
         weight, bias, fn = sparse
         return sparse_apply(x, weight, bias, fn, cdim, in_route, out_route)
     if in_route is not None:
-        x = in_route.apply(x, cdim)
+        if in_route.packed and mode == "sparse":
+            x = unpack(x, in_route, c_in, cdim)
+        else:
+            x = in_route.apply(x, cdim)
     y = full(x)
     if out_route is not None:
         y = out_route.apply(y, cdim)
+        if out_route.packed and mode == "sparse":
+            y = pack(y, out_route, cdim)
     return y
 
 
@@ -165,7 +149,8 @@ class MoEGatedMixin:
         cdim = -1 if isinstance(self, nn.Linear) else 1
         full = super().forward  # type: ignore[misc]
         sparse = self._moe_sparse() if (in_route is not None or out_route is not None) else None
-        return gated_apply(x, full, cdim, in_route, out_route, sparse)
+        c_in = self.in_features if isinstance(self, nn.Linear) else self.in_channels
+        return gated_apply(x, full, cdim, c_in, in_route, out_route, sparse)
 
 
 _CLASSES: dict[type, type] = {}
@@ -190,7 +175,8 @@ def _functional(conv: Callable, name: str, cdim: int):
 
         groups = kwargs.get("groups", args[3] if len(args) > 3 else 1)
         sparse = (weight, bias, fn) if groups == 1 else None
-        return gated_apply(input, lambda x: fn(x, weight, bias), cdim, in_route, out_route, sparse)
+        c_in = weight.shape[-1] if cdim == -1 else weight.shape[1] * groups
+        return gated_apply(input, lambda x: fn(x, weight, bias), cdim, c_in, in_route, out_route, sparse)
 
     moe_fn.__name__ = name
     moe_fn.__qualname__ = name

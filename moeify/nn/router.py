@@ -1,61 +1,12 @@
-"""Routes and routers: which experts each sample uses in an MoE layer.
-
-A Route holds, per sample, the indices of its top-K experts (ascending) and their gate values. The
-gate's forward value is exactly 1 (so ``top_k == experts`` is the dense model) and its gradient is
-that of the expert's log-probability (a straight-through estimator), so routers learn from the
-task loss. Ties break towards the lower expert index. Non-finite scores raise RoutingError.
-"""
+"""Routers and MoE layer handles: per-layer (the paper's GAP + linear) or one global image router."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..errors import RoutingError
-
-
-class Route:
-    """Top-K expert choice per sample: ``idx`` LongTensor[B, K], ``gate`` Tensor[B, K] (value 1)."""
-
-    __slots__ = ("idx", "gate", "experts")
-
-    def __init__(self, idx: torch.Tensor, gate: torch.Tensor, experts: int) -> None:
-        self.idx, self.gate, self.experts = idx, gate, experts
-
-    @property
-    def top_k(self) -> int:
-        return self.idx.shape[1]
-
-    def expert_mask(self) -> torch.Tensor:
-        """[B, N] gate values at the selected experts, 0 elsewhere."""
-        m = self.gate.new_zeros(self.idx.shape[0], self.experts)
-        return m.scatter(1, self.idx, self.gate)
-
-    def channel_mask(self, channels: int) -> torch.Tensor:
-        """[B, channels]: each expert's gate repeated over its contiguous block of channels."""
-        return self.expert_mask().repeat_interleave(channels // self.experts, dim=1)
-
-    def apply(self, x: torch.Tensor, cdim: int) -> torch.Tensor:
-        """Zero the unselected experts' channels of ``x`` (channels on ``cdim``)."""
-        cdim = cdim % x.ndim
-        m = self.channel_mask(x.shape[cdim]).to(x.dtype)
-        shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        shape[cdim] = x.shape[cdim]
-        return x * m.reshape(shape)
-
-
-def select_top_k(scores: torch.Tensor, top_k: int) -> Route:
-    """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1."""
-    if not torch.isfinite(scores).all():
-        raise RoutingError(
-            "router produced non-finite scores (NaN/inf); refusing to route (it would silently pick "
-            "expert 0); check the learning rate and the inputs"
-        )
-    logp = torch.log_softmax(scores.float(), dim=-1)
-    order = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
-    idx = order.sort(dim=-1).values
-    sel = logp.gather(1, idx)
-    gate = torch.exp(sel - sel.detach()).to(scores.dtype)
-    return Route(idx, gate, scores.shape[-1])
+from .execution import current_execution
+from .packing import unpack
+from .route import Route, select_top_k
 
 
 class LayerRouter(nn.Module):
@@ -100,20 +51,36 @@ class MoELayer(nn.Module):
     """Handle of one MoE layer: its router (layer routing) and what it gates.
 
     Called with the layer's input it returns that layer's Route; with a shared global Route it
-    passes it through (so every layer has a place to observe its routing).
+    passes it through (so every layer has a place to observe its routing). When the input belongs
+    to another MoE layer (``in_route``), the router sees only that layer's selected channels.
+    ``packed`` says whether this layer's tensors hold only the selected channels in sparse mode.
     """
 
     def __init__(self, name: str, channels: int, experts: int, top_k: int, producers: list[str],
-                 consumers: list[str], router: LayerRouter | None) -> None:
+                 consumers: list[str], router: LayerRouter | None, packed: bool = False) -> None:
         super().__init__()
         self.name, self.channels, self.experts, self.top_k = name, channels, experts, top_k
         self.producers, self.consumers = list(producers), list(consumers)
         self.router = router
+        self.packed = packed
 
-    def forward(self, x):
+    def forward(self, x, in_route: Route | None = None) -> Route:
         if isinstance(x, Route):
-            return x
-        return self.router(x)
+            return x.with_packing(self.packed)
+        if in_route is not None:
+            cdim = self.router.cdim % x.ndim
+            if in_route.packed and current_execution() == "sparse":
+                dims = [d for d in range(1, x.ndim) if d != cdim]
+                h = x.mean(dims) if dims else x
+                full = in_route.experts * h.shape[1] // in_route.top_k
+                return self._route(self.router.proj(unpack(h, in_route, full, 1)))
+            x = in_route.apply(x, cdim)
+        return self._route(self.router.scores(x))
+
+    def _route(self, scores: torch.Tensor) -> Route:
+        r = select_top_k(scores, self.top_k)
+        r.packed = self.packed
+        return r
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, channels={self.channels}, experts={self.experts}, top_k={self.top_k}"
+        return f"{self.name!r}, channels={self.channels}, experts={self.experts}, top_k={self.top_k}, packed={self.packed}"

@@ -1,0 +1,167 @@
+"""Channel-wise layers inside an MoE layer: BatchNorm and depthwise conv that follow a route.
+
+In sparse execution of a packed layer they run on the selected channels only (sliced parameters
+when the batch shares one selection, per-sample gathered parameters otherwise). In training,
+BatchNorm's statistics of a channel are taken over the samples that selected it, in both
+execution modes, so sparse and masked compute the same function; channels nobody selected keep
+their running statistics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .execution import current_execution
+from .packing import broadcast, expert_channels, runs, take
+from .route import Route
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _bn_state(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
+    """(use batch statistics, running-average factor), advancing the batch counter like nn does."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    return use_batch, factor
+
+
+def _selected_stats(x: torch.Tensor, ch: torch.Tensor, weight: torch.Tensor | None, channels: int):
+    """Per-channel mean and biased variance of ``x`` [B, S, ...] over the samples that hold each
+    channel: slot s of sample b is channel ``ch[b, s]``, counted with ``weight[b, s]`` (1 or 0)."""
+    dims = tuple(range(2, x.ndim))
+    hw = x[0, 0].numel()
+    w = torch.ones_like(ch, dtype=x.dtype) if weight is None else weight.to(x.dtype)
+    flat = ch.reshape(-1)
+    count = x.new_zeros(channels).index_add(0, flat, w.reshape(-1)) * hw
+    denom = count.clamp_min(1)
+    s1 = x.sum(dims) if dims else x
+    mean = x.new_zeros(channels).index_add(0, flat, (s1 * w).reshape(-1)) / denom
+    d = x - broadcast(mean[ch], x.ndim, 1)
+    s2 = (d * d).sum(dims) if dims else d * d
+    var = x.new_zeros(channels).index_add(0, flat, (s2 * w).reshape(-1)) / denom
+    return mean, var, count, d
+
+
+def _update_running(bn, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, factor: float) -> None:
+    if not bn.track_running_stats or bn.running_mean is None or not bn.training:
+        return
+    with torch.no_grad():
+        seen = count > 0
+        unbiased = var * count / (count - 1).clamp_min(1)
+        f = factor * seen.to(mean.dtype)
+        bn.running_mean.mul_(1 - f).add_(f * mean.detach())
+        bn.running_var.mul_(1 - f).add_(f * unbiased.detach())
+
+
+def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, route: Route) -> torch.Tensor:
+    """BatchNorm of an MoE layer's tensor (full width in masked mode, packed in sparse mode)."""
+    packed = route.packed and current_execution() == "sparse"
+    channels = bn.num_features
+    per = channels // route.experts
+    use_batch, factor = _bn_state(bn)
+    groups = route.groups() if packed else None
+    if packed and len(groups) == 1 and groups[0][1] is None:
+        experts = groups[0][0]
+        part = [None if t is None else take(t, 0, experts, per) for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
+        rm, rv = part[0], part[1]
+        y = F.batch_norm(x, rm, rv, part[2], part[3], use_batch, factor, bn.eps)
+        if use_batch and rm is not None and bn.training and not runs(experts):
+            with torch.no_grad():
+                ch = expert_channels(experts, per, x.device)
+                bn.running_mean.index_copy_(0, ch, rm)
+                bn.running_var.index_copy_(0, ch, rv)
+        return y
+    if packed:
+        ch, sel = route.channel_index(per), None
+    else:
+        ch = torch.arange(channels, device=x.device).expand(x.shape[0], channels)
+        sel = route.channel_mask(channels).detach().ne(0)
+    if use_batch:
+        mean, var, count, d = _selected_stats(x, ch, sel, channels)
+        _update_running(bn, mean, var, count, factor)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        y = d * broadcast(scale[ch], x.ndim, 1)
+        return y if bn.bias is None else y + broadcast(bn.bias[ch], x.ndim, 1)
+    if not packed:
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return torch.addcmul(broadcast(shift[ch], x.ndim, 1), x, broadcast(scale[ch], x.ndim, 1))  # one pass
+
+
+def routed_depthwise(conv: nn.modules.conv._ConvNd, x: torch.Tensor, route: Route) -> torch.Tensor:
+    """Depthwise conv of an MoE layer's tensor: per selected channel in sparse mode."""
+    if not (route.packed and current_execution() == "sparse"):
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    per = conv.out_channels // route.experts
+    groups = route.groups()
+    fn = _CONV[x.ndim - 2]
+    if len(groups) == 1 and groups[0][1] is None:
+        w = take(conv.weight, 0, groups[0][0], per)
+        b = None if conv.bias is None else take(conv.bias, 0, groups[0][0], per)
+        return fn(x, w, b, conv.stride, conv.padding, conv.dilation, w.shape[0])
+    ch = route.channel_index(per).reshape(-1)  # one group per (sample, slot): timm CondConv's trick
+    bsz, width = x.shape[0], x.shape[1]
+    w = conv.weight.index_select(0, ch)
+    b = None if conv.bias is None else conv.bias.index_select(0, ch)
+    y = fn(x.reshape(1, bsz * width, *x.shape[2:]), w, b, conv.stride, conv.padding, conv.dilation, bsz * width)
+    return y.reshape(bsz, width, *y.shape[2:])
+
+
+class MoEChannelwiseMixin:
+    """Mixed into a BatchNorm or depthwise conv module's class: same parameters, routed forward."""
+
+    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        if route is None:
+            return super().forward(x)  # type: ignore[misc]
+        if isinstance(self, nn.modules.batchnorm._BatchNorm):
+            y = routed_batch_norm(self, x, route)
+            if _is_norm_act(type(self).__mro__[2]):
+                y = self.act(self.drop(y))
+            return y
+        return routed_depthwise(self, x, route)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def make_channelwise_module(m: nn.Module) -> nn.Module:
+    """Turn BatchNorm / depthwise conv ``m`` into its routed version in place (same state_dict)."""
+    cls = type(m)
+    if issubclass(cls, MoEChannelwiseMixin):
+        return m
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"MoE{cls.__name__}", (MoEChannelwiseMixin, cls), {"__module__": __name__})
+    m.__class__ = _CLASSES[cls]
+    return m
+
+
+def _is_norm_act(cls: type) -> bool:
+    """timm's BatchNormAct: batch norm, then its ``drop`` and ``act`` modules (both channel-blind)."""
+    return cls.__name__.startswith("BatchNormAct") and cls.__module__.startswith("timm.")
+
+
+def routable(m: nn.Module) -> bool:
+    """Can ``m`` follow a route? nn's BatchNorm (and timm's BatchNormAct with parameter-free act
+    and drop), depthwise convs with zero padding and nn's forward."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        cls = type(m)
+        if cls.forward is nn.modules.batchnorm._BatchNorm.forward:
+            return True
+        return _is_norm_act(cls) and not any(True for _ in m.act.parameters()) and \
+            not any(True for _ in m.drop.parameters())
+    if isinstance(m, nn.modules.conv._ConvNd):
+        base = type(m).forward
+        plain = base in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        return plain and m.padding_mode == "zeros" and m.groups == m.in_channels == m.out_channels
+    return False

@@ -1,0 +1,192 @@
+"""Moving channels between full-width tensors and packed ones ([B, K * C/N, ...], see route.py).
+
+Selections of adjacent experts are views (``narrow``); others are gathers. Writes keep the
+memory format (channels_last stays channels_last).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .route import Route
+
+
+def runs(experts: list[int]) -> bool:
+    """True when the selected experts are adjacent, so their channels are one slice (a view)."""
+    return experts == list(range(experts[0], experts[0] + len(experts)))
+
+
+def expert_channels(experts: list[int], per: int, device: torch.device) -> torch.Tensor:
+    """Channel indices of ``experts``' contiguous blocks, in order."""
+    idx = torch.tensor(experts, device=device)
+    return (idx[:, None] * per + torch.arange(per, device=device)).reshape(-1)
+
+
+def take(t: torch.Tensor, dim: int, experts: list[int], per: int) -> torch.Tensor:
+    """The selected experts' channels of ``t`` along ``dim``: a view when they are adjacent."""
+    if runs(experts):
+        return t.narrow(dim, experts[0] * per, len(experts) * per)
+    return t.index_select(dim, expert_channels(experts, per, t.device))
+
+
+_SLICES: dict[int, dict] = {}  # id(weight) -> {selection: copy}; dropped when the weight is freed
+_MAX_SLICES = 64  # per weight tensor; least recently used out
+
+
+def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel: list[int] | None,
+                 per_out: int) -> torch.Tensor:
+    """Weight [out, in, ...] restricted to the selected experts' input and/or output channels.
+
+    With autograd on, differentiable views/gathers. Under no_grad or inference, a selection that
+    is not a view of contiguous memory (input channels) is copied once and kept with the weight
+    (until it changes), so a conv does not copy its weights on every call.
+    """
+    def slice_() -> torch.Tensor:
+        t = w if in_sel is None else take(w, 1, in_sel, per_in)
+        return t if out_sel is None else take(t, 0, out_sel, per_out)
+
+    if torch.is_grad_enabled() and w.requires_grad:
+        return slice_()
+    view = slice_()
+    fmt = memory_format(w)
+    if view.is_contiguous(memory_format=fmt):
+        return view
+    cache = _SLICES.get(id(w))
+    if cache is None:
+        cache = _SLICES[id(w)] = {}
+        weakref.finalize(w, _SLICES.pop, id(w), None)
+    key = (w._version, None if in_sel is None else tuple(in_sel), None if out_sel is None else tuple(out_sel))
+    hit = cache.pop(key, None)
+    if hit is None:
+        with torch.no_grad():
+            hit = view.contiguous(memory_format=fmt)
+        if len(cache) >= _MAX_SLICES:
+            cache.pop(next(iter(cache)))
+    cache[key] = hit
+    return hit
+
+
+def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
+    """[B, C] -> a shape that broadcasts over a [B, ..., C (at cdim), ...] tensor."""
+    shape = [v.shape[0]] + [1] * (ndim - 1)
+    shape[cdim] = v.shape[1]
+    return v.reshape(shape)
+
+
+def slot_gates(route: Route, rows: torch.Tensor | None, per: int) -> torch.Tensor:
+    """[B or len(rows), K * per]: each packed slot's gate."""
+    g = route.gate if rows is None else route.gate.index_select(0, rows)
+    return g.repeat_interleave(per, dim=1)
+
+
+def times_gates(y: torch.Tensor, route: Route, rows: torch.Tensor | None, per: int, cdim: int) -> torch.Tensor:
+    """``y`` (packed) times its gates where the router needs a gradient; untouched otherwise."""
+    if not route.needs_grad:
+        return y
+    return y * broadcast(slot_gates(route, rows, per), y.ndim, cdim).to(y.dtype)
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.ndim == 4 and t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last) \
+            and not t.is_contiguous():
+        return torch.channels_last
+    if t.ndim == 5 and t.shape[1] > 1 and t.is_contiguous(memory_format=torch.channels_last_3d) \
+            and not t.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def empty(like: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with ``like``'s dtype, device and memory format."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format(like))
+
+
+def zeros(like: torch.Tensor, shape: list[int] | tuple[int, ...]) -> torch.Tensor:
+    return empty(like, shape).zero_()
+
+
+def place(ys: torch.Tensor, channels: int, cdim: int, experts: list[int], per: int) -> torch.Tensor:
+    """Full width from a batch sharing one selection: ``ys`` at the experts' channels, zero elsewhere."""
+    if runs(experts):
+        start, width = experts[0] * per, len(experts) * per
+        parts = []
+        for n in (start, channels - start - width):
+            if n:
+                shape = list(ys.shape)
+                shape[cdim] = n
+                parts.append(zeros(ys, shape))
+        parts.insert(1 if start else 0, ys)
+        return torch.cat(parts, dim=cdim) if len(parts) > 1 else ys
+    shape = list(ys.shape)
+    shape[cdim] = channels
+    return zeros(ys, shape).index_copy(cdim, expert_channels(experts, per, ys.device), ys)
+
+
+def put(out: torch.Tensor, rows: torch.Tensor, ch: torch.Tensor, ys: torch.Tensor, cdim: int) -> torch.Tensor:
+    """Write ``ys`` into ``out`` at (rows, channels ``ch``), in place; channels on ``cdim``."""
+    out.movedim(cdim, 1)[rows.view(-1, 1), ch.view(1, -1)] = ys.movedim(cdim, 1)
+    return out
+
+
+def unpack(y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
+    """Full-width tensor from packed ``y``: selected channels in place (times gates), zeros elsewhere."""
+    cdim = cdim % y.ndim
+    per = channels // route.experts
+    y = times_gates(y, route, None, per, cdim)
+    groups = route.groups()
+    if len(groups) == 1 and groups[0][1] is None:
+        return place(y, channels, cdim, groups[0][0], per)
+    shape = list(y.shape)
+    shape[cdim] = channels
+    out = zeros(y, shape).movedim(cdim, -1)
+    ch = route.channel_index(per)
+    ch = ch.reshape([ch.shape[0]] + [1] * (y.ndim - 2) + [ch.shape[1]]).expand(out.shape[:-1] + (ch.shape[1],))
+    return out.scatter(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
+
+
+def pack(y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
+    """Packed tensor from full-width ``y``: each sample's selected channels, in slot order."""
+    cdim = cdim % y.ndim
+    per = y.shape[cdim] // route.experts
+    groups = route.groups()
+    if len(groups) == 1 and groups[0][1] is None:
+        return take(y, cdim, groups[0][0], per)
+    ch = route.channel_index(per)
+    moved = y.movedim(cdim, -1)
+    ch = ch.reshape([ch.shape[0]] + [1] * (y.ndim - 2) + [ch.shape[1]]).expand(moved.shape[:-1] + (ch.shape[1],))
+    return moved.gather(-1, ch).movedim(-1, cdim)
+
+
+class PackedBranch:
+    """A packed residual branch on its way into an add: ``add_packed`` adds it in place of the
+    full-width tensor, so the zeros of unselected channels are never written."""
+
+    __slots__ = ("y", "route", "channels", "cdim")
+
+    def __init__(self, y: torch.Tensor, route: Route, channels: int, cdim: int) -> None:
+        self.y, self.route, self.channels, self.cdim = y, route, channels, cdim
+
+    def full(self) -> torch.Tensor:
+        return unpack(self.y, self.route, self.channels, self.cdim)
+
+
+def add_packed(stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
+    """``stream + unpack(branch)`` without materialising the unpacked branch."""
+    cdim = branch.cdim % stream.ndim
+    route = branch.route
+    per = branch.channels // route.experts
+    y = times_gates(branch.y, route, None, per, cdim).to(stream.dtype)
+    groups = route.groups()
+    if len(groups) == 1 and groups[0][1] is None:
+        experts = groups[0][0]
+        if runs(experts):
+            start, width = experts[0] * per, len(experts) * per
+            parts = [stream.narrow(cdim, 0, start), stream.narrow(cdim, start, width) + y,
+                     stream.narrow(cdim, start + width, stream.shape[cdim] - start - width)]
+            return torch.cat([p for p in parts if p.shape[cdim]], dim=cdim)
+        return stream.index_add(cdim, expert_channels(experts, per, y.device), y)
+    moved = stream.movedim(cdim, -1)
+    ch = route.channel_index(per)
+    ch = ch.reshape([ch.shape[0]] + [1] * (y.ndim - 2) + [ch.shape[1]]).expand(moved.shape[:-1] + (ch.shape[1],))
+    return moved.scatter_add(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
