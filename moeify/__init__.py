@@ -6,11 +6,12 @@ from .macs import count_macs
 from .nn import execution
 from .plan import ConversionPlan
 from .spec import MoESpec
+from .twin import static_twin
 from .zoo import create_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "plan", "moe_layers", "routing", "count_macs", "execution", "save", "load", "create_model",
+    "convert", "static_twin", "plan", "moe_layers", "routing", "count_macs", "execution", "save", "load", "create_model",
     "MoESpec", "ConversionPlan", "ConversionError", "MoeifyError", "RoutingError",
 ]

@@ -148,6 +148,37 @@ def bench(
             json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
 
 
+@app.command()
+def robustify(
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="A built-in recipe name (quickstart, advmoe, at, trades, standard, ...) or a .yaml path.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value, e.g. --set train.epochs=5 (repeatable).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Run folder (created; must be new or empty unless --resume).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="End this session after N epochs (resumable).")] = None,
+) -> None:
+    """Train a recipe's model (dense, S-Dense or MoE) robustly: standard, PGD-AT, TRADES or AdvMoE."""
+    from pathlib import Path
+
+    import yaml
+
+    from .recipes import load_recipe, recipe_from_dict
+    from .train import robustify as run
+
+    if resume:
+        if not out:
+            raise MoeifyError("--resume needs --out DIR (the run to continue)")
+        if recipe or set_:
+            raise MoeifyError("--resume continues with the run's saved recipe (DIR/recipe.yaml); drop --recipe/--set")
+        saved = Path(out) / "recipe.yaml"
+        if not saved.is_file():
+            raise MoeifyError(f"{out} is not a moeify run folder (no recipe.yaml); start it without --resume")
+        r = recipe_from_dict(yaml.safe_load(saved.read_text()), str(saved))
+    else:
+        r = load_recipe(recipe or "quickstart", set_ or [])
+        out = out or f"runs/{r.name}"
+    run(r, out, resume=resume, stop_after=stop_after, console=console)
+
+
 def main() -> None:
     """Entry point: one-line errors and a non-zero exit, tracebacks only with --debug."""
     try:

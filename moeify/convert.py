@@ -88,6 +88,7 @@ def convert(model: nn.Module, experts: int | None = None, top_k: int | None = No
     rewrite(gm, p, inputs)
     gm.train(model.training)
     gm.moeify_info = {
+        "kind": "moe",
         "source": getattr(model, "moeify_source", None),
         "model_kwargs": getattr(model, "moeify_kwargs", {}),
         "spec": spec.to_dict(),

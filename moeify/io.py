@@ -15,11 +15,24 @@ from .spec import MoESpec
 FORMAT = "moeify/1"
 
 
-def save(moe: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``moe`` (from ``moeify.convert``) to ``path`` atomically (a crash leaves no half file)."""
-    info = getattr(moe, "moeify_info", None)
-    if info is None:
-        raise MoeifyError("save() expects a model returned by moeify.convert()")
+def model_info(model: nn.Module) -> dict:
+    """What ``load`` needs to rebuild ``model``: an MoE model (``convert``), its static twin
+    (``static_twin``), or a dense model made by ``create_model``."""
+    info = getattr(model, "moeify_info", None)
+    if info is not None:
+        return info
+    if getattr(model, "moeify_source", None) is not None:
+        return {"kind": "dense", "source": model.moeify_source, "model_kwargs": getattr(model, "moeify_kwargs", {}),
+                "input_shape": list(model.moeify_input_size)}
+    raise MoeifyError("save() expects a model from moeify.convert(), moeify.static_twin() or moeify.create_model()")
+
+
+def save(moe: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write a model to ``path`` atomically (a crash leaves no half file); ``extra`` is stored as
+    metadata beside the rebuild information (e.g. the training recipe)."""
+    info = dict(model_info(moe))
+    if extra:
+        info["extra"] = extra
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     save_model(moe, tmp, metadata={"format": FORMAT, "moeify": json.dumps(info)})
@@ -49,13 +62,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """
     from . import zoo
     from .convert import convert
+    from .twin import static_twin
 
     info = read_info(path)
     if model is None:
         if not info.get("source"):
             raise MoeifyError(f"{path} holds a user backbone; pass model=<a fresh instance of it> to load()")
         model = zoo.rebuild(info["source"], info.get("model_kwargs", {}))
-    moe = convert(model, spec=MoESpec.from_dict(info["spec"]), example_inputs=torch.zeros(1, *info["input_shape"]))
+    kind = info.get("kind", "moe")
+    example = torch.zeros(1, *info["input_shape"])
+    if kind == "moe":
+        moe = convert(model, spec=MoESpec.from_dict(info["spec"]), example_inputs=example)
+    elif kind == "s-dense":
+        moe = static_twin(model, spec=MoESpec.from_dict(info["spec"]), example_inputs=example)
+    else:
+        moe = model
     try:
         missing, unexpected = load_model(moe, os.fspath(path), strict=False)
     except RuntimeError as e:  # shape mismatches

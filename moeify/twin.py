@@ -103,4 +103,11 @@ def static_twin(model: nn.Module, experts: int | None = None, top_k: int | None 
     gm.recompile()
     gm.train(model.training)
     gm.moeify_twin_skipped = skipped
+    gm.moeify_info = {
+        "kind": "s-dense",
+        "source": getattr(model, "moeify_source", None),
+        "model_kwargs": getattr(model, "moeify_kwargs", {}),
+        "spec": spec.to_dict(),
+        "input_shape": list(inputs[0].shape[1:]),
+    }
     return gm

@@ -35,9 +35,16 @@ def _timm_names() -> tuple[str, ...]:
 
 
 def resolve(name: str) -> tuple[str, str]:
-    """('torchvision'|'timm'|'file', target) for a model name; one-line error if unknown."""
+    """('torchvision'|'timm'|'moeify'|'file', target) for a model name; one-line error if unknown."""
+    from .models import REGISTRY
+
     if ".py:" in name:
         return "file", name
+    if name.startswith("moeify:"):
+        target = name.split(":", 1)[1]
+        if target not in REGISTRY:
+            _unknown(name, tuple(REGISTRY))
+        return "moeify", target
     if name.startswith("torchvision:"):
         kind, target = "torchvision", name.split(":", 1)[1]
         if target not in _torchvision_names():
@@ -52,7 +59,9 @@ def resolve(name: str) -> tuple[str, str]:
         return "torchvision", name
     if name in _timm_names():
         return "timm", name
-    _unknown(name, _torchvision_names() + _timm_names())
+    if name in REGISTRY:
+        return "moeify", name
+    _unknown(name, _torchvision_names() + _timm_names() + tuple(REGISTRY))
     raise AssertionError("unreachable")
 
 
@@ -60,13 +69,19 @@ def _unknown(name: str, candidates: tuple[str, ...]) -> None:
     close = difflib.get_close_matches(name.split(":")[-1], candidates, n=4, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise MoeifyError(f"unknown model {name!r}; {hint}(names come from torchvision, then timm; "
-                      "or use timm:NAME, torchvision:NAME, FILE.py:FUNCTION)")
+                      "then moeify's CIFAR models; or use timm:NAME, torchvision:NAME, moeify:NAME, FILE.py:FUNCTION)")
 
 
-def create_model(name: str, num_classes: int | None = None, input_size: tuple[int, ...] | None = None) -> nn.Module:
-    """Build a dense model with random weights (nothing is downloaded)."""
+def create_model(name: str, num_classes: int | None = None, input_size: tuple[int, ...] | None = None,
+                 normalize: dict | None = None, **model_kwargs) -> nn.Module:
+    """Build a dense model with random weights (nothing is downloaded).
+
+    ``model_kwargs`` go to the constructor (e.g. ``width=16`` for moeify's CIFAR models);
+    ``normalize={"mean": [...], "std": [...], "channels": 3}`` wraps the model so it takes inputs
+    in [0, 1] (1-channel inputs repeated to ``channels``).
+    """
     kind, target = resolve(name)
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs = dict(model_kwargs) if num_classes is None else {"num_classes": num_classes, **model_kwargs}
     if kind == "torchvision":
         import torchvision
 
@@ -82,9 +97,23 @@ def create_model(name: str, num_classes: int | None = None, input_size: tuple[in
         model = timm.create_model(target, pretrained=False, **kwargs)
         size = tuple(model.pretrained_cfg.get("input_size", DEFAULT_INPUT_SIZE))
         source = f"timm:{target}"
+    elif kind == "moeify":
+        from .models import REGISTRY
+
+        try:
+            model = REGISTRY[target](**kwargs)
+        except TypeError as e:
+            raise MoeifyError(f"bad arguments for model {target}: {e}") from None
+        size = (kwargs.get("in_chans", 3), 32, 32)
+        source = f"moeify:{target}"
     else:
         model, source = _from_file(target, kwargs)
         size = DEFAULT_INPUT_SIZE
+    if normalize:
+        from .models import InputNormalize
+
+        model = InputNormalize(model, normalize["mean"], normalize["std"], normalize.get("channels"))
+        kwargs = {**kwargs, "normalize": dict(normalize)}
     model.moeify_source = source
     model.moeify_kwargs = kwargs
     model.moeify_input_size = tuple(input_size) if input_size else size

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .execution import current_execution
-from .packing import broadcast, expert_channels, runs, take
+from .packing import broadcast, expert_channels, take
 from .route import Route
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -66,14 +66,17 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
     groups = route.groups() if packed else None
     if packed and len(groups) == 1 and groups[0][1] is None:
         experts = groups[0][0]
-        part = [None if t is None else take(t, 0, experts, per) for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias)]
-        rm, rv = part[0], part[1]
-        y = F.batch_norm(x, rm, rv, part[2], part[3], use_batch, factor, bn.eps)
-        if use_batch and rm is not None and bn.training and not runs(experts):
-            with torch.no_grad():
-                ch = expert_channels(experts, per, x.device)
-                bn.running_mean.index_copy_(0, ch, rm)
-                bn.running_var.index_copy_(0, ch, rv)
+        w, b = (None if t is None else take(t, 0, experts, per) for t in (bn.weight, bn.bias))
+        if bn.running_mean is None or not (use_batch and bn.training):
+            rm, rv = (None if t is None else take(t, 0, experts, per) for t in (bn.running_mean, bn.running_var))
+            return F.batch_norm(x, rm, rv, w, b, use_batch, factor, bn.eps)
+        # update copies, then write them back: autograd never saves a tensor a later pass modifies
+        rm, rv = (take(t, 0, experts, per).clone() for t in (bn.running_mean, bn.running_var))
+        y = F.batch_norm(x, rm, rv, w, b, True, factor, bn.eps)
+        with torch.no_grad():
+            ch = expert_channels(experts, per, x.device)
+            bn.running_mean.index_copy_(0, ch, rm)
+            bn.running_var.index_copy_(0, ch, rv)
         return y
     if packed:
         ch, sel = route.channel_index(per), None

@@ -48,10 +48,11 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
 
     if torch.is_grad_enabled() and w.requires_grad:
         return slice_()
-    view = slice_()
     fmt = memory_format(w)
-    if view.is_contiguous(memory_format=fmt):
-        return view
+    if all(sel is None or runs(sel) for sel in (in_sel, out_sel)):
+        view = slice_()  # narrow views: free when they are contiguous
+        if view.is_contiguous(memory_format=fmt):
+            return view
     cache = _SLICES.get(id(w))
     if cache is None:
         cache = _SLICES[id(w)] = {}
@@ -60,11 +61,19 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
     hit = cache.pop(key, None)
     if hit is None:
         with torch.no_grad():
-            hit = view.contiguous(memory_format=fmt)
+            hit = slice_().contiguous(memory_format=fmt)
         if len(cache) >= _MAX_SLICES:
             cache.pop(next(iter(cache)))
     cache[key] = hit
     return hit
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` keeping channels_last (advanced indexing), else ``index_select`` (whose
+    backward, an index_add, is the cheaper one)."""
+    if memory_format(x) is torch.contiguous_format:
+        return x.index_select(0, rows)
+    return x[rows]
 
 
 def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:

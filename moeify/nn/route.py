@@ -45,7 +45,7 @@ class Route:
     def groups(self) -> list[tuple[list[int], torch.Tensor | None]]:
         """[(experts, rows)]: samples grouped by routing pattern; rows None = the whole batch."""
         if self._groups is None:
-            self._groups = pattern_groups(self.idx)
+            self._groups = pattern_groups(self.idx, self.experts)
         return self._groups
 
     def channel_index(self, per_expert: int) -> torch.Tensor:
@@ -73,15 +73,18 @@ class Route:
         return x * m.reshape(shape)
 
 
-def pattern_groups(key: torch.Tensor) -> list[tuple[list[int], torch.Tensor | None]]:
-    """Rows of ``key`` [B, K] grouped by value: [(row values, row indices or None for all rows)]."""
+def pattern_groups(key: torch.Tensor, base: int | None = None) -> list[tuple[list[int], torch.Tensor | None]]:
+    """Rows of ``key`` [B, K] (entries < ``base``) grouped by value: [(row values, row indices or
+    None for all rows)]. Rows are encoded as one integer each, so grouping is one 1-D sort."""
     if key.shape[0] == 1 or bool((key == key[:1]).all()):
         return [(key[0].tolist(), None)]
-    patterns, inverse = torch.unique(key, dim=0, return_inverse=True)
+    base = base or int(key.max()) + 1
+    weights = base ** torch.arange(key.shape[1] - 1, -1, -1, device=key.device)
+    codes, inverse, counts = torch.unique((key * weights).sum(1), return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
-    counts = torch.bincount(inverse, minlength=patterns.shape[0]).tolist()
-    rows = torch.split(order, counts)
-    return [(p, r) for p, r in zip(patterns.tolist(), rows)]
+    rows = torch.split(order, counts.tolist())
+    digits = [[(c // base ** (key.shape[1] - 1 - j)) % base for j in range(key.shape[1])] for c in codes.tolist()]
+    return list(zip(digits, rows))
 
 
 def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""Recipe -> model: the backbone (inputs in [0, 1], normalisation inside), then dense, MoE or S-Dense."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..convert import convert
+from ..data import DataBundle
+from ..errors import MoeifyError
+from ..recipes import Recipe
+from ..spec import MoESpec
+from ..twin import static_twin
+from ..zoo import create_model, resolve
+
+ROUTER_PREFIXES = ("moeify_layers.", "moeify_router.")
+
+
+def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
+    """The model a recipe trains, with random weights (``train.init`` is loaded by the loop)."""
+    channels = recipe.data.channels or data.size[0]
+    normalize = {"mean": list(data.mean), "std": list(data.std), "channels": channels}
+    kwargs = dict(recipe.model.kwargs)
+    if resolve(recipe.model.name)[0] == "moeify":  # moeify's models take the data's channel count
+        kwargs.setdefault("in_chans", channels)
+    size = (data.size[0], data.size[1], data.size[2])
+    try:
+        dense = create_model(recipe.model.name, num_classes=data.num_classes, input_size=size, normalize=normalize,
+                             **kwargs)
+    except TypeError as e:
+        raise MoeifyError(f"model.kwargs do not fit {recipe.model.name}: {e}") from None
+    if recipe.model.kind == "dense":
+        return dense
+    m = recipe.moe
+    spec = MoESpec(experts=m.experts, top_k=m.top_k, scope=m.scope, router=m.router,
+                   layers=tuple(m.layers) if m.layers else None, exclude=tuple(m.exclude))
+    example = torch.zeros(2, *size)
+    if recipe.model.kind == "s-dense":
+        return static_twin(dense, spec=spec, example_inputs=example)
+    return convert(dense, spec=spec, example_inputs=example)
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(router parameters, expert parameters = every other parameter)."""
+    routers, experts = [], []
+    for name, p in model.named_parameters():
+        (routers if name.startswith(ROUTER_PREFIXES) else experts).append(p)
+    return routers, experts

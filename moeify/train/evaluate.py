@@ -1,0 +1,59 @@
+"""Accuracy (clean and under attack) and expert load on a dataset, sharded across processes and
+gathered without duplicates."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..attacks import AttackConfig, accuracy_under
+from ..convert import moe_layers, routing
+from ..data import to_float
+
+
+def _loader(ds: Dataset, batch_size: int, accelerator: Accelerator) -> DataLoader:
+    return accelerator.prepare_data_loader(DataLoader(ds, batch_size=batch_size, shuffle=False))
+
+
+def evaluate_robust(model: nn.Module, ds: Dataset, attack: AttackConfig, batch_size: int, accelerator: Accelerator,
+                    fmt=torch.contiguous_format, seed: int = 0) -> dict:
+    """{"clean", "robust", "n", "seconds"}: accuracies over ``ds`` (eval mode), attack in fp32."""
+    start = time.time()
+    was = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + accelerator.process_index)
+    clean, robust = [], []
+    for x, y in _loader(ds, batch_size, accelerator):
+        x = to_float(x).contiguous(memory_format=fmt)
+        c = accuracy_under(model, x, y, None)
+        r = accuracy_under(model, x, y, attack, gen=gen)
+        clean.append(accelerator.gather_for_metrics(c))
+        robust.append(accelerator.gather_for_metrics(r))
+    model.train(was)
+    c, r = torch.cat(clean).float(), torch.cat(robust).float()
+    return {"clean": c.mean().item(), "robust": r.mean().item(), "n": len(c), "seconds": time.time() - start}
+
+
+def expert_load(model: nn.Module, ds: Dataset, batch_size: int, accelerator: Accelerator,
+                fmt=torch.contiguous_format) -> float | None:
+    """How evenly clean inputs use the experts: the mean over MoE layers of the normalised entropy
+    of each layer's expert-use frequencies (1 = perfectly even, 0 = one expert only); None if the
+    model has no MoE layer."""
+    layers = moe_layers(model)
+    if not layers:
+        return None
+    counts = {name: torch.zeros(layer.experts) for name, layer in layers.items()}
+    for x, _ in _loader(ds, batch_size, accelerator):
+        for name, idx in routing(model, to_float(x).contiguous(memory_format=fmt)).items():
+            idx = accelerator.gather_for_metrics(idx)
+            counts[name] += torch.bincount(idx.flatten().cpu(), minlength=counts[name].numel()).float()
+    ents = []
+    for c in counts.values():
+        p = c / c.sum().clamp_min(1)
+        h = -(p[p > 0] * p[p > 0].log()).sum().item()
+        ents.append(h / math.log(len(p)) if len(p) > 1 else 1.0)
+    return sum(ents) / len(ents)
