@@ -158,3 +158,71 @@ def sweep(name: str, batches: list[int], experts: tuple[int, ...] = (2, 4, 8), s
 
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
+                overrides: list[str] | None = None) -> list[dict]:
+    """Median time of one training batch: dense TRADES, MoE TRADES and MoE AdvMoE (router step +
+    expert step, each with its own attack), same backbone, attack and batch, in one process."""
+    import contextlib
+
+    from .attacks import AttackConfig
+    from .data import SIZES, CLASSES, DataBundle, synthetic
+    from .recipes import load_recipe
+    from .train.build import build_model, split_parameters
+    from .train.methods import robust_loss
+
+    recipe = load_recipe(recipe_name, overrides or [])
+    a = recipe.attack
+    attack = AttackConfig(eps=a.eps, steps=a.steps, alpha=a.alpha, norm=a.norm)
+    name = recipe.data.dataset
+    size, classes = SIZES[name], CLASSES[name]
+    ds = synthetic(8, size, classes)
+    from .data import STATS
+
+    bundle = DataBundle(name, ds, ds, ds, classes, size, *STATS[name])
+    b = batch or recipe.data.batch_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(b, *size, generator=gen)
+    y = torch.randint(0, classes, (b,), generator=gen)
+    recipe.model.kind = "dense"
+    dense = build_model(recipe, bundle).train()
+    recipe.model.kind = "moe"
+    moe = build_model(recipe, bundle).train()
+    spread_routing(moe)
+    none = contextlib.nullcontext
+    beta = recipe.train.beta
+
+    def trades(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def f():
+            loss, _, _ = robust_loss(model, model, x, y, "trades", beta, attack, none)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return f
+
+    routers, experts = split_parameters(moe)
+    opt_r, opt_e = torch.optim.SGD(routers, lr=1e-3), torch.optim.SGD(experts, lr=1e-3)
+
+    def advmoe():
+        for params, opt in ((routers, opt_r), (experts, opt_e)):
+            loss, _, _ = robust_loss(moe, moe, x, y, "trades", beta, attack, none)
+            loss.backward(inputs=params)
+            opt.step()
+            opt_r.zero_grad(set_to_none=True)
+            opt_e.zero_grad(set_to_none=True)
+
+    fns = {"dense TRADES": trades(dense), "MoE TRADES": trades(moe), "MoE AdvMoE": advmoe}
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    base = statistics.median(times["dense TRADES"])
+    return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps,
+             "ms": statistics.median(v), "vs_dense_trades": statistics.median(v) / base} for k, v in times.items()]

@@ -148,6 +148,28 @@ def bench(
             json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
 
 
+@app.command("bench-train")
+def bench_train(
+    recipe: Annotated[str, typer.Option("--recipe", help="Recipe whose backbone, data shape and attack to use.")] = "quickstart",
+    batch: Annotated[Optional[int], typer.Option(help="Batch size (default: the recipe's).")] = None,
+    repeats: Annotated[int, typer.Option()] = 5,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Recipe override, e.g. attack.steps=10.")] = None,
+) -> None:
+    """Time one training batch: dense TRADES vs MoE TRADES vs MoE AdvMoE (medians, interleaved)."""
+    from rich.table import Table
+
+    from .bench import machine, train_steps
+
+    rows = train_steps(recipe, batch, repeats, set_ or [])
+    t = Table(title=f"one training batch, recipe {recipe}, batch {rows[0]['batch']}, "
+                    f"{rows[0]['attack_steps']}-step attacks ({machine()})")
+    for col in ("variant", "ms / batch", "vs dense TRADES"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["variant"], f"{r['ms']:.1f}", f"{r['vs_dense_trades']:.2f}x")
+    console.print(t)
+
+
 @app.command()
 def robustify(
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="A built-in recipe name (quickstart, advmoe, at, trades, standard, ...) or a .yaml path.")] = None,

@@ -80,3 +80,21 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     assert macs[1, "moe masked"] >= macs[1, "dense"]
     again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("robustify", "--recipe", "nosuchrecipe"), "unknown recipe 'nosuchrecipe'"),
+    (("robustify", "--recipe", "quickstart", "--set", "train.epochz=1"), "unknown key 'train.epochz'"),
+    (("robustify", "--resume"), "--resume needs --out"),
+])
+def test_robustify_bad_input_is_one_line(args, message):
+    r = run(*args)
+    assert r.returncode != 0 and message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_robustify_refuses_an_existing_run_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    r = run("robustify", "--recipe", "quickstart", "--out", str(tmp_path))
+    assert r.returncode != 0 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"

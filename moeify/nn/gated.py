@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .execution import current_execution
-from .packing import PackedBranch, add_packed, gather_rows, pack, place, take, times_gates, unpack, weight_slice
+from .packing import PackedBranch, add_packed, empty, gather_rows, pack, place, take, times_gates, unpack, weight_slice
 from .route import Route, pattern_groups
 
 MAX_GROUPS = 8
@@ -76,7 +76,7 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     per_out = c_out // out_route.experts if out_route is not None else 0
     k_in = in_route.top_k if in_route is not None else 0
     groups = _groups(in_route, out_route)
-    outs, all_rows = [], []
+    out = None
     full = out_route is not None and not out_route.packed
     for experts, rows in groups:
         xs = x if rows is None else gather_rows(x, rows)
@@ -94,16 +94,14 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         ys = fn(xs, w, bs)
         if out_route is not None:
             ys = times_gates(ys, out_route, rows, per_out, cdim)
-        if rows is None:
-            return place(ys, c_out, cdim, sel_out, per_out) if full else ys
         if full:
             ys = place(ys, c_out, cdim, sel_out, per_out)
-        outs.append(ys)
-        all_rows.append(rows)
-    # groups in pattern order, then one gather back to batch order (cheap to differentiate)
-    perm = torch.cat(all_rows)
-    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(b, device=perm.device))
-    return gather_rows(torch.cat(outs), inverse)
+        if rows is None:
+            return ys
+        if out is None:
+            out = empty(ys, [b] + list(ys.shape[1:]))
+        out[rows] = ys  # in place into a fresh tensor: the cheapest to differentiate
+    return out
 
 
 def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], cdim: int, c_in: int,

@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..errors import RoutingError
+from .policy import Recorder, current_policy
 
 
 class Route:
@@ -96,13 +97,21 @@ def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 def select_top_k(scores: torch.Tensor, top_k: int) -> Route:
-    """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1."""
+    """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
+    (or what an active routing policy decides, see policy.py)."""
+    policy = current_policy()
+    if policy is not None:
+        decided = policy.route(scores, top_k)
+        if decided is not None:
+            return decided
     if not math.isfinite(float(scores.detach().sum())):  # one reduction: NaN and inf propagate
         raise RoutingError(
             "router produced non-finite scores (NaN/inf); refusing to route (it would silently pick "
             "expert 0); check the learning rate and the inputs"
         )
     idx = top_k_indices(scores.detach(), top_k)
+    if isinstance(policy, Recorder):
+        policy.choices.append(idx)
     if not scores.requires_grad:
         return Route(idx, torch.ones(idx.shape, dtype=scores.dtype, device=scores.device), scores.shape[-1])
     logp = torch.log_softmax(scores.float(), dim=-1)
