@@ -69,6 +69,14 @@ def frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d loss / d x; zeros when the loss does not depend on x at all (a gradient-masking model)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    g, = torch.autograd.grad(loss, x, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
+
+
 def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
@@ -119,7 +127,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, l
                 delta.requires_grad_(True)
                 with torch.enable_grad():
                     l = loss(model(x + delta), target).sum()
-                    grad, = torch.autograd.grad(l, delta)
+                    grad = input_grad(l, delta)
                 delta = _project(delta.detach() + _step(grad, cfg), x, cfg)
             with torch.no_grad():
                 logits = model(x + delta)

@@ -171,6 +171,69 @@ def bench_train(
 
 
 @app.command()
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A run folder (from robustify) or a saved .moe model file.")],
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the run's recipe).")] = None,
+    root: Annotated[Optional[str], typer.Option(help="Dataset folder (default: the recipe's data.root).")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Evaluate a fixed, seeded subset of this many test images (default: all).")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="Attack radius in pixel units (default: the recipe's).")] = None,
+    norm: Annotated[Optional[str], typer.Option(help="linf | l2 (default: the recipe's).")] = None,
+    attacks: Annotated[str, typer.Option(help="Comma-separated: pgd, autoattack, adaptive, square, sweep.")] = "pgd,autoattack,adaptive,sweep",
+    pgd_steps: Annotated[int, typer.Option("--pgd-steps")] = 20,
+    restarts: Annotated[int, typer.Option()] = 1,
+    square_queries: Annotated[int, typer.Option("--square-queries")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
+    out: Annotated[Optional[str], typer.Option("--out", help="Folder for report.json and plots (default: TARGET's folder / eval).")] = None,
+) -> None:
+    """Honest robustness evaluation: clean, PGD, AutoAttack, MoE-adaptive attacks, router/expert dissection."""
+    from pathlib import Path
+
+    import torch
+
+    from . import io
+    from .data import load_data, to_float
+    from .evaluate import ATTACKS, EvalConfig
+    from .evaluate import evaluate as run_eval
+    from .report import table, write
+
+    path = Path(target)
+    model_file = path / "model.moe" if path.is_dir() else path
+    if not model_file.is_file():
+        raise MoeifyError(f"{target} is neither a run folder with model.moe nor a saved model file")
+    info = io.read_info(model_file)
+    recipe = (info.get("extra") or {}).get("recipe") or {}
+    data_cfg, attack_cfg = recipe.get("data", {}), recipe.get("attack", {})
+    dataset = dataset or data_cfg.get("dataset")
+    if dataset is None:
+        raise MoeifyError(f"{model_file} carries no recipe; pass --dataset (and --eps)")
+    eps = eps if eps is not None else attack_cfg.get("eps")
+    if eps is None:
+        raise MoeifyError("pass --eps (the model carries no recipe to take it from)")
+    norm = norm or attack_cfg.get("norm", "linf")
+    chosen = tuple(a.strip() for a in attacks.split(",") if a.strip())
+    bad = set(chosen) - set(ATTACKS)
+    if bad:
+        raise MoeifyError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
+    out_dir = Path(out) if out else (path if path.is_dir() else path.parent) / "eval"
+    if (out_dir / "report.json").exists():
+        raise MoeifyError(f"{out_dir}/report.json exists; pass another --out (nothing was overwritten)")
+    data = load_data(dataset, root or data_cfg.get("root"), val_size=data_cfg.get("val_size", 1000),
+                     download=bool(data_cfg.get("download", False)), test_subset=n)
+    x = to_float(torch.stack([data.test[i][0] for i in range(len(data.test))]))
+    y = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
+    model = io.load(model_file)
+    cfg = EvalConfig(eps=eps, norm=norm, attacks=chosen, pgd_steps=pgd_steps, pgd_restarts=restarts,
+                     batch_size=batch_size, square_queries=square_queries, log=lambda s: err.print(s, highlight=False))
+    rep = run_eval(model, x, y, cfg)
+    rep.update({"model": info.get("source"), "kind": info.get("kind", "moe"), "recipe": recipe.get("name"),
+                "dataset": dataset, "model_file": str(model_file)})
+    console.print(table(rep, f"{model_file}: {info.get('kind', 'moe')} {info.get('source')} on {dataset} "
+                             f"({len(y)} test images)"))
+    for f in write(rep, out_dir):
+        console.print(f"wrote {f}")
+
+
+@app.command()
 def robustify(
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="A built-in recipe name (quickstart, advmoe, at, trades, standard, ...) or a .yaml path.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value, e.g. --set train.epochs=5 (repeatable).")] = None,

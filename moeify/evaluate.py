@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attacks import AttackConfig, bn_mode, frozen, pgd
+from .attacks import AttackConfig, bn_mode, frozen, input_grad, pgd
 from .convert import moe_layers
 from .errors import MoeifyError
 from .macs import count_macs
@@ -46,6 +46,11 @@ class EvalConfig:
         s = self.pgd_steps if steps is None else steps
         return AttackConfig(eps=e, steps=s, alpha=2.5 * e / max(s, 1), norm=self.norm,
                             restarts=self.pgd_restarts if restarts is None else restarts)
+
+
+def _gen(cfg: "EvalConfig") -> torch.Generator:
+    """A fresh generator per attack: every attack's random starts are reproducible on their own."""
+    return torch.Generator().manual_seed(cfg.seed)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, bs: int):
@@ -96,8 +101,7 @@ def _pgd_from(model: nn.Module, start: torch.Tensor, x: torch.Tensor, y: torch.T
         for _ in range(cfg.steps):
             delta.requires_grad_(True)
             with torch.enable_grad():
-                l = nn.functional.cross_entropy(model(x + delta), y, reduction="sum")
-                g, = torch.autograd.grad(l, delta)
+                g = input_grad(nn.functional.cross_entropy(model(x + delta), y, reduction="sum"), delta)
             step = cfg.step_size * (g.sign() if cfg.norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1)))
             delta = delta.detach() + step
             if cfg.norm == "linf":
@@ -130,7 +134,7 @@ def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalCon
 def _input_grad_zero_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     xg = x.clone().requires_grad_(True)
     with bn_mode(model, "eval"), frozen(model), torch.enable_grad():
-        g, = torch.autograd.grad(nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
+        g = input_grad(nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
     return float((g.flatten(1).abs().sum(1) == 0).float().mean())
 
 
@@ -153,7 +157,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
     model.eval()
     x, y = x.float(), y.long()
     bs = cfg.batch_size
-    gen = torch.Generator().manual_seed(cfg.seed)
     layers = moe_layers(model)
     is_moe = bool(layers)
     rep: dict = {"n_examples": len(y), "eps": cfg.eps, "norm": cfg.norm, "attacks_run": [], "flags": [],
@@ -173,13 +176,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
     done("clean")
     adv_for_dissection = None
     if "pgd" in cfg.attacks:
-        x_pgd = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(), gen=gen), x, y, bs)
+        x_pgd = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
         correct["pgd"] = _predict(model, x_pgd, bs) == y
         rep["pgd_acc"] = correct["pgd"].float().mean().item()
         rep["pgd"] = {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": cfg.pgd_cfg().step_size}
         rep["attacks_run"].append(f"PGD-{cfg.pgd_steps}")
         adv_for_dissection = x_pgd
-        more = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(steps=2 * cfg.pgd_steps, restarts=2), gen=gen), x, y, bs)
+        more = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(steps=2 * cfg.pgd_steps, restarts=2), gen=_gen(cfg)), x, y, bs)
         more_acc = (_predict(model, more, bs) == y).float().mean().item()
         rep["sanity_more_steps_acc"] = min(more_acc, rep["pgd_acc"])
         if more_acc > rep["pgd_acc"] + 0.01:
@@ -207,7 +210,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
     if zero > 0.05:
         rep["flags"].append(f"{zero:.0%} of inputs have an all-zero input gradient: gradient masking")
     if is_moe:
-        rep.update(_moe_part(model, x, y, cfg, correct, adv_for_dissection, gen, done))
+        rep.update(_moe_part(model, x, y, cfg, correct, adv_for_dissection, done))
     robust_keys = [k for k in correct if k != "clean"]
     if robust_keys:
         worst = correct["clean"].clone()
@@ -218,7 +221,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
         rep["eps_sweep"] = []
         for mult in cfg.sweep:
             e = mult * cfg.eps
-            xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(eps=e, steps=10, restarts=1), gen=gen), x, y, bs)
+            xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(eps=e, steps=10, restarts=1), gen=_gen(cfg)), x, y, bs)
             rep["eps_sweep"].append({"eps": e, "acc": (_predict(model, xa, bs) == y).float().mean().item()})
         last = rep["eps_sweep"][-1]["acc"]
         if last > 0.05:
@@ -233,7 +236,27 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
     return rep
 
 
-def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, gen, done) -> dict:
+def ra_e(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> float:
+    """Expert robustness: PGD accuracy with every layer's routes frozen to the clean input's."""
+    gen = _gen(cfg)
+    right = []
+    for a, b in _batches(x, y, cfg.batch_size):
+        routes = list(torch.stack(_routes(model, a)))
+        with routing_policy(Fixed(routes)):
+            xa = pgd(model, a, b, cfg.pgd_cfg(restarts=1), gen=gen)
+        with routing_policy(Fixed(routes)):
+            right.append(_predict(model, xa, len(a)) == b)
+    return torch.cat(right).float().mean().item()
+
+
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> float:
+    """Plain PGD accuracy with the config's steps (one restart), seeded like ``ra_e``."""
+    gen = _gen(cfg)
+    xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(restarts=1), gen=gen), x, y, cfg.batch_size)
+    return (_predict(model, xa, cfg.batch_size) == y).float().mean().item()
+
+
+def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, done) -> dict:
     """Adaptive attacks, dissection and expert load of an MoE model."""
     out: dict = {}
     bs = cfg.batch_size
@@ -242,16 +265,16 @@ def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, gen, done) -> 
     top_k = list(moe_layers(model).values())[0].top_k
     if "adaptive" in cfg.attacks:
         # (a) straight-through PGD: PGD's gradients already pass the straight-through gates; more restarts
-        xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(restarts=max(3, cfg.pgd_restarts)), gen=gen), x, y, bs)
+        xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(restarts=max(3, cfg.pgd_restarts)), gen=_gen(cfg)), x, y, bs)
         ste = _predict(model, xa, bs) == y
         # (b) transfer from the soft-routing twin (all experts, softmax-weighted), evaluated on the hard model
 
         def soft_attack(a, b):
             with routing_policy(Soft()), execution("masked"):
-                return pgd(model, a, b, cfg.pgd_cfg(), gen=gen)
+                return pgd(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg))
         soft = _predict(model, _attack_all(soft_attack, x, y, bs), bs) == y
         # (d) routing attack, then PGD from there
-        x_r = _attack_all(lambda a, b: routing_attack(model, a, b, cfg.pgd_cfg(), gen=gen), x, y, bs)
+        x_r = _attack_all(lambda a, b: routing_attack(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
         out["ra_r"] = (_predict(model, x_r, bs) == y).float().mean().item()
         x_rp = torch.cat([_pgd_from(model, s, a, b, cfg.pgd_cfg()) for (a, b), (s, _) in
                           zip(_batches(x, y, bs), _batches(x_r, y, bs))])
@@ -273,13 +296,7 @@ def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, gen, done) -> 
         out["flip_rate"] = flips.mean().item()
         out["flip_rate_per_layer"] = dict(zip(names, flips.mean(1).tolist()))
 
-        def frozen_attack(a, b):
-            routes = list(torch.stack(_routes(model, a)))
-            with routing_policy(Fixed(routes)):
-                xa = pgd(model, a, b, cfg.pgd_cfg(), gen=gen)
-            with routing_policy(Fixed(routes)):
-                return _predict(model, xa, len(a))
-        out["ra_e"] = (torch.cat([frozen_attack(a, b) for a, b in _batches(x, y, bs)]) == y).float().mean().item()
+        out["ra_e"] = ra_e(model, x, y, cfg)
         out["load_adversarial"] = load_stats(list(adv_routes), experts)
     out["load_clean"] = load_stats(list(clean_routes), experts)
     out["layers"] = names

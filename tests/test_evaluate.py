@@ -1,0 +1,107 @@
+"""What each evaluation metric means, checked on tiny models, and one command for dense, S-Dense
+and MoE models."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import moeify
+from moeify.evaluate import EvalConfig, evaluate, pgd_accuracy, ra_e
+from moeify.zoo import create_model
+
+NORM = {"mean": [0.5], "std": [0.25], "channels": 1}
+
+
+def _backbone():
+    torch.manual_seed(0)
+    return create_model("cifar_resnet_small", num_classes=10, in_chans=1, width=8, stem_stride=2, normalize=NORM).eval()
+
+
+def _data(n=24):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _moe(experts=2, top_k=1):
+    x, _ = _data(2)
+    return moeify.convert(_backbone(), experts=experts, top_k=top_k, example_inputs=x).eval()
+
+
+def test_eps_zero_gives_clean_accuracy():
+    x, y = _data()
+    rep = evaluate(_moe(), x, y, EvalConfig(eps=0.0, attacks=("pgd",), pgd_steps=3))
+    assert rep["pgd_acc"] == rep["clean_acc"]
+
+
+def test_a_single_expert_never_flips():
+    x, y = _data()
+    rep = evaluate(_moe(experts=1, top_k=1), x, y, EvalConfig(eps=0.1, attacks=("pgd",), pgd_steps=3))
+    assert rep["flip_rate"] == 0.0 and set(rep["flip_rate_per_layer"].values()) == {0.0}
+
+
+def test_frozen_routes_change_nothing_when_routing_never_changes():
+    moe = _moe(experts=4, top_k=2)
+    with torch.no_grad():
+        for layer in moeify.moe_layers(moe).values():
+            layer.router.proj.weight.zero_()
+            layer.router.proj.bias.copy_(torch.tensor([0.0, 3.0, 2.0, 1.0]))
+    x, y = _data()
+    cfg = EvalConfig(eps=0.1, pgd_steps=3)
+    assert ra_e(moe, x, y, cfg) == pgd_accuracy(moe, x, y, cfg)
+
+
+def test_eps_sweep_falls_to_zero():
+    x, y = _data()
+    rep = evaluate(_moe(), x, y, EvalConfig(eps=0.1, attacks=("sweep",)))
+    accs = [p["acc"] for p in rep["eps_sweep"]]
+    assert accs[0] == rep["clean_acc"] and accs[-1] <= 0.05
+
+
+class Masked(nn.Module):
+    """Gradient masking on purpose: the input's gradient is zero."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.detach())
+
+
+def test_a_model_that_zeroes_input_gradients_is_flagged():
+    x, y = _data()
+    rep = evaluate(Masked(_backbone()), x, y, EvalConfig(eps=0.1, attacks=("pgd",), pgd_steps=2))
+    assert any("all-zero input gradient" in f for f in rep["flags"])
+
+
+def test_more_steps_never_raise_accuracy_and_batch_independence():
+    x, y = _data()
+    rep = evaluate(_moe(), x, y, EvalConfig(eps=0.05, attacks=("pgd",), pgd_steps=3))
+    assert rep["pgd_acc"] <= rep["clean_acc"] and rep["sanity_more_steps_acc"] <= rep["clean_acc"]
+    assert rep["batch_independent"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
+def test_dense_s_dense_and_moe_evaluate_through_one_command(tmp_path):
+    x, _ = _data(2)
+    dense = _backbone()
+    models = {"dense": dense, "s-dense": moeify.static_twin(dense, experts=2, top_k=1, example_inputs=x),
+              "moe": moeify.convert(dense, experts=2, top_k=1, example_inputs=x)}
+    for kind, m in models.items():
+        moeify.save(m, tmp_path / f"{kind}.moe")
+        r = subprocess.run([sys.executable, "-m", "moeify", "evaluate", str(tmp_path / f"{kind}.moe"), "--dataset",
+                            "fashion-mnist", "--eps", "0.1", "--n", "20", "--attacks", "pgd,adaptive,sweep",
+                            "--square-queries", "20", "--pgd-steps", "2", "--out", str(tmp_path / kind)],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        rep = json.loads((tmp_path / kind / "report.json").read_text())
+        assert rep["kind"] == kind and rep["n_examples"] == 20 and "pgd_acc" in rep
+        assert ("flip_rate" in rep) == (kind == "moe") and ("adaptive_acc" in rep) == (kind == "moe")
+        assert (tmp_path / kind / "robust_vs_eps.png").is_file()
+    again = subprocess.run([sys.executable, "-m", "moeify", "evaluate", str(tmp_path / "moe.moe"), "--dataset",
+                            "fashion-mnist", "--eps", "0.1", "--out", str(tmp_path / "moe")], capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr and "Traceback" not in again.stderr
