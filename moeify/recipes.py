@@ -73,6 +73,7 @@ class TrainCfg:
     schedule: str = "cosine"  # cosine | step | constant
     warmup_epochs: int = 0
     beta: float = 6.0  # TRADES
+    balance: float = 0.0  # weight of a load-balancing loss on the routers (0 = off, as in the paper)
     update: str = "all"  # all | routers | experts
     init: str | None = None  # a .moe file to start from (same model)
     seed: int = 0

@@ -70,3 +70,19 @@ def test_overrides_apply_and_unknown_recipe_lists_builtins():
     assert (r.train.epochs, r.moe.experts, r.attack.eps) == (5, 4, 0.2)
     with pytest.raises(moeify.MoeifyError, match="built-in recipes: .*quickstart"):
         load_recipe("quikstart")
+
+
+def test_balance_loss_is_one_when_even_and_grows_with_collapse():
+    """train.balance's loss (Switch Transformer): 1 for an even split, towards N for a collapsed router."""
+    from moeify.nn.policy import Recorder
+    from moeify.train.methods import balance_loss
+
+    even, collapsed = Recorder(), Recorder()
+    even.scores, even.choices = [torch.zeros(4, 2, requires_grad=True)], [torch.tensor([[0], [1], [0], [1]])]
+    collapsed.scores = [torch.tensor([[9.0, 0.0]] * 4, requires_grad=True)]
+    collapsed.choices = [torch.zeros(4, 1, dtype=torch.long)]
+    assert balance_loss(even).item() == pytest.approx(1.0)
+    loss = balance_loss(collapsed)
+    assert loss.item() > 1.99
+    loss.backward()
+    assert collapsed.scores[0].grad[:, 0].gt(0).all()  # descending the loss lowers the chosen expert's score

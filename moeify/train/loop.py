@@ -228,7 +228,8 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
                                                         opt_r, opt_e, routers, experts, fail)
                         else:
                             with accelerator.accumulate(model):
-                                loss, logits, _ = robust_loss(model, raw, x, y, t.method, t.beta, attack, autocast, gen=gen)
+                                loss, logits, _ = robust_loss(model, raw, x, y, t.method, t.beta, attack, autocast, gen=gen,
+                                                              balance=t.balance)
                                 if not torch.isfinite(loss):
                                     raise fail("the training loss became non-finite")
                                 backward(loss, None)
@@ -294,7 +295,8 @@ def _advmoe_step(model, raw, x, y, recipe: Recipe, attack, autocast, gen, backwa
     loss = logits = None
     for phase in phases:
         loss, logits, x_adv = robust_loss(model, raw, x, y, kind, recipe.train.beta, attack, autocast,
-                                          x_adv=shared if adv.shared_attack else None, gen=gen)
+                                          x_adv=shared if adv.shared_attack else None, gen=gen,
+                                          balance=recipe.train.balance if phase == "routers" else 0.0)
         shared = x_adv
         if not torch.isfinite(loss):
             raise fail(f"the {phase[:-1]} loss became non-finite")
