@@ -221,14 +221,29 @@ def evaluate(
                      download=bool(data_cfg.get("download", False)), test_subset=n)
     x = to_float(torch.stack([data.test[i][0] for i in range(len(data.test))]))
     y = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
-    model = io.load(model_file)
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())  # `accelerate launch` / torchrun: shard the examples
+    rank, world = acc.process_index, acc.num_processes
+    x, y = x[rank::world].to(acc.device), y[rank::world].to(acc.device)
+    model = io.load(model_file).to(acc.device)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        if world == 1:
+            return t
+        return torch.cat([v for v in gather_object([t.cpu()])])
+
+    log = (lambda s: err.print(s, highlight=False)) if acc.is_main_process else (lambda s: None)
     cfg = EvalConfig(eps=eps, norm=norm, attacks=chosen, pgd_steps=pgd_steps, pgd_restarts=restarts,
-                     batch_size=batch_size, square_queries=square_queries, log=lambda s: err.print(s, highlight=False))
+                     batch_size=batch_size, square_queries=square_queries, log=log, gather=gather)
     rep = run_eval(model, x, y, cfg)
+    if not acc.is_main_process:
+        return
     rep.update({"model": info.get("source"), "kind": info.get("kind", "moe"), "recipe": recipe.get("name"),
-                "dataset": dataset, "model_file": str(model_file)})
+                "dataset": dataset, "model_file": str(model_file), "processes": world})
     console.print(table(rep, f"{model_file}: {info.get('kind', 'moe')} {info.get('source')} on {dataset} "
-                             f"({len(y)} test images)"))
+                             f"({rep['n_examples']} test images)"))
     for f in write(rep, out_dir):
         console.print(f"wrote {f}")
 

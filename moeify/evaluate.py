@@ -40,6 +40,11 @@ class EvalConfig:
     sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of eps
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda s: None, repr=False)
+    gather: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)  # across processes
+
+    def mean(self, per_sample: torch.Tensor) -> float:
+        """The mean of a per-sample quantity over every process's examples."""
+        return self.gather(per_sample.float()).mean().item()
 
     def pgd_cfg(self, eps: float | None = None, steps: int | None = None, restarts: int | None = None) -> AttackConfig:
         e = self.eps if eps is None else eps
@@ -131,11 +136,11 @@ def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalCon
     return out[0] if isinstance(out, tuple) else out
 
 
-def _input_grad_zero_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _zero_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xg = x.clone().requires_grad_(True)
     with bn_mode(model, "eval"), frozen(model), torch.enable_grad():
         g = input_grad(nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
-    return float((g.flatten(1).abs().sum(1) == 0).float().mean())
+    return g.flatten(1).abs().sum(1) == 0
 
 
 def load_stats(choices: list[torch.Tensor], experts: list[int]) -> list[dict]:
@@ -159,7 +164,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
     bs = cfg.batch_size
     layers = moe_layers(model)
     is_moe = bool(layers)
-    rep: dict = {"n_examples": len(y), "eps": cfg.eps, "norm": cfg.norm, "attacks_run": [], "flags": [],
+    rep: dict = {"n_examples": int(cfg.gather(torch.ones(len(y))).sum()), "eps": cfg.eps, "norm": cfg.norm, "attacks_run": [], "flags": [],
                  "timings_s": {}}
     timer = time.time()
 
@@ -171,41 +176,41 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
 
     clean_pred = _predict(model, x, bs)
     correct = {"clean": clean_pred == y}
-    rep["clean_acc"] = correct["clean"].float().mean().item()
+    rep["clean_acc"] = cfg.mean(correct["clean"])
     rep["macs_per_sample"] = count_macs(model, x[: min(len(x), 64)])
     done("clean")
     adv_for_dissection = None
     if "pgd" in cfg.attacks:
         x_pgd = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
         correct["pgd"] = _predict(model, x_pgd, bs) == y
-        rep["pgd_acc"] = correct["pgd"].float().mean().item()
+        rep["pgd_acc"] = cfg.mean(correct["pgd"])
         rep["pgd"] = {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": cfg.pgd_cfg().step_size}
         rep["attacks_run"].append(f"PGD-{cfg.pgd_steps}")
         adv_for_dissection = x_pgd
         more = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(steps=2 * cfg.pgd_steps, restarts=2), gen=_gen(cfg)), x, y, bs)
-        more_acc = (_predict(model, more, bs) == y).float().mean().item()
+        more_acc = cfg.mean(_predict(model, more, bs) == y)
         rep["sanity_more_steps_acc"] = min(more_acc, rep["pgd_acc"])
         if more_acc > rep["pgd_acc"] + 0.01:
             rep["flags"].append(f"PGD with 2x steps and 2 restarts scored higher ({more_acc:.3f} > {rep['pgd_acc']:.3f})")
         correct["pgd"] &= _predict(model, more, bs) == y
-        rep["pgd_acc"] = correct["pgd"].float().mean().item()
+        rep["pgd_acc"] = cfg.mean(correct["pgd"])
         done("pgd")
     if "autoattack" in cfg.attacks:
         x_aa = _autoattack(model, x, y, cfg)
         correct["autoattack"] = _predict(model, x_aa, bs) == y
-        rep["autoattack_acc"] = correct["autoattack"].float().mean().item()
+        rep["autoattack_acc"] = cfg.mean(correct["autoattack"])
         rep["attacks_run"].append("AutoAttack standard (pyautoattack)")
         done("autoattack")
     if "square" in cfg.attacks or (is_moe and "adaptive" in cfg.attacks):
         x_sq = _autoattack(model, x, y, cfg, version="custom", attacks=["square"])
         correct["square"] = _predict(model, x_sq, bs) == y
-        rep["square_acc"] = correct["square"].float().mean().item()
+        rep["square_acc"] = cfg.mean(correct["square"])
         rep["attacks_run"].append(f"Square ({cfg.square_queries} queries)")
         white = [rep[k] for k in ("pgd_acc", "autoattack_acc") if k in rep]
         if white and rep["square_acc"] < min(white) - 0.01:
             rep["flags"].append("the gradient-free Square attack beats the white-box attacks: likely gradient masking")
         done("square")
-    zero = _input_grad_zero_fraction(model, x[:bs], y[:bs])
+    zero = cfg.mean(_zero_input_gradients(model, x[:bs], y[:bs]))
     rep["zero_input_gradient_fraction"] = zero
     if zero > 0.05:
         rep["flags"].append(f"{zero:.0%} of inputs have an all-zero input gradient: gradient masking")
@@ -216,13 +221,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig
         worst = correct["clean"].clone()
         for k in robust_keys:
             worst &= correct[k]
-        rep["worst_case_acc"] = worst.float().mean().item()
+        rep["worst_case_acc"] = cfg.mean(worst)
     if "sweep" in cfg.attacks:
         rep["eps_sweep"] = []
         for mult in cfg.sweep:
             e = mult * cfg.eps
             xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(eps=e, steps=10, restarts=1), gen=_gen(cfg)), x, y, bs)
-            rep["eps_sweep"].append({"eps": e, "acc": (_predict(model, xa, bs) == y).float().mean().item()})
+            rep["eps_sweep"].append({"eps": e, "acc": cfg.mean(_predict(model, xa, bs) == y)})
         last = rep["eps_sweep"][-1]["acc"]
         if last > 0.05:
             rep["flags"].append(f"accuracy stays at {last:.1%} at eps {rep['eps_sweep'][-1]['eps']:g}: attacks may be failing")
@@ -246,14 +251,14 @@ def ra_e(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) ->
             xa = pgd(model, a, b, cfg.pgd_cfg(restarts=1), gen=gen)
         with routing_policy(Fixed(routes)):
             right.append(_predict(model, xa, len(a)) == b)
-    return torch.cat(right).float().mean().item()
+    return cfg.mean(torch.cat(right))
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> float:
     """Plain PGD accuracy with the config's steps (one restart), seeded like ``ra_e``."""
     gen = _gen(cfg)
     xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(restarts=1), gen=gen), x, y, cfg.batch_size)
-    return (_predict(model, xa, cfg.batch_size) == y).float().mean().item()
+    return cfg.mean(_predict(model, xa, cfg.batch_size) == y)
 
 
 def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, done) -> dict:
@@ -275,7 +280,7 @@ def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, done) -> dict:
         soft = _predict(model, _attack_all(soft_attack, x, y, bs), bs) == y
         # (d) routing attack, then PGD from there
         x_r = _attack_all(lambda a, b: routing_attack(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
-        out["ra_r"] = (_predict(model, x_r, bs) == y).float().mean().item()
+        out["ra_r"] = cfg.mean(_predict(model, x_r, bs) == y)
         x_rp = torch.cat([_pgd_from(model, s, a, b, cfg.pgd_cfg()) for (a, b), (s, _) in
                           zip(_batches(x, y, bs), _batches(x_r, y, bs))])
         routed = _predict(model, x_rp, bs) == y
@@ -284,26 +289,26 @@ def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, done) -> dict:
             if k in correct:
                 worst &= correct[k]
         correct["adaptive"] = worst
-        out["adaptive"] = {"ste_pgd_acc": ste.float().mean().item(), "soft_transfer_acc": soft.float().mean().item(),
-                           "routing_then_pgd_acc": routed.float().mean().item()}
-        out["adaptive_acc"] = worst.float().mean().item()
+        out["adaptive"] = {"ste_pgd_acc": cfg.mean(ste), "soft_transfer_acc": cfg.mean(soft),
+                           "routing_then_pgd_acc": cfg.mean(routed)}
+        out["adaptive_acc"] = cfg.mean(worst)
         done("adaptive")
     # dissection
     clean_routes = torch.cat([torch.stack(_routes(model, a)) for a, _ in _batches(x, y, bs)], dim=1)  # [L, B, K]
     if x_adv is not None:
         adv_routes = torch.cat([torch.stack(_routes(model, a)) for a, _ in _batches(x_adv, y, bs)], dim=1)
         flips = (clean_routes != adv_routes).any(-1).float()  # [L, B]
-        out["flip_rate"] = flips.mean().item()
-        out["flip_rate_per_layer"] = dict(zip(names, flips.mean(1).tolist()))
+        out["flip_rate"] = cfg.mean(flips.mean(0))
+        out["flip_rate_per_layer"] = {n: cfg.mean(f) for n, f in zip(names, flips)}
 
         out["ra_e"] = ra_e(model, x, y, cfg)
-        out["load_adversarial"] = load_stats(list(adv_routes), experts)
-    out["load_clean"] = load_stats(list(clean_routes), experts)
+        out["load_adversarial"] = load_stats([cfg.gather(r) for r in adv_routes], experts)
+    out["load_clean"] = load_stats([cfg.gather(r) for r in clean_routes], experts)
     out["layers"] = names
     per_expert = {}
     for e in range(experts[0]):
         with routing_policy(Forced(e)):
-            per_expert[str(e)] = (_predict(model, x, bs) == y).float().mean().item()
+            per_expert[str(e)] = cfg.mean(_predict(model, x, bs) == y)
     out["per_expert_acc"] = per_expert
     out["top_k"], out["experts"] = top_k, experts[0]
     done("dissection")

@@ -105,3 +105,31 @@ def test_dense_s_dense_and_moe_evaluate_through_one_command(tmp_path):
     again = subprocess.run([sys.executable, "-m", "moeify", "evaluate", str(tmp_path / "moe.moe"), "--dataset",
                             "fashion-mnist", "--eps", "0.1", "--out", str(tmp_path / "moe")], capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
+def test_two_processes_evaluate_every_example_once(tmp_path):
+    """Through torchrun (or accelerate launch) the examples are sharded and the metrics gathered:
+    the same example count and clean accuracy as one process."""
+    x, _ = _data(2)
+    moeify.save(moeify.convert(_backbone(), experts=2, top_k=1, example_inputs=x), tmp_path / "m.moe")
+    args = ["-m", "moeify", "evaluate", str(tmp_path / "m.moe"), "--dataset", "fashion-mnist", "--eps", "0.1",
+            "--n", "21", "--attacks", "pgd,adaptive", "--square-queries", "10", "--pgd-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    # what torchrun sets up (torchrun itself would read "--n" as one of its own abbreviated options)
+    procs = [subprocess.Popen([sys.executable] + args + ["--out", str(tmp_path / "two")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29544", "WORLD_SIZE": "2",
+                                   "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"})
+             for r in range(2)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-2000:]
+    one = subprocess.run([sys.executable] + args + ["--out", str(tmp_path / "one")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    r2 = json.loads((tmp_path / "two" / "report.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert r2["processes"] == 2 and r2["n_examples"] == r1["n_examples"] == 21
+    assert r2["clean_acc"] == r1["clean_acc"]
+    assert sum(sum(l["load"]) for l in r2["load_clean"]) == pytest.approx(len(r2["layers"]))
