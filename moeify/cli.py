@@ -175,7 +175,7 @@ def evaluate(
     target: Annotated[str, typer.Argument(help="A run folder (from robustify) or a saved .moe model file.")],
     dataset: Annotated[Optional[str], typer.Option(help="Dataset (default: the run's recipe).")] = None,
     root: Annotated[Optional[str], typer.Option(help="Dataset folder (default: the recipe's data.root).")] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Evaluate a fixed, seeded subset of this many test images (default: all).")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", "--num-examples", help="Evaluate a fixed, seeded subset of this many test images (default: all); --num-examples under launchers that take --n for their own options.")] = None,
     eps: Annotated[Optional[float], typer.Option(help="Attack radius in pixel units (default: the recipe's).")] = None,
     norm: Annotated[Optional[str], typer.Option(help="linf | l2 (default: the recipe's).")] = None,
     attacks: Annotated[str, typer.Option(help="Comma-separated: pgd, autoattack, adaptive, square, sweep.")] = "pgd,autoattack,adaptive,sweep",
