@@ -59,6 +59,20 @@ def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tupl
     return statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds per function, timed in turn (a, b, c, a, b, c, ...) after warm-up calls."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _step(model: nn.Module, exec_mode: str, x: torch.Tensor, mode: str, sync: Callable[[], None]):
     if mode == "eval":
         def f():
@@ -119,14 +133,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
                "static twin": _step(runners["static twin"], "sparse", x, mode, sync),
                "moe masked": _step(runners["moe"], "masked", x, mode, sync),
                "moe sparse": _step(runners["moe"], "sparse", x, mode, sync)}
-        for f in fns.values():  # warm-up (and compilation)
-            f(), f()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t) * 1e3)
+        ms = interleaved(fns, repeats, warmup=2)
         xc = x[:min(b, 8)].float().cpu().contiguous()
         macs = {}
         for k, m in models.items():
@@ -138,7 +145,6 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
             else:
                 macs[k] = count_macs(m, xc)
             m.train(mode == "train").to(device)
-        ms = {k: statistics.median(v) for k, v in times.items()}
         twin_gain = ms["dense"] / ms["static twin"] - 1
         for k in VARIANTS:
             gain = ms["dense"] / ms[k]
@@ -214,15 +220,7 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
             opt_r.zero_grad(set_to_none=True)
             opt_e.zero_grad(set_to_none=True)
 
-    fns = {"dense TRADES": trades(dense), "MoE TRADES": trades(moe), "MoE AdvMoE": advmoe}
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append((time.perf_counter() - t) * 1e3)
-    base = statistics.median(times["dense TRADES"])
-    return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps,
-             "ms": statistics.median(v), "vs_dense_trades": statistics.median(v) / base} for k, v in times.items()]
+    ms = interleaved({"dense TRADES": trades(dense), "MoE TRADES": trades(moe), "MoE AdvMoE": advmoe}, repeats)
+    base = ms["dense TRADES"]
+    return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps, "ms": v,
+             "vs_dense_trades": v / base} for k, v in ms.items()]

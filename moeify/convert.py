@@ -87,15 +87,16 @@ def convert(model: nn.Module, experts: int | None = None, top_k: int | None = No
                               + "; try another scope (--scope branches) or a number of experts that divides the channels")
     rewrite(gm, p, inputs)
     gm.train(model.training)
-    gm.moeify_info = {
-        "kind": "moe",
-        "source": getattr(model, "moeify_source", None),
-        "model_kwargs": getattr(model, "moeify_kwargs", {}),
-        "spec": spec.to_dict(),
-        "input_shape": list(inputs[0].shape[1:]),
-    }
+    gm.moeify_info = rebuild_info("moe", model, spec, inputs)
     gm.moeify_plan = p
     return gm
+
+
+def rebuild_info(kind: str, model: nn.Module, spec: MoESpec, inputs: Sequence[torch.Tensor]) -> dict:
+    """What ``moeify.load`` needs to rebuild a model made from ``model`` (kind moe or s-dense)."""
+    return {"kind": kind, "source": getattr(model, "moeify_source", None),
+            "model_kwargs": getattr(model, "moeify_kwargs", {}), "spec": spec.to_dict(),
+            "input_shape": list(inputs[0].shape[1:])}
 
 
 def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor]) -> None:

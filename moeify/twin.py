@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .convert import _analyse, _inputs, _spec
+from .convert import _analyse, _inputs, _spec, rebuild_info
 from .errors import ConversionError
 from .graph.interior import interior
 from .spec import MoESpec
@@ -103,11 +103,5 @@ def static_twin(model: nn.Module, experts: int | None = None, top_k: int | None 
     gm.recompile()
     gm.train(model.training)
     gm.moeify_twin_skipped = skipped
-    gm.moeify_info = {
-        "kind": "s-dense",
-        "source": getattr(model, "moeify_source", None),
-        "model_kwargs": getattr(model, "moeify_kwargs", {}),
-        "spec": spec.to_dict(),
-        "input_shape": list(inputs[0].shape[1:]),
-    }
+    gm.moeify_info = rebuild_info("s-dense", model, spec, inputs)
     return gm

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .execution import current_execution
+from .gated import with_mixin
 from .packing import broadcast, expert_channels, take
 from .route import Route
 
@@ -135,18 +136,9 @@ class MoEChannelwiseMixin:
         return routed_depthwise(self, x, route)
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def make_channelwise_module(m: nn.Module) -> nn.Module:
     """Turn BatchNorm / depthwise conv ``m`` into its routed version in place (same state_dict)."""
-    cls = type(m)
-    if issubclass(cls, MoEChannelwiseMixin):
-        return m
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"MoE{cls.__name__}", (MoEChannelwiseMixin, cls), {"__module__": __name__})
-    m.__class__ = _CLASSES[cls]
-    return m
+    return with_mixin(m, MoEChannelwiseMixin)
 
 
 def _is_norm_act(cls: type) -> bool:

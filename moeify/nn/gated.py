@@ -151,18 +151,24 @@ class MoEGatedMixin:
         return gated_apply(x, full, cdim, c_in, in_route, out_route, sparse)
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def with_mixin(m: nn.Module, mixin: type) -> nn.Module:
+    """Give module ``m`` the routed forward of ``mixin`` in place: its class becomes a subclass
+    ``MoE<Class>`` of (mixin, its class), so the object, its parameters and keys stay the same."""
+    cls = type(m)
+    if issubclass(cls, mixin):
+        return m
+    if (mixin, cls) not in _CLASSES:
+        _CLASSES[mixin, cls] = type(f"MoE{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+    m.__class__ = _CLASSES[mixin, cls]
+    return m
 
 
 def make_moe_module(m: nn.Module) -> nn.Module:
     """Turn conv/linear module ``m`` into its routed version in place (same object, same state_dict)."""
-    cls = type(m)
-    if issubclass(cls, MoEGatedMixin):
-        return m
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"MoE{cls.__name__}", (MoEGatedMixin, cls), {"__module__": __name__})
-    m.__class__ = _CLASSES[cls]
-    return m
+    return with_mixin(m, MoEGatedMixin)
 
 
 def _functional(conv: Callable, name: str, cdim: int):
