@@ -125,3 +125,15 @@ def test_cuda_sparse_equals_masked():
     out_m, gx_m, _ = _grads(moe, x, "masked")
     assert torch.allclose(out_s, out_m, rtol=1e-4, atol=1e-5)
     assert torch.allclose(gx_s, gx_m, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_runs_the_moe_model_like_eager():
+    """Routing stays eager (graph breaks), the rest compiles; outputs match eager sparse execution."""
+    moe = _moe(scope="paper").eval()
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = moe(x)
+        out = torch.compile(moe)(x)
+        again = torch.compile(moe)(x.flip(0)).flip(0)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(again, ref, rtol=1e-4, atol=1e-5)

@@ -58,6 +58,7 @@ def _update_running(bn, mean: torch.Tensor, var: torch.Tensor, count: torch.Tens
         bn.running_var.mul_(1 - f).add_(f * unbiased.detach())
 
 
+@torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, route: Route) -> torch.Tensor:
     """BatchNorm of an MoE layer's tensor (full width in masked mode, packed in sparse mode)."""
     packed = route.packed and current_execution() == "sparse"
@@ -103,6 +104,7 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
     return torch.addcmul(broadcast(shift[ch], x.ndim, 1), x, broadcast(scale[ch], x.ndim, 1))  # one pass
 
 
+@torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def routed_depthwise(conv: nn.modules.conv._ConvNd, x: torch.Tensor, route: Route) -> torch.Tensor:
     """Depthwise conv of an MoE layer's tensor: per selected channel in sparse mode."""
     if not (route.packed and current_execution() == "sparse"):

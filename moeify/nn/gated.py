@@ -26,6 +26,7 @@ measured on a 2-core CPU, per-pattern convs stop paying off beyond about 8 group
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
+@torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = False):
     """A branch joining a residual add: full width, unselected experts' channels zero.
 
@@ -40,6 +41,7 @@ def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = Fal
     return route.apply(x, cdim)
 
 
+@torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def moe_add(a, b):
     """``a + b`` where an operand may be a packed branch from ``gate_channels(..., lazy=True)``."""
     if isinstance(b, PackedBranch):
@@ -104,6 +106,7 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
+@torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], cdim: int, c_in: int,
                 in_route: Route | None, out_route: Route | None,
                 sparse: tuple[torch.Tensor, torch.Tensor | None, Fn] | None) -> torch.Tensor:

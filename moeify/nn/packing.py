@@ -46,8 +46,8 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
         t = w if in_sel is None else take(w, 1, in_sel, per_in)
         return t if out_sel is None else take(t, 0, out_sel, per_out)
 
-    if torch.is_grad_enabled() and w.requires_grad:
-        return slice_()
+    if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+        return slice_()  # autograd needs the view; a compiled graph plans its own copies
     fmt = memory_format(w)
     if all(sel is None or runs(sel) for sel in (in_sel, out_sel)):
         view = slice_()  # narrow views: free when they are contiguous
@@ -130,12 +130,6 @@ def place(ys: torch.Tensor, channels: int, cdim: int, experts: list[int], per: i
     shape = list(ys.shape)
     shape[cdim] = channels
     return zeros(ys, shape).index_copy(cdim, expert_channels(experts, per, ys.device), ys)
-
-
-def put(out: torch.Tensor, rows: torch.Tensor, ch: torch.Tensor, ys: torch.Tensor, cdim: int) -> torch.Tensor:
-    """Write ``ys`` into ``out`` at (rows, channels ``ch``), in place; channels on ``cdim``."""
-    out.movedim(cdim, 1)[rows.view(-1, 1), ch.view(1, -1)] = ys.movedim(cdim, 1)
-    return out
 
 
 def unpack(y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:

@@ -64,6 +64,7 @@ class MoELayer(nn.Module):
         self.router = router
         self.packed = packed
 
+    @torch.compiler.disable  # routing decisions stay eager under torch.compile
     def forward(self, x, in_route: Route | None = None) -> Route:
         if isinstance(x, Route):
             return x.with_packing(self.packed)
