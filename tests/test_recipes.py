@@ -1,6 +1,5 @@
 """Recipes: every shipped recipe validates and builds its model; bad recipes fail with one line
 naming the key and the file; the paper-setting recipes run one optimisation step on CIFAR-shaped data."""
-from pathlib import Path
 
 import pytest
 import torch

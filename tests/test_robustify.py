@@ -2,10 +2,8 @@
 refusals (existing folder, NaN, missing data, wrong init), and two processes == one."""
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from ..nn.channelwise import routable
 from .groups import ChannelGroup

@@ -11,11 +11,9 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -27,14 +25,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import io
 from ..attacks import AttackConfig
-from ..convert import moe_layers
 from ..data import augment, load_data, to_float
 from ..errors import MoeifyError, RoutingError
 from ..macs import count_macs
 from ..recipes import Recipe
 from . import checkpoint as ckpt
 from .build import build_model, split_parameters
-from .evaluate import evaluate_robust, expert_load
+from .validate import evaluate_robust, expert_load
 from .methods import robust_loss
 
 

@@ -1,5 +1,5 @@
-"""Accuracy (clean and under attack) and expert load on a dataset, sharded across processes and
-gathered without duplicates."""
+"""Validation and test accuracy during training (clean and under attack) and expert load, sharded
+across processes and gathered without duplicates. The full robustness report is moeify.evaluate."""
 from __future__ import annotations
 
 import math
