@@ -1,5 +1,5 @@
 """moeify: turn any CNN into a sparsely-gated Mixture-of-Experts CNN by torch.fx graph rewriting."""
-from .convert import convert, moe_layers, plan, routing
+from .convert import convert, moe_layers, plan, router_parameters, routing
 from .errors import ConversionError, MoeifyError, RoutingError
 from .io import load, save
 from .macs import count_macs
@@ -12,6 +12,6 @@ from .zoo import create_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "static_twin", "plan", "moe_layers", "routing", "count_macs", "execution", "save", "load", "create_model",
+    "convert", "static_twin", "plan", "moe_layers", "router_parameters", "routing", "count_macs", "execution", "save", "load", "create_model",
     "MoESpec", "ConversionPlan", "ConversionError", "MoeifyError", "RoutingError",
 ]

@@ -279,6 +279,21 @@ def robustify(
     run(r, out, resume=resume, stop_after=stop_after, console=console)
 
 
+@app.command()
+def study(
+    study_file: Annotated[str, typer.Argument(help="A study file (.yaml) or a built-in study name (fmnist).")],
+    out: Annotated[Optional[str], typer.Option("--out", help="Study folder (rerun with the same --out to resume).")] = None,
+    results: Annotated[Optional[str], typer.Option("--results", help="Results page to write (default: OUT/results.md).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override the base recipe for every row, e.g. --set data.train_subset=512.")] = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Test images to evaluate on (default: the study file's).")] = None,
+) -> None:
+    """Reproduce the AdvMoE study: train and evaluate every row, time it, write the results page."""
+    from .study import run_study
+
+    run_study(study_file, out or f"runs/study-{study_file.rsplit('/', 1)[-1].removesuffix('.yaml')}", results,
+              set_ or [], n, console=console, log=lambda s: err.print(s, highlight=False))
+
+
 def main() -> None:
     """Entry point: one-line errors and a non-zero exit, tracebacks only with --debug."""
     try:

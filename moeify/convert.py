@@ -169,6 +169,19 @@ def _route(gm: fx.GraphModule, node: fx.Node, kw: str, route: fx.Node) -> None:
     node.kwargs = {**node.kwargs, kw: route}
 
 
+ROUTER_PREFIXES = ("moeify_layers.", "moeify_router.")
+
+
+def is_router(name: str) -> bool:
+    """Whether a parameter or module name of a converted model belongs to a router (else to the experts)."""
+    return name.startswith(ROUTER_PREFIXES)
+
+
+def router_parameters(moe: nn.Module) -> list[nn.Parameter]:
+    """The routers' parameters: what to optimise when fine-tuning the routing of converted dense weights."""
+    return [p for name, p in moe.named_parameters() if is_router(name)]
+
+
 def moe_layers(moe: nn.Module) -> dict[str, MoELayer]:
     """{qualified name of the original producer layer: MoE layer} of a converted model."""
     return {m.name: m for m in moe.modules() if isinstance(m, MoELayer)}

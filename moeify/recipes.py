@@ -155,7 +155,8 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _build(cls: type, data: Any, where: str, source: str):
+def build_config(cls: type, data: Any, where: str, source: str):
+    """``data`` validated into dataclass ``cls``: unknown keys and wrong types are one-line errors naming key and file."""
     if not isinstance(data, dict):
         raise MoeifyError(f"{source}: {where or 'the recipe'} must be a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -168,7 +169,7 @@ def _build(cls: type, data: Any, where: str, source: str):
                               f"{', '.join(sorted(names))}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kw[key] = _build(tp, value, path, source)
+            kw[key] = build_config(tp, value, path, source)
             continue
         if isinstance(value, int) and not isinstance(value, bool) and _type_ok(1.0, tp) and not _type_ok(1, tp):
             value = float(value)
@@ -236,13 +237,13 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         raise MoeifyError(f"{path}: a recipe is a mapping of sections (model, moe, data, train, attack, ...)")
     data.setdefault("name", path.stem)
     data = apply_overrides(data, overrides or [])
-    recipe = _build(Recipe, data, "", str(path))
+    recipe = build_config(Recipe, data, "", str(path))
     check(recipe, str(path))
     return recipe
 
 
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
-    recipe = _build(Recipe, data, "", source)
+    recipe = build_config(Recipe, data, "", source)
     check(recipe, source)
     return recipe
 

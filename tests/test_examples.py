@@ -9,13 +9,18 @@ import pytest
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def test_convert_own_backbone_example(capsys):
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
+def test_convert_own_backbone_example(capsys, monkeypatch):
+    """Trained dense weights convert exactly, routers fine-tune with the experts untouched."""
+    monkeypatch.setattr(sys, "argv", ["convert_own_backbone.py", "--steps", "40"])
     runpy.run_path(str(EXAMPLES / "convert_own_backbone.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert "blocks.0.0" in out and "blocks.1.3" in out  # both block convs converted (paper scope)
+    assert "blocks.0.0" in out and "blocks.1.0" in out  # both bottleneck convs converted (hidden scope)
     assert "max |MoE - dense|: 0.0" in out
     ratio = float(out.split("executed MACs with 2 of 4 experts: ")[1].split("%")[0])
     assert ratio < 100
+    assert "expert weights unchanged: True" in out
+    assert "after fine-tuning routers and experts" in out
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")

@@ -152,8 +152,9 @@ class DenseNetCifar(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def cifar_resnet18(num_classes: int = 10, in_chans: int = 3, width: int = 64) -> nn.Module:
-    return ResNetCifar((2, 2, 2, 2), width, num_classes, in_chans)
+def cifar_resnet18(num_classes: int = 10, in_chans: int = 3, width: int = 64, stem_stride: int = 1) -> nn.Module:
+    """The paper's CIFAR ResNet-18; ``width`` scales every stage, ``stem_stride`` 2 quarters the compute."""
+    return ResNetCifar((2, 2, 2, 2), width, num_classes, in_chans, stem_stride)
 
 
 def cifar_resnet_small(num_classes: int = 10, in_chans: int = 3, width: int = 16, stem_stride: int = 1) -> nn.Module:

@@ -4,16 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..convert import convert
+from ..convert import convert, is_router
 from ..data import DataBundle
 from ..errors import MoeifyError
 from ..recipes import Recipe
 from ..spec import MoESpec
 from ..twin import static_twin
 from ..zoo import create_model, resolve
-
-ROUTER_PREFIXES = ("moeify_layers.", "moeify_router.")
-
 
 def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     """The model a recipe trains, with random weights (``train.init`` is loaded by the loop)."""
@@ -39,9 +36,19 @@ def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     return convert(dense, spec=spec, example_inputs=example)
 
 
+def hold_frozen_norms(model: nn.Module, update: str) -> None:
+    """Put the BatchNorm layers of the part not being trained in eval mode, so its running statistics
+    stay as they were: with ``update`` routers (or experts) the other part is then unchanged as a function."""
+    if update == "all":
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and is_router(name + ".") == (update == "experts"):
+            m.eval()
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(router parameters, expert parameters = every other parameter)."""
     routers, experts = [], []
     for name, p in model.named_parameters():
-        (routers if name.startswith(ROUTER_PREFIXES) else experts).append(p)
+        (routers if is_router(name) else experts).append(p)
     return routers, experts

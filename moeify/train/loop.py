@@ -30,7 +30,7 @@ from ..errors import MoeifyError, RoutingError
 from ..macs import count_macs
 from ..recipes import Recipe
 from . import checkpoint as ckpt
-from .build import build_model, split_parameters
+from .build import build_model, hold_frozen_norms, split_parameters
 from .validate import evaluate_robust, expert_load
 from .methods import robust_loss
 
@@ -205,6 +205,7 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
             torch.manual_seed(rank_seed)
             gen = torch.Generator().manual_seed(rank_seed)
             model.train()
+            hold_frozen_norms(raw, t.update)
             start = time.time()
             sums = {"loss": 0.0, "correct": 0, "n": 0}
             bar = Progress(TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),

@@ -1,0 +1,380 @@
+"""The AdvMoE study with moeify's own pieces: train every row of a study file, evaluate it, time it,
+and write the results page.
+
+A study file names a base recipe and rows (each a list of ``--set`` overrides of it), the
+router-versus-expert analysis (fine-tunes of one row's model that adversarially train the routers,
+the experts or both), and the evaluation. Every step writes its result into the study folder, so a
+rerun skips what is done and resumes a half-trained row: the study is resumable at any point.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from . import io
+from .bench import interleaved, machine
+from .data import load_data, to_float
+from .errors import MoeifyError
+from .evaluate import EvalConfig, evaluate
+from .recipes import Recipe, apply_overrides, build_config, check, find_recipe
+
+STUDY_DIRS = (Path(__file__).resolve().parent.parent / "studies",)
+MARKER = "<!-- everything above this line is written by `moeify study`; notes below it are kept -->"
+
+
+@dataclass
+class Row:
+    name: str
+    set: list = field(default_factory=list)  # --set overrides of the base recipe
+
+
+@dataclass
+class Dissection:
+    """Routers x experts: fine-tunes of ``init``'s model, each updating one part adversarially."""
+    init: str = ""  # the row whose model is the standard (router, expert) pair
+    set: list = field(default_factory=list)  # overrides of the fine-tunes (method, epochs, ...)
+
+
+@dataclass
+class StudyEval:
+    n: int = 1000  # a fixed, seeded subset of the test set
+    attacks: list = field(default_factory=lambda: ["pgd", "autoattack", "adaptive"])
+    pgd_steps: int = 20
+    square_queries: int = 1000
+    batch_size: int = 500
+    latency_batch: int = 1
+    latency_repeats: int = 50
+
+
+@dataclass
+class Reference:
+    """Published numbers shown beside the measured ones (e.g. the paper's CIFAR-10 figures)."""
+    title: str = ""
+    columns: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+
+
+@dataclass
+class Study:
+    name: str = "study"
+    title: str = ""
+    base: Any = "quickstart"  # a recipe name/path or an inline recipe mapping
+    rows: list = field(default_factory=list)
+    dissection: Dissection | None = None
+    evaluate: StudyEval = field(default_factory=StudyEval)
+    reference: Reference | None = None
+
+
+def find_study(name_or_path: str) -> Path:
+    """A study file from a path or a built-in name (``fmnist`` -> studies/fmnist.yaml)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        if not p.is_file():
+            raise MoeifyError(f"study file {name_or_path} not found")
+        return p
+    for d in STUDY_DIRS + (Path.cwd() / "studies",):
+        if (d / f"{name_or_path}.yaml").is_file():
+            return d / f"{name_or_path}.yaml"
+    names = sorted({f.stem for d in STUDY_DIRS if d.is_dir() for f in d.glob("*.yaml")})
+    raise MoeifyError(f"unknown study {name_or_path!r}; built-in studies: {', '.join(names) or 'none'}; or give a .yaml path")
+
+
+def load_study(name_or_path: str) -> tuple[Study, Path]:
+    """Read and validate a study file (rows as Row, unknown keys are one-line errors)."""
+    path = find_study(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MoeifyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data.setdefault("name", path.stem)
+    rows = data.pop("rows", None)
+    if not isinstance(rows, list) or not rows:
+        raise MoeifyError(f"{path}: 'rows' must be a non-empty list of {{name, set}} entries")
+    study = build_config(Study, data, "", str(path))
+    study.rows = [build_config(Row, r, f"rows[{i}]", str(path)) for i, r in enumerate(rows)]
+    names = [r.name for r in study.rows]
+    if len(set(names)) != len(names):
+        raise MoeifyError(f"{path}: row names must be unique, got {names}")
+    if isinstance(study.dissection, dict):
+        study.dissection = build_config(Dissection, study.dissection, "dissection", str(path))
+    if isinstance(study.reference, dict):
+        study.reference = build_config(Reference, study.reference, "reference", str(path))
+    if study.dissection and study.dissection.init not in names:
+        raise MoeifyError(f"{path}: dissection.init must name a row ({', '.join(names)}), got {study.dissection.init!r}")
+    return study, path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _base_data(study: Study, source: str) -> dict:
+    if isinstance(study.base, dict):
+        return json.loads(json.dumps(study.base))
+    base = find_recipe(str(study.base))
+    data = yaml.safe_load(base.read_text()) or {}
+    data.setdefault("name", base.stem)
+    return data
+
+
+def row_recipe(study: Study, source: str, overrides: list[str], name: str) -> Recipe:
+    """The base recipe with the study-wide and the row's overrides applied, validated."""
+    data = apply_overrides(_base_data(study, source), list(overrides))
+    data["name"] = f"{study.name}/{_slug(name)}"
+    recipe = build_config(Recipe, data, "", f"{source} ({name})")
+    check(recipe, f"{source} ({name})")
+    return recipe
+
+
+@dataclass
+class Plan:
+    """What the study runs: (name, folder, overrides) for the rows, then the dissection fine-tunes."""
+    rows: list[tuple[str, Path, list[str]]]
+    dissection: list[tuple[str, Path, list[str]]]
+
+
+DISSECTION = (("standard routers + standard experts", None),
+              ("robust routers + standard experts", "routers"),
+              ("standard routers + robust experts", "experts"),
+              ("robust routers + robust experts", "all"))
+
+
+def make_plan(study: Study, out: Path, overrides: list[str]) -> Plan:
+    rows = [(r.name, out / "rows" / _slug(r.name), r.set + overrides) for r in study.rows]
+    cut = []
+    if study.dissection:
+        init = next(r for r in study.rows if r.name == study.dissection.init)
+        init_dir = out / "rows" / _slug(init.name)
+        for name, part in DISSECTION:
+            if part is None:
+                cut.append((name, init_dir, init.set + overrides))
+            else:
+                cut.append((name, out / "dissection" / part,
+                            init.set + study.dissection.set + overrides
+                            + [f"train.update={part}", f"train.init={init_dir / 'model.moe'}"]))
+    return Plan(rows, cut)
+
+
+def _train(recipe: Recipe, run: Path, log: Callable[[str], None], console) -> None:
+    from .train import robustify
+
+    if (run / "metrics.json").is_file():
+        log(f"{run}: trained (metrics.json), skipped")
+        return
+    resume = (run / "checkpoint").is_dir() or (run / "recipe.yaml").is_file()
+    log(f"{run}: {'resuming' if resume else 'training'} {recipe.model.kind} {recipe.train.method} "
+        f"(update {recipe.train.update})")
+    robustify(recipe, run, resume=resume, console=console)
+
+
+def _eval_data(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_data(recipe.data.dataset, recipe.data.root, recipe.data.val_size, 0, recipe.data.download, test_subset=n)
+    x = to_float(torch.stack([data.test[i][0] for i in range(len(data.test))]))
+    y = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
+    return x, y
+
+
+def _evaluate(run: Path, recipe: Recipe, attacks: list[str], ev: StudyEval, log: Callable[[str], None],
+              tag: str = "eval") -> dict:
+    f = run / f"{tag}.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    x, y = _eval_data(recipe, ev.n)
+    model = io.load(run / "model.moe")
+    cfg = EvalConfig(eps=recipe.attack.eps, norm=recipe.attack.norm, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
+                     batch_size=ev.batch_size, square_queries=ev.square_queries, log=log)
+    rep = evaluate(model, x, y, cfg)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rep, indent=2))
+    tmp.replace(f)
+    return rep
+
+
+def _latency(runs: dict[str, Path], recipe: Recipe, ev: StudyEval) -> dict[str, float]:
+    """Median eval latency (ms) at ``latency_batch`` of every row's model, timed interleaved."""
+    x, _ = _eval_data(recipe, ev.latency_batch)
+    models = {name: io.load(run / "model.moe") for name, run in runs.items()}
+
+    def call(m):
+        def f():
+            with torch.inference_mode():
+                m(x)
+        return f
+    return interleaved({k: call(m) for k, m in models.items()}, ev.latency_repeats, warmup=3)
+
+
+def run_study(name_or_path: str, out: str | Path, results: str | Path | None = None, overrides: list[str] | None = None,
+              n: int | None = None, console=None, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) a study into ``out``; write ``results`` (markdown). Returns the collected results."""
+    study, path = load_study(name_or_path)
+    overrides = list(overrides or [])
+    if n is not None:
+        study.evaluate.n = n
+    out = Path(out)
+    results = Path(results) if results else out / "results.md"
+    kept = _kept_notes(results)
+    plan = make_plan(study, out, overrides)
+    recipes = {name: row_recipe(study, str(path), sets, name) for name, _, sets in plan.rows + plan.dissection}
+    for name, _, _ in plan.dissection[1:]:
+        if recipes[name].train.method not in ("at", "trades"):
+            raise MoeifyError(f"{path}: the dissection fine-tunes train adversarially; set train.method=at or trades "
+                              f"in dissection.set (got {recipes[name].train.method})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.yaml").write_text(path.read_text())
+    ev = study.evaluate
+    for name, run, _ in plan.rows:
+        _train(recipes[name], run, log, console)
+        log(f"{name}: evaluating on {ev.n} test images ({', '.join(ev.attacks)})")
+        _evaluate(run, recipes[name], ev.attacks, ev, log)
+    for name, run, _ in plan.dissection:
+        _train(recipes[name], run, log, console)
+        log(f"{name}: evaluating (PGD-{ev.pgd_steps}, flip rate, RA-E)")
+        _evaluate(run, recipes[name], ["pgd"], ev, log, tag="eval-dissection")
+    lat_file = out / "latency.json"
+    if not lat_file.is_file():
+        log(f"timing every row at batch {ev.latency_batch} ({ev.latency_repeats} interleaved repeats)")
+        lat = _latency({name: run for name, run, _ in plan.rows}, recipes[plan.rows[0][0]], ev)
+        lat_file.write_text(json.dumps({"ms": lat, "machine": machine()}, indent=2))
+    collected = _collect(study, plan, out, recipes)
+    collected["command"] = " ".join(["moeify", "study", shlex.quote(str(name_or_path)), "--out", shlex.quote(str(out)),
+                                     "--results", shlex.quote(str(results))]
+                                    + [f"--set {shlex.quote(s)}" for s in overrides]
+                                    + ([f"--n {n}"] if n is not None else []))
+    (out / "results.json").write_text(json.dumps(collected, indent=2))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(render(study, collected) + "\n" + MARKER + "\n" + kept)
+    log(f"wrote {results}")
+    return collected
+
+
+def _kept_notes(results: Path) -> str:
+    """The hand-written part of an existing results page; refuse to replace a page moeify did not write."""
+    if not results.is_file():
+        return ""
+    text = results.read_text()
+    if MARKER not in text:
+        raise MoeifyError(f"{results} exists and was not written by `moeify study`; pass --results elsewhere "
+                          "(nothing was overwritten)")
+    return text.split(MARKER, 1)[1].lstrip("\n")
+
+
+def _collect(study: Study, plan: Plan, out: Path, recipes: dict[str, Recipe]) -> dict:
+    lat = json.loads((out / "latency.json").read_text())
+    rows = []
+    for name, run, sets in plan.rows:
+        rep = json.loads((run / "eval.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        rows.append({"name": name, "run": str(run), "set": sets, "kind": recipes[name].model.kind,
+                     "method": recipes[name].train.method, "seed": recipes[name].train.seed,
+                     "train_s": round(sum(h["train_s"] for h in metrics["history"]), 1),
+                     "latency_ms": lat["ms"][name], **{k: rep.get(k) for k in (
+                         "clean_acc", "pgd_acc", "autoattack_acc", "adaptive_acc", "worst_case_acc", "flip_rate",
+                         "ra_r", "ra_e", "macs_per_sample", "n_examples", "flags", "load_clean")}})
+    cut = []
+    for name, run, sets in plan.dissection:
+        rep = json.loads((run / "eval-dissection.json").read_text())
+        cut.append({"name": name, "run": str(run), "set": sets,
+                    **{k: rep.get(k) for k in ("clean_acc", "pgd_acc", "flip_rate", "ra_e", "n_examples", "load_clean")}})
+    r0 = recipes[plan.rows[0][0]]
+    return {"study": study.name, "rows": rows, "dissection": cut, "machine": lat["machine"],
+            "date": datetime.date.today().isoformat(), "eps": r0.attack.eps, "norm": r0.attack.norm,
+            "dataset": r0.data.dataset, "model": r0.model.name, "model_kwargs": r0.model.kwargs,
+            "evaluate": dataclasses.asdict(study.evaluate)}
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _se(p: float, n: int) -> float:
+    """Standard error (points) of an accuracy p measured on n examples."""
+    return 100 * (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def render(study: Study, c: dict) -> str:
+    """The results page: both tables, what was run, the reference numbers and measured comparisons."""
+    ev = c["evaluate"]
+    rows, n = c["rows"], c["rows"][0]["n_examples"]
+    L = [f"# {study.title or study.name}", "",
+         f"{c['dataset']}, L-{c['norm'].replace('linf', 'inf')} eps = {c['eps']:g}, backbone {c['model']} "
+         f"{c['model_kwargs'] or ''}. Measured {c['date']} on {c['machine']}. Accuracies (%) on a fixed, seeded "
+         f"subset of {n} test images (standard error up to {_se(0.5, n):.1f} points); latency: median of "
+         f"{ev['latency_repeats']} interleaved eval calls at batch {ev['latency_batch']}.", "",
+         "## Dense vs MoE, trained four ways", "",
+         "| model | SA | PGD-20 RA | AutoAttack RA | MoE-adaptive RA | MACs / sample | CPU latency (ms) | train time (s) |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        L.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {_pct(r['autoattack_acc'])} | "
+                 f"{_pct(r['adaptive_acc'])} | {r['macs_per_sample'] / 1e6:.2f} M | {r['latency_ms']:.2f} | {r['train_s']:.0f} |")
+    L += ["", "PGD-20 RA is the worst of PGD-20 and PGD-40 with 2 restarts per example. MoE-adaptive RA is the "
+          "worst case per example over PGD, AutoAttack, straight-through PGD with 3 restarts, transfer from the "
+          "soft-routing twin, Square and a routing-then-PGD attack (MoE rows only). Flags raised by the "
+          "evaluation's sanity checks: " + ("; ".join(f"{r['name']}: {', '.join(r['flags'])}" for r in rows if r["flags"])
+                                            or "none") + "."]
+    moe_rows = [r for r in rows if r["flip_rate"] is not None]
+    if moe_rows:
+        L += ["", "| model | routing flip rate under PGD | RA-R (routers attacked) | RA-E (routes frozen) | expert load entropy (clean) |",
+              "|---|---:|---:|---:|---:|"]
+        for r in moe_rows:
+            ent = sum(x["entropy"] for x in r["load_clean"]) / len(r["load_clean"])
+            L.append(f"| {r['name']} | {_pct(r['flip_rate'])} | {_pct(r['ra_r'])} | {_pct(r['ra_e'])} | {ent:.2f} |")
+    if c["dissection"]:
+        L += ["", "## Router robustness vs expert robustness", "",
+              f"Starting from the standard-trained MoE ({study.dissection.init}), fine-tunes that train only the "
+              "routers, only the experts, or both, with the adversarial loss (the other part stays bit-identical).", "",
+              "| routers + experts | SA | PGD-20 RA | routing flip rate | RA-E (routes frozen) |", "|---|---:|---:|---:|---:|"]
+        for r in c["dissection"]:
+            L.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {_pct(r['flip_rate'])} | {_pct(r['ra_e'])} |")
+    L += ["", "## Measured comparisons", ""] + _findings(rows, c["dissection"], n)
+    if study.reference and study.reference.rows:
+        ref = study.reference
+        L += ["", f"## Reference: {ref.title}", "", "| " + " | ".join(ref.columns) + " |",
+              "|" + "---|" * len(ref.columns)]
+        L += ["| " + " | ".join(str(v) for v in row) + " |" for row in ref.rows]
+    L += ["", "## How these numbers were made", "", f"One command (resumable: rerun it to continue): `{c['command']}`.",
+          "Each row is the study's base recipe with these overrides, i.e. "
+          "`moeify robustify --recipe <base> --set ...` with:", ""]
+    for r in rows + c["dissection"]:
+        L.append(f"- {r['name']}: `{' '.join(r['set'])}` → {r['run']}")
+    L += ["", f"Training seeds: {sorted({r['seed'] for r in rows})}; evaluation seed 0 (the test subset and every "
+          f"attack's random start). Evaluation: `{', '.join(ev['attacks'])}`, PGD-{ev['pgd_steps']}, Square "
+          f"{ev['square_queries']} queries; per-row reports are in each run folder (eval.json)."]
+    return "\n".join(L) + "\n"
+
+
+def _by(rows: list[dict], name_part: str) -> dict | None:
+    return next((r for r in rows if r["name"].lower() == name_part.lower()), None)
+
+
+def _findings(rows: list[dict], cut: list[dict], n: int) -> list[str]:
+    """Plain statements of the measured differences, with their noise level."""
+    out = []
+
+    def robust(r):
+        return min(v for v in (r["pgd_acc"], r["autoattack_acc"], r["adaptive_acc"]) if v is not None)
+    best = max(rows, key=robust)
+    out.append(f"- Highest worst-case robust accuracy: {best['name']} ({_pct(robust(best))}%).")
+    dense = next((r for r in rows if r["kind"] == "dense" and r["method"] != "standard"), None)
+    for r in rows:
+        if r is dense or r["method"] == "standard" or dense is None:
+            continue
+        d = 100 * (robust(r) - robust(dense))
+        se = (2 ** 0.5) * _se(robust(dense), n)
+        verdict = "within noise of" if abs(d) < 2 * se else ("above" if d > 0 else "below")
+        out.append(f"- {r['name']}: {d:+.1f} points of robust accuracy vs {dense['name']} ({verdict} it; 2 s.e. = "
+                   f"{2 * se:.1f}), at {r['macs_per_sample'] / dense['macs_per_sample']:.0%} of its MACs and "
+                   f"{r['latency_ms'] / dense['latency_ms']:.2f}x its latency.")
+    if len(cut) == 4:
+        sa, rr = cut[1], cut[2]
+        out.append(f"- Robust routers alone (standard experts): PGD RA {_pct(sa['pgd_acc'])}%; robust experts alone "
+                   f"(standard routers): {_pct(rr['pgd_acc'])}%; both: {_pct(cut[3]['pgd_acc'])}%.")
+    return out
