@@ -47,8 +47,8 @@ def accuracy(model, x, y):
         return (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
-def train(model, params, x, y, steps, lr):
-    """SGD with the gradient norm clipped to 1: the top-k gates' straight-through gradients reach the
+def train(model, params, x, y, steps, lr, clip=None):
+    """SGD; for MoE models clip the gradient norm: the top-k gates' straight-through gradients reach the
     routers summed over every position of the experts' outputs and can spike."""
     params = list(params)
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
@@ -56,7 +56,8 @@ def train(model, params, x, y, steps, lr):
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
     return loss.item()
 
@@ -70,7 +71,7 @@ def main(steps: int = 300) -> None:
     # 1. Your trained dense model (here: a few hundred steps of ordinary training), saved as usual.
     weights = Path(tempfile.mkdtemp()) / "smallnet.pt"
     trained = SmallNet()
-    train(trained.train(), trained.parameters(), x, y, steps, lr=0.05)
+    train(trained.train(), trained.parameters(), x, y, steps, lr=0.1)
     torch.save(trained.state_dict(), weights)
 
     # 2. Load the weights into a fresh instance and convert it.
@@ -95,7 +96,7 @@ def main(steps: int = 300) -> None:
     for p in routers:
         p.requires_grad_(True)
     snapshot = [p.detach().clone() for p in moe.parameters() if not p.requires_grad]
-    loss = train(moe.eval(), routers, x, y, steps, lr=0.05)
+    loss = train(moe.eval(), routers, x, y, steps, lr=0.05, clip=1.0)
     unchanged = all(torch.equal(a, p) for a, p in zip(snapshot, (p for p in moe.parameters() if not p.requires_grad)))
     after = accuracy(moe, xt, yt)
     print(f"test accuracy: dense {accuracy(dense, xt, yt):.1%}; MoE with untrained routers {before:.1%}; "
@@ -106,7 +107,7 @@ def main(steps: int = 300) -> None:
     #    accuracy, fine-tune the whole MoE (experts adapt to being used two at a time, BatchNorm re-estimates).
     for p in moe.parameters():
         p.requires_grad_(True)
-    loss = train(moe.train(), moe.parameters(), x, y, steps, lr=0.02)
+    loss = train(moe.train(), moe.parameters(), x, y, steps, lr=0.02, clip=1.0)
     print(f"after fine-tuning routers and experts ({steps} steps, loss {loss:.3f}): {accuracy(moe, xt, yt):.1%}")
     for name, idx in moeify.routing(moe, xt[:8]).items():
         print(f"{name}: experts per sample {idx.tolist()}")

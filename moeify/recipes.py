@@ -79,6 +79,7 @@ class TrainCfg:
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_accum: int = 1
+    grad_clip: float | None = None  # clip each optimiser's gradient norm to this (off by default, as in the paper)
     max_steps_per_epoch: int | None = None
 
 

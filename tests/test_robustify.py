@@ -128,3 +128,16 @@ def test_two_processes_match_one(tmp_path):
     assert two["n_test"] == one["n_test"] == 64  # gathered without duplicates
     assert abs(two["clean_accuracy"] - one["clean_accuracy"]) <= 0.1
     assert abs(two["history"][-1]["train_loss"] - one["history"][-1]["train_loss"]) <= 0.1
+
+
+def test_grad_clip_bounds_every_update(tmp_path):
+    """train.grad_clip: one plain SGD step of lr 1 moves each optimiser's parameters by at most the clip."""
+    one = ["train.epochs=1", "train.max_steps_per_epoch=1", "train.momentum=0", "train.weight_decay=0",
+           "advmoe.router_momentum=0", "train.schedule=constant", "advmoe.router_schedule=constant"]
+    _, start = _run(tmp_path, "start", extra=one + ["train.lr=0", "advmoe.router_lr=0"])
+    _, moved = _run(tmp_path, "moved", extra=one + ["train.lr=1", "advmoe.router_lr=1", "train.grad_clip=0.001"])
+    a, b = _weights(start / "model.moe"), _weights(moved / "model.moe")
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    for part in ("moeify_layers.", "backbone."):
+        diff = torch.cat([(b[k] - a[k]).flatten() for k in params if k.startswith(part)])
+        assert 0 < diff.norm() <= 0.001 * (1 + 1e-4), part

@@ -184,6 +184,11 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
             accelerator.backward(loss, **kw)
 
     def step(opt) -> None:
+        if t.grad_clip:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            accelerator.clip_grad_norm_(params, t.grad_clip)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -192,7 +197,8 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
 
     def fail(why: str) -> MoeifyError:
         return MoeifyError(f"{why} at epoch {progress.epoch + 1}; the run stopped; the last good checkpoint "
-                           f"(epoch {progress.epoch}) is in {out}/checkpoint; lower the learning rate and --resume")
+                           f"(epoch {progress.epoch}) is in {out}/checkpoint; lower the learning rate or set train.grad_clip, "
+                           "and --resume")
 
     csv_path = out / "metrics.csv"
     epochs_this_session = 0
