@@ -44,8 +44,18 @@ class BenchRow:
 def machine(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    return f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name where the OS tells it (Linux), else the architecture."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tuple[int, ...] | None = None) -> float:

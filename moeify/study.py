@@ -117,7 +117,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _base_data(study: Study, source: str) -> dict:
+def _base_data(study: Study) -> dict:
     if isinstance(study.base, dict):
         return json.loads(json.dumps(study.base))
     base = find_recipe(str(study.base))
@@ -128,7 +128,7 @@ def _base_data(study: Study, source: str) -> dict:
 
 def row_recipe(study: Study, source: str, overrides: list[str], name: str) -> Recipe:
     """The base recipe with the study-wide and the row's overrides applied, validated."""
-    data = apply_overrides(_base_data(study, source), list(overrides))
+    data = apply_overrides(_base_data(study), list(overrides))
     data["name"] = f"{study.name}/{_slug(name)}"
     recipe = build_config(Recipe, data, "", f"{source} ({name})")
     check(recipe, f"{source} ({name})")

@@ -43,6 +43,7 @@ def test_convert_user_file():
     (("convert", f"{TESTS / 'models.py'}:nope", "--experts", "2"), "has no function"),
     (("convert", "resnet18", "--experts", "2", "--input-size", "3,x"), "--input-size"),
     (("inspect", "nothing.moe"), "no such file"),
+    (("study", "nosuch"), "unknown study 'nosuch'; built-in studies: fmnist"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     r = run(*args)

@@ -22,21 +22,24 @@ def test_all_recipes_are_shipped():
             "advmoe-densenet"} <= set(RECIPES)
 
 
+@pytest.mark.parametrize("classes", [10, 100])
 @pytest.mark.parametrize("name", [r for r in RECIPES if r != "quickstart"])
-def test_paper_recipes_build_and_take_one_step(name):
-    """Each CIFAR recipe's model builds (dense, S-Dense or MoE as it says) and one SGD step on a
+def test_paper_recipes_build_and_take_one_step(name, classes):
+    """Each CIFAR-10/100 recipe's model builds (dense, S-Dense or MoE as it says) and one SGD step on a
     synthetic CIFAR-shaped batch changes the weights and keeps the loss finite."""
     torch.manual_seed(0)
     recipe = load_recipe(name)
-    model = build_model(recipe, _cifar_like()).train()
+    model = build_model(recipe, _cifar_like(classes=classes)).train()
     if recipe.model.kind == "moe":
         assert moeify.moe_layers(model)
     routers, experts = split_parameters(model)
     assert bool(routers) == (recipe.model.kind == "moe")
-    x, y = torch.rand(2, 3, 32, 32), torch.tensor([1, 7])
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([1, classes - 3])
     before = experts[-1].detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=recipe.train.lr, momentum=recipe.train.momentum)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    logits = model(x)
+    assert logits.shape == (2, classes)
+    loss = torch.nn.functional.cross_entropy(logits, y)
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and not torch.equal(before, experts[-1].detach())
