@@ -182,6 +182,7 @@ def evaluate(
     pgd_steps: Annotated[int, typer.Option("--pgd-steps")] = 20,
     restarts: Annotated[int, typer.Option()] = 1,
     square_queries: Annotated[int, typer.Option("--square-queries")] = 1000,
+    autoattack: Annotated[str, typer.Option("--autoattack", help="standard, or a comma-separated subset run with the standard settings: apgd-ce, apgd-t, fab-t, square.")] = "standard",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for report.json and plots (default: TARGET's folder / eval).")] = None,
 ) -> None:
@@ -192,10 +193,14 @@ def evaluate(
 
     from . import io
     from .data import load_data, to_float
-    from .evaluate import ATTACKS, EvalConfig
+    from .evaluate import AA_ATTACKS, ATTACKS, EvalConfig
     from .evaluate import evaluate as run_eval
     from .report import table, write
 
+    aa_subset = () if autoattack == "standard" else tuple(a.strip() for a in autoattack.split(",") if a.strip())
+    bad = set(aa_subset) - set(AA_ATTACKS)
+    if bad:
+        raise MoeifyError(f"--autoattack: unknown attack(s) {', '.join(sorted(bad))}; use standard or some of {', '.join(AA_ATTACKS)}")
     path = Path(target)
     model_file = path / "model.moe" if path.is_dir() else path
     if not model_file.is_file():
@@ -236,7 +241,8 @@ def evaluate(
 
     log = (lambda s: err.print(s, highlight=False)) if acc.is_main_process else (lambda s: None)
     cfg = EvalConfig(eps=eps, norm=norm, attacks=chosen, pgd_steps=pgd_steps, pgd_restarts=restarts,
-                     batch_size=batch_size, square_queries=square_queries, log=log, gather=gather)
+                     batch_size=batch_size, square_queries=square_queries, autoattack=aa_subset, log=log,
+                     gather=gather)
     rep = run_eval(model, x, y, cfg)
     if not acc.is_main_process:
         return

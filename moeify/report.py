@@ -19,6 +19,8 @@ def table(rep: dict, title: str) -> Table:
     t.add_column("value", justify="right")
     for key, label in ROWS:
         if key in rep:
+            if key == "autoattack_acc":
+                label = f"AutoAttack {rep.get('autoattack_version', 'standard')}"
             t.add_row(label, f"{rep[key]:.2%}")
     if "adaptive" in rep:
         for k, v in rep["adaptive"].items():

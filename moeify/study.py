@@ -48,6 +48,7 @@ class Dissection:
 class StudyEval:
     n: int = 1000  # a fixed, seeded subset of the test set
     attacks: list = field(default_factory=lambda: ["pgd", "autoattack", "adaptive"])
+    autoattack: list = field(default_factory=list)  # a subset of AutoAttack's suite; [] = standard
     pgd_steps: int = 20
     square_queries: int = 1000
     batch_size: int = 500
@@ -191,7 +192,7 @@ def _evaluate(run: Path, recipe: Recipe, attacks: list[str], ev: StudyEval, log:
     x, y = _eval_data(recipe, ev.n)
     model = io.load(run / "model.moe")
     cfg = EvalConfig(eps=recipe.attack.eps, norm=recipe.attack.norm, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
-                     batch_size=ev.batch_size, square_queries=ev.square_queries, log=log)
+                     batch_size=ev.batch_size, square_queries=ev.square_queries, autoattack=tuple(ev.autoattack), log=log)
     rep = evaluate(model, x, y, cfg)
     tmp = f.with_suffix(".tmp")
     tmp.write_text(json.dumps(rep, indent=2))
@@ -224,6 +225,11 @@ def run_study(name_or_path: str, out: str | Path, results: str | Path | None = N
     kept = _kept_notes(results)
     plan = make_plan(study, out, overrides)
     recipes = {name: row_recipe(study, str(path), sets, name) for name, _, sets in plan.rows + plan.dissection}
+    from .evaluate import AA_ATTACKS
+
+    if set(study.evaluate.autoattack) - set(AA_ATTACKS):
+        raise MoeifyError(f"{path}: evaluate.autoattack must list some of {', '.join(AA_ATTACKS)} (or be empty for the "
+                          f"standard suite), got {study.evaluate.autoattack}")
     for name, _, _ in plan.dissection[1:]:
         if recipes[name].train.method not in ("at", "trades"):
             raise MoeifyError(f"{path}: the dissection fine-tunes train adversarially; set train.method=at or trades "
@@ -315,9 +321,14 @@ def render(study: Study, c: dict) -> str:
     for r in rows:
         L.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {_pct(r['autoattack_acc'])} | "
                  f"{_pct(r['adaptive_acc'])} | {r['macs_per_sample'] / 1e6:.2f} M | {r['latency_ms']:.2f} | {r['train_s']:.0f} |")
-    L += ["", "PGD-20 RA is the worst of PGD-20 and PGD-40 with 2 restarts per example. MoE-adaptive RA is the "
+    aa = ("the standard suite" if not ev["autoattack"] else
+          f"{' + '.join(a.upper() for a in ev['autoattack'])} of the standard suite, with its settings (the rest of "
+          f"the suite left out for the compute budget)")
+    L += ["", f"AutoAttack RA: `pyautoattack`, {aa}. "
+          "PGD-20 RA is the worst of PGD-20 and PGD-40 with 2 restarts per example. MoE-adaptive RA is the "
           "worst case per example over PGD, AutoAttack, straight-through PGD with 3 restarts, transfer from the "
-          "soft-routing twin, Square and a routing-then-PGD attack (MoE rows only). Flags raised by the "
+          f"soft-routing twin, Square ({ev['square_queries']} queries) and a routing-then-PGD attack (MoE rows only). "
+          "Flags raised by the "
           "evaluation's sanity checks: " + ("; ".join(f"{r['name']}: {', '.join(r['flags'])}" for r in rows if r["flags"])
                                             or "none") + "."]
     moe_rows = [r for r in rows if r["flip_rate"] is not None]

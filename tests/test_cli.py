@@ -44,6 +44,7 @@ def test_convert_user_file():
     (("convert", "resnet18", "--experts", "2", "--input-size", "3,x"), "--input-size"),
     (("inspect", "nothing.moe"), "no such file"),
     (("study", "nosuch"), "unknown study 'nosuch'; built-in studies: fmnist"),
+    (("evaluate", "run", "--autoattack", "apgd-ce,fab"), "--autoattack: unknown attack(s) fab; use standard or some of"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     r = run(*args)

@@ -54,6 +54,16 @@ def test_frozen_routes_change_nothing_when_routing_never_changes():
     assert ra_e(moe, x, y, cfg) == pgd_accuracy(moe, x, y, cfg)
 
 
+def test_autoattack_standard_is_at_least_as_strong_as_its_apgd_ce_part():
+    """The standard suite starts with the same APGD-CE run, then attacks what survived further."""
+    x, y = _data()
+    moe = _moe()
+    part = evaluate(moe, x, y, EvalConfig(eps=0.02, attacks=("autoattack",), autoattack=("apgd-ce",), batch_size=24))
+    full = evaluate(moe, x, y, EvalConfig(eps=0.02, attacks=("autoattack",), batch_size=24))
+    assert (part["autoattack_version"], full["autoattack_version"]) == ("apgd-ce", "standard")
+    assert full["autoattack_acc"] <= part["autoattack_acc"] <= part["clean_acc"]
+
+
 def test_eps_sweep_falls_to_zero():
     x, y = _data()
     rep = evaluate(_moe(), x, y, EvalConfig(eps=0.1, attacks=("sweep",)))
