@@ -153,7 +153,7 @@ def load_stats(choices: list[torch.Tensor], experts: list[int]) -> list[dict]:
     for idx, n in zip(choices, experts):
         c = torch.bincount(idx.flatten(), minlength=n).float()
         p = c / c.sum().clamp_min(1)
-        h = -(p[p > 0] * p[p > 0].log()).sum().item() / math.log(n) if n > 1 else 1.0
+        h = abs((p[p > 0] * p[p > 0].log()).sum().item()) / math.log(n) if n > 1 else 1.0
         out.append({"load": p.tolist(), "entropy": h, "dead": [i for i in range(n) if c[i] == 0]})
     return out
 

@@ -149,6 +149,12 @@ DISSECTION = (("standard routers + standard experts", None),
               ("robust routers + robust experts", "all"))
 
 
+def _last_wins(overrides: list[str]) -> list[str]:
+    """The overrides with only the last value of each key (what applying them in order amounts to)."""
+    last = {o.split("=", 1)[0]: o for o in overrides}
+    return [o for o in overrides if last[o.split("=", 1)[0]] is o]
+
+
 def make_plan(study: Study, out: Path, overrides: list[str]) -> Plan:
     rows = [(r.name, out / "rows" / _slug(r.name), r.set + overrides) for r in study.rows]
     cut = []
@@ -162,7 +168,7 @@ def make_plan(study: Study, out: Path, overrides: list[str]) -> Plan:
                 cut.append((name, out / "dissection" / part,
                             init.set + study.dissection.set + overrides
                             + [f"train.update={part}", f"train.init={init_dir / 'model.moe'}"]))
-    return Plan(rows, cut)
+    return Plan([(n, d, _last_wins(o)) for n, d, o in rows], [(n, d, _last_wins(o)) for n, d, o in cut])
 
 
 def _train(recipe: Recipe, run: Path, log: Callable[[str], None], console) -> None:
@@ -352,10 +358,11 @@ def render(study: Study, c: dict) -> str:
               "|" + "---|" * len(ref.columns)]
         L += ["| " + " | ".join(str(v) for v in row) + " |" for row in ref.rows]
     L += ["", "## How these numbers were made", "", f"One command (resumable: rerun it to continue): `{c['command']}`.",
-          "Each row is the study's base recipe with these overrides, i.e. "
-          "`moeify robustify --recipe <base> --set ...` with:", ""]
+          "Each row is the study file's base recipe with these `--set` overrides; the resolved recipe is saved as "
+          "`recipe.yaml` in each run folder, so `moeify robustify --recipe RUN/recipe.yaml --out NEW` retrains one row.", ""]
     for r in rows + c["dissection"]:
-        L.append(f"- {r['name']}: `{' '.join(r['set'])}` → {r['run']}")
+        sets = f"`{' '.join(r['set'])}`" if r["set"] else "none (the base recipe)"
+        L.append(f"- {r['name']}: {sets} → {r['run']}")
     L += ["", f"Training seeds: {sorted({r['seed'] for r in rows})}; evaluation seed 0 (the test subset and every "
           f"attack's random start). Evaluation: `{', '.join(ev['attacks'])}`, PGD-{ev['pgd_steps']}, Square "
           f"{ev['square_queries']} queries; per-row reports are in each run folder (eval.json)."]
@@ -381,11 +388,12 @@ def _findings(rows: list[dict], cut: list[dict], n: int) -> list[str]:
         d = 100 * (robust(r) - robust(dense))
         se = (2 ** 0.5) * _se(robust(dense), n)
         verdict = "within noise of" if abs(d) < 2 * se else ("above" if d > 0 else "below")
-        out.append(f"- {r['name']}: {d:+.1f} points of robust accuracy vs {dense['name']} ({verdict} it; 2 s.e. = "
-                   f"{2 * se:.1f}), at {r['macs_per_sample'] / dense['macs_per_sample']:.0%} of its MACs and "
+        out.append(f"- {r['name']}: {d:+.1f} points of worst-case robust accuracy vs {dense['name']} ({verdict} it; "
+                   f"2 s.e. of a difference = {2 * se:.1f}), at {r['macs_per_sample'] / dense['macs_per_sample']:.0%} of its MACs and "
                    f"{r['latency_ms'] / dense['latency_ms']:.2f}x its latency.")
     if len(cut) == 4:
-        sa, rr = cut[1], cut[2]
-        out.append(f"- Robust routers alone (standard experts): PGD RA {_pct(sa['pgd_acc'])}%; robust experts alone "
-                   f"(standard routers): {_pct(rr['pgd_acc'])}%; both: {_pct(cut[3]['pgd_acc'])}%.")
+        def both(r):
+            return f"SA {_pct(r['clean_acc'])}%, PGD-20 RA {_pct(r['pgd_acc'])}%"
+        out.append(f"- From the standard MoE ({both(cut[0])}): robust routers alone {both(cut[1])}; robust experts "
+                   f"alone {both(cut[2])}; both {both(cut[3])}.")
     return out
