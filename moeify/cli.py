@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import MoeifyError
 
@@ -239,7 +240,7 @@ def evaluate(
             return t
         return torch.cat([v for v in gather_object([t.cpu()])])
 
-    log = (lambda s: err.print(s, highlight=False)) if acc.is_main_process else (lambda s: None)
+    log = (lambda s: err.print(s, highlight=False, markup=False)) if acc.is_main_process else (lambda s: None)
     cfg = EvalConfig(eps=eps, norm=norm, attacks=chosen, pgd_steps=pgd_steps, pgd_restarts=restarts,
                      batch_size=batch_size, square_queries=square_queries, autoattack=aa_subset, log=log,
                      gather=gather)
@@ -297,7 +298,7 @@ def study(
     from .study import run_study
 
     run_study(study_file, out or f"runs/study-{study_file.rsplit('/', 1)[-1].removesuffix('.yaml')}", results,
-              set_ or [], n, console=console, log=lambda s: err.print(s, highlight=False))
+              set_ or [], n, console=console, log=lambda s: err.print(s, highlight=False, markup=False))
 
 
 def main() -> None:
@@ -307,7 +308,7 @@ def main() -> None:
     except MoeifyError as e:
         if _DEBUG["on"]:
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
@@ -322,6 +323,6 @@ def main() -> None:
             sys.exit(e.exit_code)
         if _DEBUG["on"]:
             raise
-        err.print(f"[red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+        err.print(f"[red]error:[/] {type(e).__name__}: {escape(str(e))} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -43,6 +43,7 @@ def test_convert_user_file():
     (("convert", f"{TESTS / 'models.py'}:nope", "--experts", "2"), "has no function"),
     (("convert", "resnet18", "--experts", "2", "--input-size", "3,x"), "--input-size"),
     (("inspect", "nothing.moe"), "no such file"),
+    (("inspect", "[/x].moe"), "no such file '[/x].moe'"),  # printed as text, never read as rich markup
     (("study", "nosuch"), "unknown study 'nosuch'; built-in studies: fmnist"),
     (("evaluate", "run", "--autoattack", "apgd-ce,fab"), "--autoattack: unknown attack(s) fab; use standard or some of"),
 ])

@@ -113,14 +113,18 @@ def test_two_processes_match_one(tmp_path):
     for item in TINY:
         args += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    r = subprocess.run(torchrun + ["-m", "moeify"] + args + ["--out", str(tmp_path / "two")], capture_output=True,
-                       text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    for attempt, port in enumerate(("29533", "29534")):
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        out = tmp_path / f"two{attempt}"
+        r = subprocess.run(torchrun + ["-m", "moeify"] + args + ["--out", str(out)], capture_output=True,
+                           text=True, env=env, timeout=600)
+        if r.returncode == 0 or "gloo/transport" not in r.stderr:
+            break  # retried once only when gloo's localhost TCP transport dropped a connection (seen once in CI)
+    assert r.returncode == 0, r.stderr[-6000:]
     r1 = subprocess.run([sys.executable, "-m", "moeify"] + args + ["--out", str(tmp_path / "one")],
                         capture_output=True, text=True, env=env, timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    two = json.loads((out / "metrics.json").read_text())
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
     a, b = two["weights_checksum_per_process"]
