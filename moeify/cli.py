@@ -193,7 +193,7 @@ def evaluate(
     import torch
 
     from . import io
-    from .data import load_data, to_float
+    from .data import as_tensors, load_data
     from .evaluate import AA_ATTACKS, ATTACKS, EvalConfig
     from .evaluate import evaluate as run_eval
     from .report import table, write
@@ -225,8 +225,7 @@ def evaluate(
         raise MoeifyError(f"{out_dir}/report.json exists; pass another --out (nothing was overwritten)")
     data = load_data(dataset, root or data_cfg.get("root"), val_size=data_cfg.get("val_size", 1000),
                      download=bool(data_cfg.get("download", False)), test_subset=n)
-    x = to_float(torch.stack([data.test[i][0] for i in range(len(data.test))]))
-    y = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
+    x, y = as_tensors(data.test)
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 

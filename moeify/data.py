@@ -167,6 +167,12 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
 
 
+def as_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset's images as floats in [0, 1] and its labels, each stacked into one tensor."""
+    x = to_float(torch.stack([ds[i][0] for i in range(len(ds))]))
+    return x, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, vectorised over the batch."""
     b, _, h, w = x.shape

@@ -22,9 +22,9 @@ import yaml
 
 from . import io
 from .bench import interleaved, machine
-from .data import load_data, to_float
+from .data import as_tensors, load_data
 from .errors import MoeifyError
-from .evaluate import EvalConfig, evaluate
+from .evaluate import AA_ATTACKS, EvalConfig, evaluate
 from .recipes import Recipe, apply_overrides, build_config, check, find_recipe
 
 STUDY_DIRS = (Path(__file__).resolve().parent.parent / "studies",)
@@ -109,6 +109,9 @@ def load_study(name_or_path: str) -> tuple[Study, Path]:
         study.dissection = build_config(Dissection, study.dissection, "dissection", str(path))
     if isinstance(study.reference, dict):
         study.reference = build_config(Reference, study.reference, "reference", str(path))
+    if set(study.evaluate.autoattack) - set(AA_ATTACKS):
+        raise MoeifyError(f"{path}: evaluate.autoattack must list some of {', '.join(AA_ATTACKS)} (or be empty for the "
+                          f"standard suite), got {study.evaluate.autoattack}")
     if study.dissection and study.dissection.init not in names:
         raise MoeifyError(f"{path}: dissection.init must name a row ({', '.join(names)}), got {study.dissection.init!r}")
     return study, path
@@ -185,9 +188,7 @@ def _train(recipe: Recipe, run: Path, log: Callable[[str], None], console) -> No
 
 def _eval_data(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     data = load_data(recipe.data.dataset, recipe.data.root, recipe.data.val_size, 0, recipe.data.download, test_subset=n)
-    x = to_float(torch.stack([data.test[i][0] for i in range(len(data.test))]))
-    y = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
-    return x, y
+    return as_tensors(data.test)
 
 
 def _evaluate(run: Path, recipe: Recipe, attacks: list[str], ev: StudyEval, log: Callable[[str], None],
@@ -231,11 +232,6 @@ def run_study(name_or_path: str, out: str | Path, results: str | Path | None = N
     kept = _kept_notes(results)
     plan = make_plan(study, out, overrides)
     recipes = {name: row_recipe(study, str(path), sets, name) for name, _, sets in plan.rows + plan.dissection}
-    from .evaluate import AA_ATTACKS
-
-    if set(study.evaluate.autoattack) - set(AA_ATTACKS):
-        raise MoeifyError(f"{path}: evaluate.autoattack must list some of {', '.join(AA_ATTACKS)} (or be empty for the "
-                          f"standard suite), got {study.evaluate.autoattack}")
     for name, _, _ in plan.dissection[1:]:
         if recipes[name].train.method not in ("at", "trades"):
             raise MoeifyError(f"{path}: the dissection fine-tunes train adversarially; set train.method=at or trades "

@@ -36,6 +36,7 @@ def test_shipped_study_builds_the_paper_rows():
     ("rows:\n  - {name: a}\n  - {name: a}\n", "row names must be unique"),
     ("rows:\n  - {name: a}\ndissection: {init: b}\n", "dissection.init must name a row"),
     ("rows:\n  - {name: a}\nevaluate: {n: many}\n", "evaluate.n must be int"),
+    ("rows:\n  - {name: a}\nevaluate: {autoattack: [fab]}\n", "evaluate.autoattack must list some of apgd-ce"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, text, message):
     f = tmp_path / "s.yaml"
