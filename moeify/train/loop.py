@@ -184,7 +184,7 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
             accelerator.backward(loss, **kw)
 
     def step(opt) -> None:
-        if t.grad_clip:
+        if t.grad_clip and accelerator.sync_gradients:  # clip the accumulated gradient, not a partial sum
             if scaler is not None:
                 scaler.unscale_(opt)
             params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
