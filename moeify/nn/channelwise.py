@@ -14,7 +14,7 @@ from torch import nn
 
 from .execution import current_execution
 from .gated import with_mixin
-from .packing import broadcast, expert_channels, take
+from .packing import broadcast, cached, expert_channels, take
 from .route import Route
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -58,6 +58,21 @@ def _update_running(bn, mean: torch.Tensor, var: torch.Tensor, count: torch.Tens
         bn.running_var.mul_(1 - f).add_(f * unbiased.detach())
 
 
+def _sliced(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -> tuple:
+    """(running mean, running var, weight, bias) of the selected experts' channels: views, kept
+    with the layer under no_grad or inference so a forward does not re-slice them."""
+    ts = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+    def make() -> tuple:
+        return tuple(None if t is None else take(t, 0, experts, per) for t in ts)
+
+    if (torch.is_grad_enabled() and bn.weight is not None and bn.weight.requires_grad) \
+            or torch.compiler.is_compiling():
+        return make()
+    owner = next(t for t in ts if t is not None)
+    return cached(owner, (tuple(experts),) + tuple(None if t is None else t._version for t in ts), make)
+
+
 @torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, route: Route) -> torch.Tensor:
     """BatchNorm of an MoE layer's tensor (full width in masked mode, packed in sparse mode)."""
@@ -68,10 +83,10 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
     groups = route.groups() if packed else None
     if packed and len(groups) == 1 and groups[0][1] is None:
         experts = groups[0][0]
-        w, b = (None if t is None else take(t, 0, experts, per) for t in (bn.weight, bn.bias))
         if bn.running_mean is None or not (use_batch and bn.training):
-            rm, rv = (None if t is None else take(t, 0, experts, per) for t in (bn.running_mean, bn.running_var))
+            rm, rv, w, b = _sliced(bn, experts, per)
             return F.batch_norm(x, rm, rv, w, b, use_batch, factor, bn.eps)
+        w, b = (None if t is None else take(t, 0, experts, per) for t in (bn.weight, bn.bias))
         # update copies, then write them back: autograd never saves a tensor a later pass modifies
         rm, rv = (take(t, 0, experts, per).clone() for t in (bn.running_mean, bn.running_var))
         y = F.batch_norm(x, rm, rv, w, b, True, factor, bn.eps)

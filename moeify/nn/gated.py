@@ -59,11 +59,12 @@ def _groups(in_route: Route | None, out_route: Route | None) -> list[tuple[list[
     gi, go = in_route.groups(), out_route.groups()
     if len(gi) == 1 and len(go) == 1 and gi[0][1] is None and go[0][1] is None:
         return [(gi[0][0] + go[0][0], None)]
-    return pattern_groups(torch.cat([in_route.idx, out_route.idx], dim=1), max(in_route.experts, out_route.experts))
+    return pattern_groups(torch.cat([in_route.idx, out_route.idx], dim=1))
 
 
 def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: Fn, cdim: int,
-                 in_route: Route | None, out_route: Route | None) -> torch.Tensor:
+                 in_route: Route | None, out_route: Route | None,
+                 groups: list[tuple[list[int], torch.Tensor | None]] | None = None) -> torch.Tensor:
     """Run ``fn(x, weight, bias)`` computing only routed channels.
 
     ``weight`` is laid out [out, in, ...] (conv and linear); channels of x and of the output live on
@@ -77,7 +78,7 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     per_in = weight.shape[1] // in_route.experts if in_route is not None else 0
     per_out = c_out // out_route.experts if out_route is not None else 0
     k_in = in_route.top_k if in_route is not None else 0
-    groups = _groups(in_route, out_route)
+    groups = groups or _groups(in_route, out_route)
     out = None
     full = out_route is not None and not out_route.packed
     for experts, rows in groups:
@@ -90,7 +91,7 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             xs = times_gates(xs, in_route, rows, per_in, cdim)
         if out_route is not None:
             sel_out = experts[k_in:]
-            bs = None if bs is None else take(bs, 0, sel_out, per_out)
+            bs = None if bs is None else weight_slice(bs, None, 0, sel_out, per_out)
         w = weight_slice(weight, experts[:k_in] if in_route is not None else None, per_in,
                          sel_out if out_route is not None else None, per_out)
         ys = fn(xs, w, bs)
@@ -118,9 +119,10 @@ def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], c
     if in_route is None and out_route is None:
         return full(x)
     mode = current_execution()
-    if sparse is not None and mode == "sparse" and len(_groups(in_route, out_route)) <= MAX_GROUPS:
+    groups = _groups(in_route, out_route) if sparse is not None and mode == "sparse" else None
+    if groups is not None and len(groups) <= MAX_GROUPS:
         weight, bias, fn = sparse
-        return sparse_apply(x, weight, bias, fn, cdim, in_route, out_route)
+        return sparse_apply(x, weight, bias, fn, cdim, in_route, out_route, groups)
     if in_route is not None:
         if in_route.packed and mode == "sparse":
             x = unpack(x, in_route, c_in, cdim)

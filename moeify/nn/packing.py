@@ -6,10 +6,14 @@ memory format (channels_last stays channels_last).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from .route import Route
+
+T = TypeVar("T")
 
 
 def runs(experts: list[int]) -> bool:
@@ -30,17 +34,34 @@ def take(t: torch.Tensor, dim: int, experts: list[int], per: int) -> torch.Tenso
     return t.index_select(dim, expert_channels(experts, per, t.device))
 
 
-_SLICES: dict[int, dict] = {}  # id(weight) -> {selection: copy}; dropped when the weight is freed
-_MAX_SLICES = 64  # per weight tensor; least recently used out
+_SLICES: dict[int, dict] = {}  # id(tensor) -> {key: derived tensor}; dropped when the tensor is freed
+_MAX_SLICES = 64  # per tensor; least recently used out
+
+
+def cached(owner: torch.Tensor, key: tuple, make: Callable[[], T]) -> T:
+    """``make()``, kept with ``owner`` under ``key`` (which must name the versions it depends on),
+    so an op under no_grad or inference does not slice or copy the same parameters on every call."""
+    cache = _SLICES.get(id(owner))
+    if cache is None:
+        cache = _SLICES[id(owner)] = {}
+        weakref.finalize(owner, _SLICES.pop, id(owner), None)
+    hit = cache.pop(key, None)
+    if hit is None:
+        with torch.no_grad():
+            hit = make()
+        if len(cache) >= _MAX_SLICES:
+            cache.pop(next(iter(cache)))
+    cache[key] = hit
+    return hit
 
 
 def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel: list[int] | None,
                  per_out: int) -> torch.Tensor:
     """Weight [out, in, ...] restricted to the selected experts' input and/or output channels.
 
-    With autograd on, differentiable views/gathers. Under no_grad or inference, a selection that
-    is not a view of contiguous memory (input channels) is copied once and kept with the weight
-    (until it changes), so a conv does not copy its weights on every call.
+    With autograd on, differentiable views/gathers. Under no_grad or inference the selection is
+    made once, contiguous in the weight's memory format, and kept with the weight (until it
+    changes), so a conv neither copies nor re-slices its weights on every call.
     """
     def slice_() -> torch.Tensor:
         t = w if in_sel is None else take(w, 1, in_sel, per_in)
@@ -48,24 +69,8 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
 
     if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
         return slice_()  # autograd needs the view; a compiled graph plans its own copies
-    fmt = memory_format(w)
-    if all(sel is None or runs(sel) for sel in (in_sel, out_sel)):
-        view = slice_()  # narrow views: free when they are contiguous
-        if view.is_contiguous(memory_format=fmt):
-            return view
-    cache = _SLICES.get(id(w))
-    if cache is None:
-        cache = _SLICES[id(w)] = {}
-        weakref.finalize(w, _SLICES.pop, id(w), None)
     key = (w._version, None if in_sel is None else tuple(in_sel), None if out_sel is None else tuple(out_sel))
-    hit = cache.pop(key, None)
-    if hit is None:
-        with torch.no_grad():
-            hit = slice_().contiguous(memory_format=fmt)
-        if len(cache) >= _MAX_SLICES:
-            cache.pop(next(iter(cache)))
-    cache[key] = hit
-    return hit
+    return cached(w, key, lambda: slice_().contiguous(memory_format=memory_format(w)))
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 A Route holds, per sample, the indices of its top-K experts (ascending) and their gate values. The
 gate's forward value is exactly 1 (so ``top_k == experts`` is the dense model) and its gradient is
 that of the expert's log-probability (a straight-through estimator), so routers learn from the
-task loss. Ties break towards the lower expert index. Non-finite scores raise RoutingError.
+task loss. Ties break towards the lower expert index. A NaN or infinite score among the chosen ones
+(a NaN is always chosen) raises RoutingError; -inf elsewhere just means "never this expert".
 
 In sparse execution a *packed* layer's tensors hold only the selected channels: [B, K * C/N, ...],
 sample b's slot j being channel ``channel_index(C/N)[b, j]``. The batch's routing patterns (the
@@ -22,16 +23,23 @@ from .policy import Recorder, current_policy
 class Route:
     """Top-K expert choice per sample: ``idx`` LongTensor[B, K], ``gate`` Tensor[B, K] (value 1)."""
 
-    __slots__ = ("idx", "gate", "experts", "packed", "_groups", "_index")
+    __slots__ = ("idx", "_gate", "experts", "packed", "_groups", "_index")
 
-    def __init__(self, idx: torch.Tensor, gate: torch.Tensor, experts: int, packed: bool = False) -> None:
-        self.idx, self.gate, self.experts, self.packed = idx, gate, experts, packed
+    def __init__(self, idx: torch.Tensor, gate: torch.Tensor | None, experts: int, packed: bool = False) -> None:
+        """``gate`` None means constant gates of value 1 without a gradient (made when asked for)."""
+        self.idx, self._gate, self.experts, self.packed = idx, gate, experts, packed
         self._groups: list[tuple[list[int], torch.Tensor | None]] | None = None
         self._index: dict[int, torch.Tensor] = {}
 
+    @property
+    def gate(self) -> torch.Tensor:
+        if self._gate is None:
+            self._gate = torch.ones(self.idx.shape, device=self.idx.device)
+        return self._gate
+
     def with_packing(self, packed: bool) -> "Route":
         """The same choice, seen by a layer whose tensors are (or are not) packed."""
-        r = Route(self.idx, self.gate, self.experts, packed)
+        r = Route(self.idx, self._gate, self.experts, packed)
         r._groups = self._groups
         return r
 
@@ -41,12 +49,12 @@ class Route:
 
     @property
     def needs_grad(self) -> bool:
-        return self.gate.requires_grad
+        return self._gate is not None and self._gate.requires_grad
 
     def groups(self) -> list[tuple[list[int], torch.Tensor | None]]:
         """[(experts, rows)]: samples grouped by routing pattern; rows None = the whole batch."""
         if self._groups is None:
-            self._groups = pattern_groups(self.idx, self.experts)
+            self._groups = pattern_groups(self.idx)
         return self._groups
 
     def channel_index(self, per_expert: int) -> torch.Tensor:
@@ -74,18 +82,19 @@ class Route:
         return x * m.reshape(shape)
 
 
-def pattern_groups(key: torch.Tensor, base: int | None = None) -> list[tuple[list[int], torch.Tensor | None]]:
-    """Rows of ``key`` [B, K] (entries < ``base``) grouped by value: [(row values, row indices or
-    None for all rows)]. Rows are encoded as one integer each, so grouping is one 1-D sort."""
-    if key.shape[0] == 1 or bool((key == key[:1]).all()):
-        return [(key[0].tolist(), None)]
-    base = base or int(key.max()) + 1
-    weights = base ** torch.arange(key.shape[1] - 1, -1, -1, device=key.device)
-    codes, inverse, counts = torch.unique((key * weights).sum(1), return_inverse=True, return_counts=True)
-    order = torch.argsort(inverse, stable=True)
-    rows = torch.split(order, counts.tolist())
-    digits = [[(c // base ** (key.shape[1] - 1 - j)) % base for j in range(key.shape[1])] for c in codes.tolist()]
-    return list(zip(digits, rows))
+def pattern_groups(key: torch.Tensor) -> list[tuple[list[int], torch.Tensor | None]]:
+    """Rows of ``key`` [B, K] grouped by value: [(row values, row indices or None for all rows)],
+    patterns in ascending order, rows ascending within a pattern. One device-to-host read; the
+    grouping itself is a pass over B small rows (cheaper than sorting on the device at CNN batch
+    sizes)."""
+    rows = key.tolist()
+    first = rows[0]
+    if all(r == first for r in rows):
+        return [(first, None)]
+    found: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        found.setdefault(tuple(r), []).append(i)
+    return [(list(k), torch.tensor(v, device=key.device)) for k, v in sorted(found.items())]
 
 
 def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -104,16 +113,21 @@ def select_top_k(scores: torch.Tensor, top_k: int) -> Route:
         decided = policy.route(scores, top_k)
         if decided is not None:
             return decided
-    if not math.isfinite(float(scores.detach().sum())):  # one reduction: NaN and inf propagate
+    detached = scores.detach()
+    if top_k == 1:  # the choice and its score in one op (a NaN is always the maximum)
+        chosen, idx = detached.max(dim=-1, keepdim=True)  # ties: the first maximum
+    else:
+        idx = top_k_indices(detached, top_k)  # NaN sorts first, so it is always chosen
+        chosen = detached.gather(-1, idx)
+    if not math.isfinite(float(chosen if chosen.numel() == 1 else chosen.sum())):
         raise RoutingError(
             "router produced non-finite scores (NaN/inf); refusing to route (it would silently pick "
             "expert 0); check the learning rate and the inputs"
         )
-    idx = top_k_indices(scores.detach(), top_k)
     if isinstance(policy, Recorder):
         policy.choices.append(idx)
     if not scores.requires_grad:
-        return Route(idx, torch.ones(idx.shape, dtype=scores.dtype, device=scores.device), scores.shape[-1])
+        return Route(idx, None, scores.shape[-1])
     logp = torch.log_softmax(scores.float(), dim=-1)
     sel = logp.gather(1, idx)
     gate = torch.exp(sel - sel.detach()).to(scores.dtype)
