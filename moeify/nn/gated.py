@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .execution import current_execution
-from .packing import PackedBranch, add_packed, empty, gather_rows, pack, place, take, times_gates, unpack, weight_slice
+from .packing import PackedBranch, add_packed, merge_rows, pack, place, split_rows, take, times_gates, unpack, weight_slice
 from .route import Route, pattern_groups
 
 MAX_GROUPS = 8
@@ -73,16 +73,16 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     per distinct routing pattern in the batch, never per sample.
     """
     cdim = cdim % x.ndim
-    b = x.shape[0]
     c_out = weight.shape[0]
     per_in = weight.shape[1] // in_route.experts if in_route is not None else 0
     per_out = c_out // out_route.experts if out_route is not None else 0
     k_in = in_route.top_k if in_route is not None else 0
     groups = groups or _groups(in_route, out_route)
-    out = None
     full = out_route is not None and not out_route.packed
-    for experts, rows in groups:
-        xs = x if rows is None else gather_rows(x, rows)
+    single = len(groups) == 1 and groups[0][1] is None
+    parts = [x] if single else split_rows(x, [rows for _, rows in groups])
+    outs = []
+    for (experts, rows), xs in zip(groups, parts):
         bs = bias
         if in_route is not None:
             sel = experts[:k_in]
@@ -99,12 +99,8 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ys = times_gates(ys, out_route, rows, per_out, cdim)
         if full:
             ys = place(ys, c_out, cdim, sel_out, per_out)
-        if rows is None:
-            return ys
-        if out is None:
-            out = empty(ys, [b] + list(ys.shape[1:]))
-        out[rows] = ys  # in place into a fresh tensor: the cheapest to differentiate
-    return out
+        outs.append(ys)
+    return outs[0] if single else merge_rows(outs, [rows for _, rows in groups])
 
 
 @torch.compiler.disable  # data-dependent dispatch: eager under torch.compile

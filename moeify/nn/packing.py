@@ -74,11 +74,63 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[rows]`` keeping channels_last (advanced indexing), else ``index_select`` (whose
-    backward, an index_add, is the cheaper one)."""
+    """``x[rows]`` keeping channels_last (advanced indexing), else ``index_select``."""
     if memory_format(x) is torch.contiguous_format:
         return x.index_select(0, rows)
     return x[rows]
+
+
+class _SplitRows(torch.autograd.Function):
+    """``x`` split into row groups that partition its batch. Backward writes each group's
+    gradient into its rows of one fresh tensor (no zero fill, no per-group full-size sums)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *rows: torch.Tensor):
+        ctx.rows, ctx.like = rows, (x.shape, x.dtype, x.device, memory_format(x))
+        return tuple(gather_rows(x, r) for r in rows)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        shape, dtype, device, fmt = ctx.like
+        out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+        for r, g in zip(ctx.rows, grads):
+            out[r] = 0 if g is None else g
+        return (out,) + (None,) * len(ctx.rows)
+
+
+class _MergeRows(torch.autograd.Function):
+    """Row groups that partition a batch put back in batch order; backward splits the gradient."""
+
+    @staticmethod
+    def forward(ctx, rows: tuple[torch.Tensor, ...], *parts: torch.Tensor):
+        ctx.rows = rows
+        out = empty(parts[0], [sum(len(r) for r in rows)] + list(parts[0].shape[1:]))
+        for r, p in zip(rows, parts):
+            out[r] = p
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return (None,) + tuple(gather_rows(grad, r) for r in ctx.rows)
+
+
+def split_rows(x: torch.Tensor, rows: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``(x[r] for r in rows)`` for row groups that partition x's batch (each sample in one group)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return tuple(gather_rows(x, r) for r in rows)
+    return _SplitRows.apply(x, *rows)
+
+
+def merge_rows(parts: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of ``split_rows``: ``out[r] = part`` for each group, in one fresh tensor."""
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
+        out = empty(parts[0], [sum(len(r) for r in rows)] + list(parts[0].shape[1:]))
+        for r, p in zip(rows, parts):
+            out[r] = p
+        return out
+    return _MergeRows.apply(tuple(rows), *parts)
 
 
 def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
