@@ -16,6 +16,7 @@ from .execution import current_execution
 from .gated import with_mixin
 from .packing import broadcast, cached, expert_channels, take
 from .route import Route
+from .rowgroups import RowGroups, as_tensor, routed_parts
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -73,6 +74,30 @@ def _sliced(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -
     return cached(owner, (tuple(experts),) + tuple(None if t is None else t._version for t in ts), make)
 
 
+def _bn_selection(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, experts: list[int], per: int,
+                  use_batch: bool, factor: float) -> torch.Tensor:
+    """BatchNorm of packed ``x`` whose samples all selected ``experts``: sliced parameters."""
+    if bn.running_mean is None or not (use_batch and bn.training):
+        rm, rv, w, b = _sliced(bn, experts, per)
+        return F.batch_norm(x, rm, rv, w, b, use_batch, factor, bn.eps)
+    w, b = (None if t is None else take(t, 0, experts, per) for t in (bn.weight, bn.bias))
+    # update copies, then write them back: autograd never saves a tensor a later pass modifies
+    rm, rv = (take(t, 0, experts, per).clone() for t in (bn.running_mean, bn.running_var))
+    y = F.batch_norm(x, rm, rv, w, b, True, factor, bn.eps)
+    with torch.no_grad():
+        ch = expert_channels(experts, per, x.device)
+        bn.running_mean.index_copy_(0, ch, rm)
+        bn.running_var.index_copy_(0, ch, rv)
+    return y
+
+
+def _separate(x: RowGroups) -> bool:
+    """Can batch statistics be taken per part? Only when no two parts share an expert (then a
+    channel's samples are exactly one part's) and every part has more than one value per channel."""
+    experts = [e for sel in x.sels for e in sel]
+    return len(set(experts)) == len(experts) and all(p.numel() > p.shape[1] for p in x.parts)
+
+
 @torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, route: Route) -> torch.Tensor:
     """BatchNorm of an MoE layer's tensor (full width in masked mode, packed in sparse mode)."""
@@ -82,19 +107,11 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
     use_batch, factor = _bn_state(bn)
     groups = route.groups() if packed else None
     if packed and len(groups) == 1 and groups[0][1] is None:
-        experts = groups[0][0]
-        if bn.running_mean is None or not (use_batch and bn.training):
-            rm, rv, w, b = _sliced(bn, experts, per)
-            return F.batch_norm(x, rm, rv, w, b, use_batch, factor, bn.eps)
-        w, b = (None if t is None else take(t, 0, experts, per) for t in (bn.weight, bn.bias))
-        # update copies, then write them back: autograd never saves a tensor a later pass modifies
-        rm, rv = (take(t, 0, experts, per).clone() for t in (bn.running_mean, bn.running_var))
-        y = F.batch_norm(x, rm, rv, w, b, True, factor, bn.eps)
-        with torch.no_grad():
-            ch = expert_channels(experts, per, x.device)
-            bn.running_mean.index_copy_(0, ch, rm)
-            bn.running_var.index_copy_(0, ch, rv)
-        return y
+        return _bn_selection(bn, as_tensor(x), groups[0][0], per, use_batch, factor)
+    split = routed_parts(x, route.idx) if packed else None
+    if split is not None and (not (use_batch and bn.training) or _separate(split)):
+        return split.like([_bn_selection(bn, p, sel, per, use_batch, factor) for p, sel in zip(split.parts, split.sels)])
+    x = as_tensor(x)
     if packed:
         ch, sel = route.channel_index(per), None
     else:
@@ -119,18 +136,27 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
     return torch.addcmul(broadcast(shift[ch], x.ndim, 1), x, broadcast(scale[ch], x.ndim, 1))  # one pass
 
 
+def _depthwise_selection(conv: nn.modules.conv._ConvNd, x: torch.Tensor, experts: list[int], per: int):
+    """Depthwise conv of packed ``x`` whose samples all selected ``experts``: sliced weights."""
+    w = take(conv.weight, 0, experts, per)
+    b = None if conv.bias is None else take(conv.bias, 0, experts, per)
+    return _CONV[x.ndim - 2](x, w, b, conv.stride, conv.padding, conv.dilation, w.shape[0])
+
+
 @torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
 def routed_depthwise(conv: nn.modules.conv._ConvNd, x: torch.Tensor, route: Route) -> torch.Tensor:
     """Depthwise conv of an MoE layer's tensor: per selected channel in sparse mode."""
     if not (route.packed and current_execution() == "sparse"):
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        return conv._conv_forward(as_tensor(x), conv.weight, conv.bias)
     per = conv.out_channels // route.experts
     groups = route.groups()
-    fn = _CONV[x.ndim - 2]
+    fn = _CONV[conv.weight.ndim - 2]
+    split = routed_parts(x, route.idx)
+    if split is not None:
+        return split.like([_depthwise_selection(conv, p, sel, per) for p, sel in zip(split.parts, split.sels)])
+    x = as_tensor(x)
     if len(groups) == 1 and groups[0][1] is None:
-        w = take(conv.weight, 0, groups[0][0], per)
-        b = None if conv.bias is None else take(conv.bias, 0, groups[0][0], per)
-        return fn(x, w, b, conv.stride, conv.padding, conv.dilation, w.shape[0])
+        return _depthwise_selection(conv, x, groups[0][0], per)
     ch = route.channel_index(per).reshape(-1)  # one group per (sample, slot): timm CondConv's trick
     bsz, width = x.shape[0], x.shape[1]
     w = conv.weight.index_select(0, ch)

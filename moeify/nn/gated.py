@@ -17,6 +17,7 @@ from torch import nn
 from .execution import current_execution
 from .packing import PackedBranch, add_packed, merge_rows, pack, place, split_rows, take, times_gates, unpack, weight_slice
 from .route import Route, pattern_groups
+from .rowgroups import RowGroups, as_tensor, parts_for, subsplit
 
 MAX_GROUPS = 8
 """More routing patterns than this in one batch and a layer runs masked (then packs its output):
@@ -33,6 +34,7 @@ def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = Fal
     Packed branches (sparse execution) are scattered back to full width here, or, with ``lazy``
     (the add is ``moe_add``), handed over packed so the add writes only the selected channels.
     """
+    x = as_tensor(x)
     if route.packed and current_execution() == "sparse":
         channels = x.shape[cdim] * route.experts // route.top_k
         if lazy:
@@ -80,7 +82,14 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     groups = groups or _groups(in_route, out_route)
     full = out_route is not None and not out_route.packed
     single = len(groups) == 1 and groups[0][1] is None
-    parts = [x] if single else split_rows(x, [rows for _, rows in groups])
+    if single:
+        parts = [as_tensor(x)]
+    else:
+        parts = parts_for(x, groups)
+        if parts is None and isinstance(x, RowGroups) and in_route is not None and x.groups is in_route.groups():
+            parts = subsplit(x, groups, k_in)
+        if parts is None:
+            parts = split_rows(as_tensor(x), [rows for _, rows in groups])
     outs = []
     for (experts, rows), xs in zip(groups, parts):
         bs = bias
@@ -100,7 +109,12 @@ def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if full:
             ys = place(ys, c_out, cdim, sel_out, per_out)
         outs.append(ys)
-    return outs[0] if single else merge_rows(outs, [rows for _, rows in groups])
+    if single:
+        return outs[0]
+    if out_route is not None and out_route.packed:
+        # kept split for the layer's interior and its consumer
+        return RowGroups(outs, groups, out_route.idx, [sel[k_in:] for sel, _ in groups])
+    return merge_rows(outs, [rows for _, rows in groups])
 
 
 @torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
@@ -119,6 +133,7 @@ def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], c
     if groups is not None and len(groups) <= MAX_GROUPS:
         weight, bias, fn = sparse
         return sparse_apply(x, weight, bias, fn, cdim, in_route, out_route, groups)
+    x = as_tensor(x)
     if in_route is not None:
         if in_route.packed and mode == "sparse":
             x = unpack(x, in_route, c_in, cdim)

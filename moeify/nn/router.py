@@ -5,8 +5,16 @@ import torch
 from torch import nn
 
 from .execution import current_execution
-from .packing import unpack
+from .packing import merge_rows, unpack
 from .route import Route, select_top_k
+from .rowgroups import RowGroups, as_tensor
+
+
+def _pooled(x, dims: list[int]) -> torch.Tensor:
+    """Mean of x over ``dims`` in batch order; a RowGroups is pooled per part, then merged small."""
+    if isinstance(x, RowGroups):
+        return merge_rows([p.mean(dims) if dims else p for p in x.parts], [rows for _, rows in x.groups])
+    return x.mean(dims) if dims else x
 
 
 class LayerRouter(nn.Module):
@@ -72,11 +80,11 @@ class MoELayer(nn.Module):
             cdim = self.router.cdim % x.ndim
             if in_route.packed and current_execution() == "sparse":
                 dims = [d for d in range(1, x.ndim) if d != cdim]
-                h = x.mean(dims) if dims else x
+                h = _pooled(x, dims)
                 full = in_route.experts * h.shape[1] // in_route.top_k
                 return self._route(self.router.proj(unpack(h, in_route, full, 1)))
-            x = in_route.apply(x, cdim)
-        return self._route(self.router.scores(x))
+            x = in_route.apply(as_tensor(x), cdim)
+        return self._route(self.router.scores(as_tensor(x)))
 
     def _route(self, scores: torch.Tensor) -> Route:
         r = select_top_k(scores, self.top_k)
