@@ -150,14 +150,22 @@ def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], c
 class MoEGatedMixin:
     """Mixed into a conv/linear module's own class: same parameters and keys, routed forward."""
 
-    def _moe_sparse(self):
+    def _moe_kind(self) -> str | None:
         base = type(self).__mro__[2]
         if isinstance(self, nn.Linear) and base.forward is nn.Linear.forward:
-            return self.weight, self.bias, F.linear
+            return "linear"
         if isinstance(self, nn.modules.conv._ConvNd) and self.groups == 1 and not self.transposed and \
                 base.forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
-            return self.weight, self.bias, self._conv_forward
+            return "conv"
         return None  # custom forward (weight standardisation, dynamic padding...) or grouped: masked
+
+    def _moe_sparse(self):
+        kind = self.__dict__.get("_moe_sparse_kind", "")
+        if kind == "":  # decided once per module
+            kind = self.__dict__["_moe_sparse_kind"] = self._moe_kind()
+        if kind == "linear":
+            return self.weight, self.bias, F.linear
+        return None if kind is None else (self.weight, self.bias, self._conv_forward)
 
     def forward(self, x: torch.Tensor, in_route: Route | None = None, out_route: Route | None = None):
         cdim = -1 if isinstance(self, nn.Linear) else 1
