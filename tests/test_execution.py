@@ -180,3 +180,32 @@ def test_row_groups_behave_like_the_tensor_they_split():
         assert isinstance(y, RowGroups) == stays_split, name
         # allclose: vectorised sigmoid rounds a tensor's tail elements differently by an ulp
         assert torch.allclose(y.full() if stays_split else y, fn(x), rtol=1e-6, atol=0), name
+
+
+def test_inference_weight_slices_stay_within_their_memory_budget(monkeypatch):
+    """Routes that keep changing (8 experts, top-4: 70 selections) must not make a layer hold a
+    copy of its weights for every selection it has seen; outputs stay those of masked execution."""
+    from moeify.nn import packing
+
+    monkeypatch.setattr(packing, "CACHE_FLOOR", 0)
+    moe = _moe(experts=8, top_k=4).eval()
+
+    def run(x, seed, mode):  # the same seed: the same routes
+        hooks = spread_routing(moe, seed=seed)
+        with moeify.execution(mode):
+            y = moe(x)
+        for h in hooks:
+            h.remove()
+        return y
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for seed in range(30):
+            x = torch.rand(1, 3, 16, 16)
+            assert torch.allclose(run(x, seed, "sparse"), run(x, seed, "masked"), rtol=1e-5, atol=1e-6)
+    weights = {id(p): p for p in moe.parameters()}
+    held = {i: sum(packing._nbytes(v) for v in c.values()) for i, c in packing._SLICES.items() if i in weights}
+    assert held and any(v > 0 for v in held.values())
+    for i, nbytes in held.items():
+        w = weights[i]
+        assert nbytes <= packing.CACHE_BUDGET * w.numel() * w.element_size()

@@ -34,13 +34,23 @@ def take(t: torch.Tensor, dim: int, experts: list[int], per: int) -> torch.Tenso
     return t.index_select(dim, expert_channels(experts, per, t.device))
 
 
-_SLICES: dict[int, dict] = {}  # id(tensor) -> {key: derived tensor}; dropped when the tensor is freed
-_MAX_SLICES = 64  # per tensor; least recently used out
+_SLICES: dict[int, dict] = {}  # id(tensor) -> {key: derived value}; dropped when the tensor is freed
+CACHE_BUDGET = 4.0
+"""Copies kept per tensor, in multiples of its own size (at least 1 MiB): least recently used
+out. Enough for every selection of 2 or 4 experts; with 8 experts (70 top-4 selections) a
+layer whose routes keep changing re-slices its weights instead of holding 35 copies of them."""
+CACHE_FLOOR = 2 ** 20  # bytes a small tensor (BatchNorm parameters) may always keep
+
+
+def _nbytes(value) -> int:
+    items = value if isinstance(value, tuple) else (value,)
+    return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor) and t._base is None)
 
 
 def cached(owner: torch.Tensor, key: tuple, make: Callable[[], T]) -> T:
     """``make()``, kept with ``owner`` under ``key`` (which must name the versions it depends on),
-    so an op under no_grad or inference does not slice or copy the same parameters on every call."""
+    so an op under no_grad or inference does not slice or copy the same parameters on every call.
+    Views of ``owner`` cost no memory; copies count against ``CACHE_BUDGET``."""
     cache = _SLICES.get(id(owner))
     if cache is None:
         cache = _SLICES[id(owner)] = {}
@@ -49,7 +59,8 @@ def cached(owner: torch.Tensor, key: tuple, make: Callable[[], T]) -> T:
     if hit is None:
         with torch.no_grad():
             hit = make()
-        if len(cache) >= _MAX_SLICES:
+        budget = max(CACHE_BUDGET * owner.numel() * owner.element_size(), CACHE_FLOOR) - _nbytes(hit)
+        while cache and sum(_nbytes(v) for v in cache.values()) > budget:
             cache.pop(next(iter(cache)))
     cache[key] = hit
     return hit
