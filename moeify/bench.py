@@ -6,6 +6,7 @@ medians, so machine noise hits every variant alike. ``mode="train"`` times a tra
 """
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -17,12 +18,12 @@ from torch import nn
 
 from .convert import convert, moe_layers
 from .macs import count_macs
-from .nn import GlobalRouter, execution
+from .nn import GlobalRouter, LayerRouter, execution
 from .spec import MoESpec
 from .twin import static_twin
 from .zoo import create_model
 
-VARIANTS = ("dense", "static twin", "moe masked", "moe sparse")
+VARIANTS = ("dense", "static twin", "twin + routers", "moe masked", "moe sparse")
 
 
 @dataclass
@@ -101,6 +102,26 @@ def _step(model: nn.Module, exec_mode: str, x: torch.Tensor, mode: str, sync: Ca
     return g
 
 
+def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
+    """A copy of the static twin that also runs one router per MoE layer before the layer's
+    producer (global average pool, linear, top-K choice read back to the host) and ignores the
+    choice: the least a dynamic MoE with per-layer routers can cost on this machine, so that
+    sparse execution's own dispatch overhead is the gap between it and the MoE."""
+    twin = copy.deepcopy(twin)
+    for i, layer in enumerate(moe_layers(moe).values()):
+        try:
+            producer = twin.get_submodule(layer.producers[0])
+        except AttributeError:
+            continue  # a functional producer: nothing to hook
+        if layer.router is None or not isinstance(producer, (nn.Conv2d, nn.Linear)):
+            continue
+        width = producer.in_channels if isinstance(producer, nn.Conv2d) else producer.in_features
+        router = LayerRouter(width, layer.experts, layer.top_k, cdim=1 if isinstance(producer, nn.Conv2d) else -1)
+        twin.add_module(f"moeify_bench_router_{i}", router)
+        producer.register_forward_pre_hook(lambda _m, args, router=router: router(args[0]).groups() and None)
+    return twin
+
+
 def spread_routing(moe: nn.Module, seed: int = 0) -> list:
     """Make every router of ``moe`` pick experts as if at random (its scores plus large seeded
     noise), so samples in a batch take different routes, as trained routers do; untrained ones
@@ -126,6 +147,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
     """
     dense = create_model(name, input_size=input_size)
     models = {"dense": dense, "static twin": static_twin(dense, spec=spec), "moe": convert(dense, spec=spec)}
+    models["twin + routers"] = with_routers(models["static twin"], models["moe"])
     if routing == "spread":
         spread_routing(models["moe"])
     size = dense.moeify_input_size
@@ -141,6 +163,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
         x = torch.rand(b, *size, device=device).contiguous(memory_format=fmt)
         fns = {"dense": _step(runners["dense"], "sparse", x, mode, sync),
                "static twin": _step(runners["static twin"], "sparse", x, mode, sync),
+               "twin + routers": _step(runners["twin + routers"], "sparse", x, mode, sync),
                "moe masked": _step(runners["moe"], "masked", x, mode, sync),
                "moe sparse": _step(runners["moe"], "sparse", x, mode, sync)}
         ms = interleaved(fns, repeats, warmup=2)
