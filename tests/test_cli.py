@@ -76,11 +76,13 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
 
     rows = json.loads(out.read_text())["rows"]
     assert {(x["batch"], x["variant"]) for x in rows} == {
-        (b, v) for b in (1, 4) for v in ("dense", "static twin", "moe masked", "moe sparse")}
+        (b, v) for b in (1, 4) for v in ("dense", "static twin", "twin + routers", "moe masked", "moe sparse")}
     macs = {(x["batch"], x["variant"]): x["macs"] for x in rows}
     # sparse executes the twin's MACs plus its routers; masked executes at least the dense MACs
     assert macs[1, "static twin"] < macs[1, "moe sparse"] < 1.05 * macs[1, "static twin"] < macs[1, "dense"]
     assert macs[1, "moe masked"] >= macs[1, "dense"]
+    # the twin + routers baseline adds the routers' MACs to the twin's, never more than the MoE runs
+    assert macs[1, "static twin"] < macs[1, "twin + routers"] <= macs[1, "moe sparse"]
     again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
 
