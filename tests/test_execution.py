@@ -172,6 +172,7 @@ def test_row_groups_behave_like_the_tensor_they_split():
         "scale": (lambda t: 2 * t - 1, True),
         "product": (lambda t: t * t, True),
         "batch mean": (lambda t: t.mean(0), False),
+        "clamp by a batch tensor": (lambda t: torch.clamp(t, min=x.flip(0)), False),
         "cat": (lambda t: torch.cat([t, x], 1), False),
         "index": (lambda t: t[1:3], False),
     }

@@ -80,7 +80,7 @@ class RowGroups:
         kwargs = kwargs or {}
         split = [a for a in args if isinstance(a, RowGroups)]
         same = all(a.groups is split[0].groups for a in split)
-        if same and (func in PER_SAMPLE and isinstance(args[0], RowGroups) and len(split) == 1
+        if same and (func in PER_SAMPLE and isinstance(args[0], RowGroups) and _plain((args[1:], kwargs))
                      or func in ELEMENTWISE and all(isinstance(a, (RowGroups, int, float, bool)) for a in args)
                      and not kwargs):
             return split[0].like([func(*(a.parts[i] if isinstance(a, RowGroups) else a for a in args), **kwargs)
@@ -107,6 +107,13 @@ class RowGroups:
     def __getitem__(self, i): return self.full()[i]
     def __iadd__(self, o): return self.full().__iadd__(o.full() if isinstance(o, RowGroups) else o)
     def __imul__(self, o): return self.full().__imul__(o.full() if isinstance(o, RowGroups) else o)
+
+
+def _plain(tree) -> bool:
+    """No tensors in ``tree`` (a per-sample op's other arguments must not carry a batch)."""
+    found = []
+    tree_map(lambda v: found.append(v) if isinstance(v, (torch.Tensor, RowGroups)) else None, tree)
+    return not found
 
 
 def as_tensor(x):
