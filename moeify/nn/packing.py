@@ -21,6 +21,17 @@ def runs(experts: list[int]) -> bool:
     return experts == list(range(experts[0], experts[0] + len(experts)))
 
 
+def _runs(experts: list[int]) -> list[tuple[int, int]]:
+    """(first expert, count) of each run of adjacent experts, in order."""
+    out: list[tuple[int, int]] = []
+    for e in experts:
+        if out and out[-1][0] + out[-1][1] == e:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((e, 1))
+    return out
+
+
 def expert_channels(experts: list[int], per: int, device: torch.device) -> torch.Tensor:
     """Channel indices of ``experts``' contiguous blocks, in order."""
     idx = torch.tensor(experts, device=device)
@@ -81,7 +92,25 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
     if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
         return slice_()  # autograd needs the view; a compiled graph plans its own copies
     key = (w._version, None if in_sel is None else tuple(in_sel), None if out_sel is None else tuple(out_sel))
-    return cached(w, key, lambda: slice_().contiguous(memory_format=memory_format(w)))
+    return cached(w, key, lambda: _slice_copy(w, in_sel, per_in, out_sel, per_out))
+
+
+def _slice_copy(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel: list[int] | None,
+                per_out: int) -> torch.Tensor:
+    """The selection, contiguous in w's memory format, copied once: a channels-last weight is
+    gathered in its channels-last layout (where the gather's result is born contiguous) instead
+    of gathered and then copied again into channels-last."""
+    fmt = memory_format(w)
+    if fmt is torch.contiguous_format:
+        t = w if in_sel is None else take(w, 1, in_sel, per_in)
+        return (t if out_sel is None else take(t, 0, out_sel, per_out)).contiguous()
+    last = w.ndim - 1
+    t = w.permute(0, *range(2, w.ndim), 1)  # [out, ..., in], contiguous
+    if in_sel is not None:  # innermost: concatenated slices (row copies), not an element gather
+        t = torch.cat([t.narrow(last, start * per_in, n * per_in) for start, n in _runs(in_sel)], last)
+    if out_sel is not None:
+        t = take(t, 0, out_sel, per_out)
+    return t.contiguous().permute(0, last, *range(1, last))
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
