@@ -133,11 +133,13 @@ def test_global_router_shares_one_route():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_sparse_equals_masked():
-    moe = _moe().cuda()
+@pytest.mark.parametrize("experts,top_k,spread", [(4, 2, False), (4, 2, True), (2, 1, True)])
+def test_cuda_sparse_equals_masked(experts, top_k, spread):
+    """The CUDA path, including samples split by routing pattern (row groups) when spread."""
+    moe = _moe(experts=experts, top_k=top_k).cuda()
     x = torch.rand(8, 3, 16, 16, device="cuda")
-    out_s, gx_s, _ = _grads(moe, x, "sparse")
-    out_m, gx_m, _ = _grads(moe, x, "masked")
+    out_s, gx_s, _ = _grads(moe, x, "sparse", spread)
+    out_m, gx_m, _ = _grads(moe, x, "masked", spread)
     assert torch.allclose(out_s, out_m, rtol=1e-4, atol=1e-5)
     assert torch.allclose(gx_s, gx_m, rtol=1e-4, atol=1e-6)
 
