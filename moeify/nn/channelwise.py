@@ -110,7 +110,8 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
         return _bn_selection(bn, as_tensor(x), groups[0][0], per, use_batch, factor)
     split = routed_parts(x, route.idx) if packed else None
     if split is not None and (not (use_batch and bn.training) or _separate(split)):
-        return split.like([_bn_selection(bn, p, sel, per, use_batch, factor) for p, sel in zip(split.parts, split.sels)])
+        return split.like([_bn_selection(bn, p, sel, per, use_batch, factor)
+                           for p, sel in zip(split.parts, split.sels)])
     x = as_tensor(x)
     if packed:
         ch, sel = route.channel_index(per), None

@@ -4,7 +4,9 @@
 gates its input channels (it consumes one). Masked execution computes everything and multiplies by
 the channel mask. Sparse execution computes only the selected channels: samples are grouped by
 routing pattern and each group runs the layer with sliced weights on its selected input channels;
-outputs land in a zero tensor. Both compute the same function, gradients included.
+the groups' outputs are merged back into batch order, except a packed output, which stays split
+(``RowGroups``) for the layer's interior and its consumer. Both compute the same function,
+gradients included.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .execution import current_execution
-from .packing import PackedBranch, add_packed, merge_rows, pack, place, split_rows, take, times_gates, unpack, weight_slice
+from .packing import (PackedBranch, add_packed, merge_rows, pack, place, split_rows, take, times_gates, unpack,
+                      weight_slice)
 from .route import Route, pattern_groups
 from .rowgroups import RowGroups, as_tensor, parts_for, subsplit
 

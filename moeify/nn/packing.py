@@ -1,7 +1,9 @@
 """Moving channels between full-width tensors and packed ones ([B, K * C/N, ...], see route.py).
 
 Selections of adjacent experts are views (``narrow``); others are gathers. Writes keep the
-memory format (channels_last stays channels_last).
+memory format (channels_last stays channels_last). Also here: splitting a batch into routing
+groups and merging it back (``split_rows`` / ``merge_rows``, one gradient tensor per call), and
+the bounded cache of parameter slices used under inference.
 """
 from __future__ import annotations
 
