@@ -164,7 +164,7 @@ def test_row_groups_behave_like_the_tensor_they_split():
 
     torch.manual_seed(0)
     x = torch.randn(6, 4, 3, 3)
-    groups = pattern_groups(torch.tensor([[1], [0], [1], [1], [0], [1]]))
+    groups = pattern_groups(torch.tensor([[1], [0], [1], [1], [0], [1]]), 2)
     rg = RowGroups([x[r] for _, r in groups], groups, torch.zeros(6, 1), [sel for sel, _ in groups])
     assert rg.shape == x.shape and rg.ndim == 4 and torch.equal(rg.full(), x)
     cases = {

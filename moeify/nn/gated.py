@@ -64,7 +64,7 @@ def _groups(in_route: Route | None, out_route: Route | None) -> list[tuple[list[
     gi, go = in_route.groups(), out_route.groups()
     if len(gi) == 1 and len(go) == 1 and gi[0][1] is None and go[0][1] is None:
         return [(gi[0][0] + go[0][0], None)]
-    return pattern_groups(torch.cat([in_route.idx, out_route.idx], dim=1))
+    return pattern_groups(torch.cat([in_route.idx, out_route.idx], dim=1), max(in_route.experts, out_route.experts))
 
 
 def sparse_apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fn: Fn, cdim: int,

@@ -54,7 +54,7 @@ class Route:
     def groups(self) -> list[tuple[list[int], torch.Tensor | None]]:
         """[(experts, rows)]: samples grouped by routing pattern; rows None = the whole batch."""
         if self._groups is None:
-            self._groups = pattern_groups(self.idx)
+            self._groups = pattern_groups(self.idx, self.experts)
         return self._groups
 
     def channel_index(self, per_expert: int) -> torch.Tensor:
@@ -82,19 +82,20 @@ class Route:
         return x * m.reshape(shape)
 
 
-def pattern_groups(key: torch.Tensor) -> list[tuple[list[int], torch.Tensor | None]]:
-    """Rows of ``key`` [B, K] grouped by value: [(row values, row indices or None for all rows)],
-    patterns in ascending order, rows ascending within a pattern. One device-to-host read; the
-    grouping itself is a pass over B small rows (cheaper than sorting on the device at CNN batch
-    sizes)."""
-    rows = key.tolist()
-    first = rows[0]
-    if all(r == first for r in rows):
-        return [(first, None)]
-    found: dict[tuple[int, ...], list[int]] = {}
-    for i, r in enumerate(rows):
-        found.setdefault(tuple(r), []).append(i)
-    return [(list(k), torch.tensor(v, device=key.device)) for k, v in sorted(found.items())]
+def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.Tensor | None]]:
+    """Rows of ``key`` [B, K] (entries < ``base``) grouped by value: [(row values, row indices or
+    None for all rows)], patterns ascending, rows ascending within a pattern. Each row is encoded
+    as one integer, so grouping is one stable sort on the device and no loop over samples."""
+    if key.shape[0] == 1:
+        return [(key[0].tolist(), None)]
+    weights = base ** torch.arange(key.shape[1] - 1, -1, -1, device=key.device)
+    codes, order = torch.sort((key * weights).sum(1), stable=True)
+    counts = torch.unique_consecutive(codes, return_counts=True)[1]
+    sizes = counts.tolist()
+    if len(sizes) == 1:
+        return [(key[0].tolist(), None)]
+    firsts = key[order[counts.cumsum(0) - counts]].tolist()
+    return list(zip(firsts, torch.split(order, sizes)))
 
 
 def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -72,9 +72,6 @@ class RowGroups:
         """The tensor in batch order."""
         return merge_rows(self.parts, [rows for _, rows in self.groups])
 
-    def map(self, fn, *args, **kwargs) -> "RowGroups":
-        return self.like([fn(p, *args, **kwargs) for p in self.parts])
-
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -129,7 +126,6 @@ def parts_for(x, groups: Groups) -> list[torch.Tensor] | None:
 def routed_parts(x, idx: torch.Tensor) -> RowGroups | None:
     """x when it is a RowGroups holding channels of the route with this ``idx``, else None."""
     return x if isinstance(x, RowGroups) and x.owner is idx else None
-
 
 
 def subsplit(x: RowGroups, groups: Groups, k: int) -> list[torch.Tensor] | None:
