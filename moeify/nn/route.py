@@ -85,17 +85,16 @@ class Route:
 def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.Tensor | None]]:
     """Rows of ``key`` [B, K] (entries < ``base``) grouped by value: [(row values, row indices or
     None for all rows)], patterns ascending, rows ascending within a pattern. Each row is encoded
-    as one integer, so grouping is one stable sort on the device and no loop over samples."""
+    as one integer, so grouping is a unique and a stable sort on the device, no loop over samples."""
     if key.shape[0] == 1:
         return [(key[0].tolist(), None)]
-    weights = base ** torch.arange(key.shape[1] - 1, -1, -1, device=key.device)
-    codes, order = torch.sort((key * weights).sum(1), stable=True)
-    counts = torch.unique_consecutive(codes, return_counts=True)[1]
-    sizes = counts.tolist()
-    if len(sizes) == 1:
+    k = key.shape[1]
+    codes = key[:, 0] if k == 1 else (key * base ** torch.arange(k - 1, -1, -1, device=key.device)).sum(1)
+    uniq, counts = torch.unique(codes, return_counts=True)
+    if uniq.numel() == 1:
         return [(key[0].tolist(), None)]
-    firsts = key[order[counts.cumsum(0) - counts]].tolist()
-    return list(zip(firsts, torch.split(order, sizes)))
+    rows = torch.split(torch.argsort(codes, stable=True), counts.tolist())
+    return [([(c // base ** (k - 1 - j)) % base for j in range(k)], r) for c, r in zip(uniq.tolist(), rows)]
 
 
 def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
