@@ -1,6 +1,7 @@
 """White-box attacks on models that take inputs in [0, 1]: PGD (L-inf, L2; random start, restarts)
 and FGSM with random start. They run in fp32 (autocast off), leave parameter gradients alone, and
 put the model in a chosen BatchNorm mode for the attack (eval by default), restoring it after.
+``full_fp32()`` also turns off TF32 on CUDA (on by default for convolutions), for evaluations.
 """
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ class AttackConfig:
     @property
     def step_size(self) -> float:
         return self.alpha if self.alpha is not None else 2.5 * self.eps / max(self.steps, 1)
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """CUDA convolutions and matrix products in true fp32 inside the block (no TF32, whose 10-bit
+    mantissa would make gradients and margins of an evaluation differ from fp32's)."""
+    flags = (torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")
+    before = [getattr(m, a) for m, a in flags]
+    for m, a in flags:
+        setattr(m, a, False)
+    try:
+        yield
+    finally:
+        for (m, a), v in zip(flags, before):
+            setattr(m, a, v)
 
 
 @contextlib.contextmanager

@@ -126,10 +126,12 @@ def spread_routing(moe: nn.Module, seed: int = 0) -> list:
     """Make every router of ``moe`` pick experts as if at random (its scores plus large seeded
     noise), so samples in a batch take different routes, as trained routers do; untrained ones
     on synthetic images send every sample to the same experts. Returns the hook handles."""
-    gen = torch.Generator().manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}  # noise made where the scores are (no host copy)
 
     def hook(_m, _inp, out):
-        noise = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+        if out.device not in gens:
+            gens[out.device] = torch.Generator(out.device).manual_seed(seed)
+        noise = torch.randn(out.shape, generator=gens[out.device], device=out.device, dtype=out.dtype)
         return out + 1e3 * noise
 
     routers = [m.router.proj for m in moe_layers(moe).values() if m.router is not None]

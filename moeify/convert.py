@@ -21,6 +21,7 @@ from .graph import analyze, infer_shapes, trace
 from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
 from .nn.gated import FUNCTIONAL, moe_add
+from .nn.route import routes_checked
 from .plan import ConversionPlan, LayerPlan, build_plan
 from .spec import MoESpec
 
@@ -123,6 +124,10 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
         if shared is None and x in owner:
             route.kwargs = {"in_route": routes[owner[x]]}
         _route_layer(gm, lp, inner, route)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    with graph.inserting_before(output):
+        checked = graph.call_function(routes_checked, (output.args[0],))
+    output.args = (checked,)
     graph.lint()
     gm.recompile()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attacks import AttackConfig, bn_mode, frozen, input_grad, pgd
+from .attacks import AttackConfig, bn_mode, frozen, full_fp32, input_grad, pgd
 from .convert import moe_layers
 from .errors import MoeifyError
 from .macs import count_macs
@@ -159,7 +159,12 @@ def load_stats(choices: list[torch.Tensor], experts: list[int]) -> list[dict]:
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> dict:
-    """The full report for ``model`` on (x, y): see the module docstring."""
+    """The full report for ``model`` on (x, y): see the module docstring. Runs in true fp32."""
+    with full_fp32():
+        return _evaluate(model, x, y, cfg)
+
+
+def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> dict:
     unknown = set(cfg.attacks) - set(ATTACKS)
     if unknown:
         raise MoeifyError(f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}")

@@ -97,15 +97,23 @@ def test_ties_break_to_the_lower_expert_and_gate_is_one():
     assert scores.grad.abs().sum() > 0
 
 
-def test_nan_scores_refuse_to_route():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("mode", ["sparse", "masked"])
+def test_nan_scores_refuse_to_route(device, mode):
+    """On the CPU the router raises; on CUDA the model call does, at its end (one host read)."""
     with pytest.raises(moeify.RoutingError, match="NaN"):
-        select_top_k(torch.tensor([[float("nan"), 0.0]]), 1)
-    moe = _moe()
+        moeify.nn.route.routes_checked(select_top_k(torch.tensor([[float("nan"), 0.0]], device=device), 1))
+    moe = _moe().to(device)
     layer = next(iter(moeify.moe_layers(moe).values()))
     with torch.no_grad():
         layer.router.proj.weight.fill_(float("nan"))
-    with pytest.raises(moeify.RoutingError):
-        moe(torch.rand(2, 3, 16, 16))
+    with pytest.raises(moeify.RoutingError), moeify.execution(mode):
+        moe(torch.rand(2, 3, 16, 16, device=device))
+    with torch.no_grad():
+        layer.router.proj.weight.normal_()
+    with moeify.execution(mode):
+        assert torch.isfinite(moe(torch.rand(2, 3, 16, 16, device=device))).all()  # nothing left pending
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -135,11 +143,15 @@ def test_global_router_shares_one_route():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("experts,top_k,spread", [(4, 2, False), (4, 2, True), (2, 1, True)])
 def test_cuda_sparse_equals_masked(experts, top_k, spread):
-    """The CUDA path, including samples split by routing pattern (row groups) when spread."""
+    """The CUDA path, including samples split by routing pattern (row groups) when spread; in true
+    fp32 (TF32, on by default for CUDA convolutions, rounds sliced and full convs differently)."""
+    from moeify.attacks import full_fp32
+
     moe = _moe(experts=experts, top_k=top_k).cuda()
     x = torch.rand(8, 3, 16, 16, device="cuda")
-    out_s, gx_s, _ = _grads(moe, x, "sparse", spread)
-    out_m, gx_m, _ = _grads(moe, x, "masked", spread)
+    with full_fp32():
+        out_s, gx_s, _ = _grads(moe, x, "sparse", spread)
+        out_m, gx_m, _ = _grads(moe, x, "masked", spread)
     assert torch.allclose(out_s, out_m, rtol=1e-4, atol=1e-5)
     assert torch.allclose(gx_s, gx_m, rtol=1e-4, atol=1e-6)
 
@@ -207,8 +219,35 @@ def test_inference_weight_slices_stay_within_their_memory_budget(monkeypatch):
             x = torch.rand(1, 3, 16, 16)
             assert torch.allclose(run(x, seed, "sparse"), run(x, seed, "masked"), rtol=1e-5, atol=1e-6)
     weights = {id(p): p for p in moe.parameters()}
-    held = {i: sum(packing._nbytes(v) for v in c.values()) for i, c in packing._SLICES.items() if i in weights}
+    held = {i: sum(packing._nbytes(v) for v in c.values()) for i, (_, c) in packing._SLICES.items() if i in weights}
     assert held and any(v > 0 for v in held.values())
     for i, nbytes in held.items():
         w = weights[i]
         assert nbytes <= packing.CACHE_BUDGET * w.numel() * w.element_size()
+
+
+def test_cached_slices_follow_the_weights_they_were_made_from():
+    """Weights moved (``.to``) or replaced (``param.data = ...``) between inference calls: sparse
+    execution never reuses slices of the old memory and still equals masked execution."""
+    moe = _moe(experts=4, top_k=2).eval()
+    x = torch.rand(3, 3, 16, 16)
+
+    def both():
+        with torch.inference_mode():
+            with moeify.execution("sparse"):
+                s = moe(x.to(next(moe.parameters()).dtype))
+            with moeify.execution("masked"):
+                m = moe(x.to(next(moe.parameters()).dtype))
+        return s, m
+
+    both()  # fills the caches
+    for p in moe.parameters():
+        p.data = torch.randn_like(p) * 0.1
+    for m in moe.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.data = torch.rand_like(m.running_mean)
+    s, m = both()
+    assert torch.allclose(s, m, rtol=1e-5, atol=1e-6)
+    moe.double()
+    s, m = both()
+    assert s.dtype == torch.float64 and torch.allclose(s, m, rtol=1e-10, atol=1e-12)

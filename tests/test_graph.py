@@ -69,3 +69,36 @@ def test_resnet18_paper_scope_matches_the_paper_layer_set():
     assert names == block_convs  # all 16 block convs; stem, shortcuts and fc stay dense
     assert "first conv" in _dense_reason(moeify.plan(moeify.create_model("vgg11_bn"), experts=2, scope="paper"),
                                           "features.0")
+
+
+def test_non_persistent_buffers_stay_out_of_the_converted_state_dict(monkeypatch):
+    """A buffer the model keeps out of its state_dict (input normalisation) stays out after
+    conversion, also under a torch whose fx copies every buffer as persistent, so a file saved
+    under one torch version loads under another."""
+    import torch.fx.graph_module as gmod
+
+    from moeify.models.wrap import InputNormalize
+
+    def old_copy_attr(from_module, to_module, target):  # torch < 2.14: persistence is lost
+        *prefix, field = target.split(".")
+        for item in prefix:
+            f, t = getattr(from_module, item), getattr(to_module, item, None)
+            if f is t:
+                return
+            if t is None:
+                t = torch.nn.Module()
+                setattr(to_module, item, t)
+            from_module, to_module = f, t
+        orig = getattr(from_module, field)
+        if isinstance(orig, torch.Tensor) and not isinstance(orig, torch.nn.Parameter):
+            to_module.register_buffer(field, orig)
+        else:
+            setattr(to_module, field, orig)
+
+    dense = InputNormalize(PreActResNet(), mean=(0.5,), std=(0.25,), channels=3)
+    for copy_attr in (gmod._copy_attr, old_copy_attr):
+        monkeypatch.setattr(gmod, "_copy_attr", copy_attr)
+        moe = moeify.convert(dense, experts=2, top_k=1, example_inputs=torch.rand(2, 1, 16, 16))
+        keys = set(moe.state_dict())
+        assert not {"mean", "std"} & keys
+        assert {k for k in keys if "router" not in k} == set(dense.state_dict())

@@ -78,7 +78,22 @@ def trace(model: nn.Module) -> fx.GraphModule:
             + (f" (at {where})" if where else "")
             + "; make that code independent of tensor values or move it into a leaf module"
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _keep_non_persistent(model, gm)
+    return gm
+
+
+def _keep_non_persistent(model: nn.Module, gm: fx.GraphModule) -> None:
+    """Buffers the model keeps out of its state_dict stay out of the traced one (torch < 2.14
+    copies every buffer as persistent), so files saved under one torch load under another."""
+    for name, _ in gm.named_buffers():
+        prefix, _, field = name.rpartition(".")
+        try:
+            src = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if field in src._non_persistent_buffers_set:
+            gm.get_submodule(prefix)._non_persistent_buffers_set.add(field)
 
 
 def infer_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:

@@ -70,8 +70,8 @@ def _sliced(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -
     if (torch.is_grad_enabled() and bn.weight is not None and bn.weight.requires_grad) \
             or torch.compiler.is_compiling():
         return make()
-    owner = next(t for t in ts if t is not None)
-    return cached(owner, (tuple(experts),) + tuple(None if t is None else t._version for t in ts), make)
+    owners = tuple(t for t in ts if t is not None)
+    return cached(owners, (tuple(experts),) + tuple(None if t is None else t._version for t in ts), make)
 
 
 def _bn_selection(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, experts: list[int], per: int,

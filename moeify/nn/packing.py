@@ -47,7 +47,10 @@ def take(t: torch.Tensor, dim: int, experts: list[int], per: int) -> torch.Tenso
     return t.index_select(dim, expert_channels(experts, per, t.device))
 
 
-_SLICES: dict[int, dict] = {}  # id(tensor) -> {key: derived value}; dropped when the tensor is freed
+_SLICES: dict[int, tuple[list, dict]] = {}
+"""id(first owner) -> (weak references to the owners' storages, {key: derived value}); dropped
+when the owner is freed, emptied when any owner's storage changes (``module.to(device)``,
+``param.data = ...``), so a value is never served for memory it was not made from."""
 CACHE_BUDGET = 4.0
 """Copies kept per tensor, in multiples of its own size (at least 1 MiB): least recently used
 out. Enough for every selection of 2 or 4 experts; with 8 experts (70 top-4 selections) a
@@ -60,19 +63,25 @@ def _nbytes(value) -> int:
     return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor) and t._base is None)
 
 
-def cached(owner: torch.Tensor, key: tuple, make: Callable[[], T]) -> T:
-    """``make()``, kept with ``owner`` under ``key`` (which must name the versions it depends on),
-    so an op under no_grad or inference does not slice or copy the same parameters on every call.
-    Views of ``owner`` cost no memory; copies count against ``CACHE_BUDGET``."""
-    cache = _SLICES.get(id(owner))
-    if cache is None:
-        cache = _SLICES[id(owner)] = {}
-        weakref.finalize(owner, _SLICES.pop, id(owner), None)
+def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Callable[[], T]) -> T:
+    """``make()``, kept with ``owners`` (a tensor or several) under ``key`` (which must name the
+    versions it depends on), so an op under no_grad or inference does not slice or copy the same
+    parameters on every call. Valid while every owner keeps its storage. Views of the owners cost
+    no memory; copies count against ``CACHE_BUDGET``."""
+    owners = owners if isinstance(owners, tuple) else (owners,)
+    first = owners[0]
+    storages = [t.untyped_storage() for t in owners]
+    entry = _SLICES.get(id(first))
+    if entry is None:
+        weakref.finalize(first, _SLICES.pop, id(first), None)
+    if entry is None or len(entry[0]) != len(storages) or any(r() is not s for r, s in zip(entry[0], storages)):
+        entry = _SLICES[id(first)] = ([weakref.ref(s) for s in storages], {})
+    cache = entry[1]
     hit = cache.pop(key, None)
     if hit is None:
         with torch.no_grad():
             hit = make()
-        budget = max(CACHE_BUDGET * owner.numel() * owner.element_size(), CACHE_FLOOR) - _nbytes(hit)
+        budget = max(CACHE_BUDGET * first.numel() * first.element_size(), CACHE_FLOOR) - _nbytes(hit)
         while cache and sum(_nbytes(v) for v in cache.values()) > budget:
             cache.pop(next(iter(cache)))
     cache[key] = hit
@@ -185,7 +194,7 @@ def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
 def slot_gates(route: Route, rows: torch.Tensor | None, per: int) -> torch.Tensor:
     """[B or len(rows), K * per]: each packed slot's gate."""
     g = route.gate if rows is None else route.gate.index_select(0, rows)
-    return g.repeat_interleave(per, dim=1)
+    return g[:, :, None].expand(-1, -1, per).reshape(g.shape[0], -1)
 
 
 def times_gates(y: torch.Tensor, route: Route, rows: torch.Tensor | None, per: int, cdim: int) -> torch.Tensor:

@@ -4,7 +4,9 @@ A Route holds, per sample, the indices of its top-K experts (ascending) and thei
 gate's forward value is exactly 1 (so ``top_k == experts`` is the dense model) and its gradient is
 that of the expert's log-probability (a straight-through estimator), so routers learn from the
 task loss. Ties break towards the lower expert index. A NaN or infinite score among the chosen ones
-(a NaN is always chosen) raises RoutingError; -inf elsewhere just means "never this expert".
+(a NaN is always chosen) raises RoutingError; -inf elsewhere just means "never this expert". On the
+CPU that check runs in each router; on an accelerator, where reading a value back stalls the
+device, it runs once per model call (``routes_checked``, the last node of a converted graph).
 
 In sparse execution a *packed* layer's tensors hold only the selected channels: [B, K * C/N, ...],
 sample b's slot j being channel ``channel_index(C/N)[b, j]``. The batch's routing patterns (the
@@ -13,6 +15,7 @@ distinct rows of ``idx``) are computed once per route and shared by every op of 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -71,7 +74,8 @@ class Route:
 
     def channel_mask(self, channels: int) -> torch.Tensor:
         """[B, channels]: each expert's gate repeated over its contiguous block of channels."""
-        return self.expert_mask().repeat_interleave(channels // self.experts, dim=1)
+        m = self.expert_mask()  # an expand, not repeat_interleave (which syncs with the host on CUDA)
+        return m[:, :, None].expand(-1, -1, channels // self.experts).reshape(m.shape[0], channels)
 
     def apply(self, x: torch.Tensor, cdim: int) -> torch.Tensor:
         """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``)."""
@@ -97,6 +101,40 @@ def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.
     return [([(c // base ** (k - 1 - j)) % base for j in range(k)], r) for c, r in zip(uniq.tolist(), rows)]
 
 
+_pending = threading.local()  # accelerator routes' "all chosen scores finite" flags, not yet read
+MAX_PENDING = 64
+
+
+def _non_finite() -> RoutingError:
+    return RoutingError("router produced non-finite scores (NaN/inf); refusing to route (it would silently "
+                        "pick expert 0); check the learning rate and the inputs")
+
+
+def _check_finite(chosen: torch.Tensor) -> None:
+    """Raise on a NaN/inf chosen score now (CPU), or at the model call's end (accelerators)."""
+    if chosen.device.type == "cpu":
+        if not math.isfinite(float(chosen if chosen.numel() == 1 else chosen.sum())):
+            raise _non_finite()
+        return
+    flags = _pending.__dict__.setdefault("flags", [])
+    flags.append(torch.isfinite(chosen).all())
+    if len(flags) >= MAX_PENDING:  # MoE layers called without their model: check now and then
+        routes_checked(None)
+
+
+@torch.compiler.disable
+def routes_checked(out):
+    """``out``, after checking every route chosen on an accelerator since the last check (one host
+    read for all of them); raises RoutingError if any chose a NaN/inf score."""
+    flags = getattr(_pending, "flags", None)
+    if flags:
+        _pending.flags = []
+        for dev in {f.device for f in flags}:
+            if not bool(torch.stack([f for f in flags if f.device == dev]).all()):
+                raise _non_finite()
+    return out
+
+
 def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     """[B, K] indices of the K highest scores, ascending; ties go to the lower index."""
     if top_k == 1:
@@ -119,11 +157,7 @@ def select_top_k(scores: torch.Tensor, top_k: int) -> Route:
     else:
         idx = top_k_indices(detached, top_k)  # NaN sorts first, so it is always chosen
         chosen = detached.gather(-1, idx)
-    if not math.isfinite(float(chosen if chosen.numel() == 1 else chosen.sum())):
-        raise RoutingError(
-            "router produced non-finite scores (NaN/inf); refusing to route (it would silently pick "
-            "expert 0); check the learning rate and the inputs"
-        )
+    _check_finite(chosen)
     if isinstance(policy, Recorder):
         policy.choices.append(idx)
     if not scores.requires_grad:
