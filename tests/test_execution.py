@@ -142,11 +142,16 @@ def test_global_router_shares_one_route():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("experts,top_k,spread", [(4, 2, False), (4, 2, True), (2, 1, True)])
-def test_cuda_sparse_equals_masked(experts, top_k, spread):
-    """The CUDA path, including samples split by routing pattern (row groups) when spread; in true
-    fp32 (TF32, on by default for CUDA convolutions, rounds sliced and full convs differently)."""
+@pytest.mark.parametrize("cuda_groups", [None, 8])
+def test_cuda_sparse_equals_masked(experts, top_k, spread, cuda_groups, monkeypatch):
+    """The CUDA path: a batch routed alike runs sparse; a spread batch runs masked by default
+    (``MAX_GROUPS``) and, allowed more groups, split by routing pattern (row groups). In true fp32
+    (TF32, on by default for CUDA convolutions, rounds sliced and full convs differently)."""
     from moeify.attacks import full_fp32
+    from moeify.nn import gated
 
+    if cuda_groups:
+        monkeypatch.setitem(gated.MAX_GROUPS, "cuda", cuda_groups)
     moe = _moe(experts=experts, top_k=top_k).cuda()
     x = torch.rand(8, 3, 16, 16, device="cuda")
     with full_fp32():

@@ -22,10 +22,19 @@ from .packing import (PackedBranch, add_packed, merge_rows, pack, place, split_r
 from .route import Route, pattern_groups
 from .rowgroups import RowGroups, as_tensor, parts_for, subsplit
 
-MAX_GROUPS = 8
-"""More routing patterns than this in one batch and a layer runs masked (then packs its output):
-measured on a 2-core CPU, per-pattern convs stop paying off beyond about 8 groups (resnet18,
-8 experts, top-4, batches 16 and 64: sparse 0.64x and 0.89x of dense, masked 1.06x and 1.01x)."""
+MAX_GROUPS = {"cpu": 8}
+"""Per device type, the most routing patterns one batch may have for a layer to run sparse; with
+more, it runs masked (then packs its output). CPU (2 cores): per-pattern convs stop paying off
+beyond about 8 groups (resnet18, 8 experts, top-4, batches 16 and 64: sparse 0.64x and 0.89x of
+dense, masked 1.06x and 1.01x). Accelerators (any other type): 1, since per-pattern kernels whose
+batch sizes change with every batch cost more in launches, host reads and cuDNN plan lookups than
+the MACs they save (H200, resnet18, batches 16-256: sparse 2.2-3.7x slower than masked); a batch
+routed alike (batch 1 included) still runs sparse."""
+
+
+def max_groups(device: torch.device) -> int:
+    return MAX_GROUPS.get(device.type, 1)
+
 
 Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -133,7 +142,7 @@ def gated_apply(x: torch.Tensor, full: Callable[[torch.Tensor], torch.Tensor], c
         return full(x)
     mode = current_execution()
     groups = _groups(in_route, out_route) if sparse is not None and mode == "sparse" else None
-    if groups is not None and len(groups) <= MAX_GROUPS:
+    if groups is not None and len(groups) <= max_groups(x.device):
         weight, bias, fn = sparse
         return sparse_apply(x, weight, bias, fn, cdim, in_route, out_route, groups)
     x = as_tensor(x)
