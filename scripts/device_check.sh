@@ -3,6 +3,11 @@
 # accelerate, typer, rich, safetensors and matplotlib. Carried beside the tree: .whl/site (the
 # pyautoattack package), .fmnist (the four Fashion-MNIST IDX files), runs/quickstart (a quickstart run).
 # Writes the log and JSON results to $OUT (default: ./device-out). Steps run most important first.
+# Prepare the carried folders here (both ignored through .git/info/exclude):
+#   mkdir -p .whl/site && cp -r .venv/lib/python3*/site-packages/pyautoattack .whl/site/ \
+#     && rm -rf .whl/site/pyautoattack/examples      # its example weights alone are 44 MB
+#   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/* .fmnist/
+#   a run folder: .venv/bin/moeify robustify --recipe quickstart --out runs/quickstart
 set -u
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
