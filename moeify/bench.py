@@ -70,6 +70,11 @@ def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tupl
     return statistics.median(times)
 
 
+MIN_TWIN_GAIN = 0.05
+"""Below this (the twin less than 1.05x dense, as on a GPU the network does not load) a share of
+the twin's gain is noise over noise: it is reported as NaN (shown as "-")."""
+
+
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median milliseconds per function, timed in turn (a, b, c, a, b, c, ...) after warm-up calls."""
     for f in fns.values():
@@ -184,7 +189,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
         for k in VARIANTS:
             gain = ms["dense"] / ms[k]
             rows.append(BenchRow(name, spec.experts, spec.top_k, spec.scope, mode, b, k, ms[k], macs[k], gain,
-                                 macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain > 0 else float("nan")))
+                                 macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain >= MIN_TWIN_GAIN else float("nan")))
     return rows
 
 

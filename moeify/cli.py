@@ -1,6 +1,7 @@
 """The `moeify` command line: convert and inspect (robustify/evaluate build on these)."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Annotated, Optional
@@ -142,7 +143,7 @@ def bench(
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(f"{r.top_k}/{r.experts}", str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M",
-                  f"{r.speedup:.2f}x", f"{r.ideal:.2f}x", "" if r.variant == "dense" else f"{r.of_twin:.0%}")
+                  f"{r.speedup:.2f}x", f"{r.ideal:.2f}x", "" if r.variant == "dense" else ("-" if math.isnan(r.of_twin) else f"{r.of_twin:.0%}"))
     console.print(t)
     if json_out:
         with open(json_out, "w") as f:
