@@ -24,6 +24,9 @@ from .twin import static_twin
 from .zoo import create_model
 
 VARIANTS = ("dense", "static twin", "twin + routers", "moe masked", "moe sparse")
+MIN_TWIN_GAIN = 0.05
+"""Below this (the twin less than 1.05x dense, as on a GPU the network does not load) a share of
+the twin's gain is noise over noise: it is reported as NaN (shown as "-")."""
 
 
 @dataclass
@@ -68,11 +71,6 @@ def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tupl
         convert(model, spec=spec)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-MIN_TWIN_GAIN = 0.05
-"""Below this (the twin less than 1.05x dense, as on a GPU the network does not load) a share of
-the twin's gain is noise over noise: it is reported as NaN (shown as "-")."""
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:

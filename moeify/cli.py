@@ -142,8 +142,9 @@ def bench(
                 "of twin's gain"):
         t.add_column(col, justify="right")
     for r in rows:
+        share = "" if r.variant == "dense" else ("-" if math.isnan(r.of_twin) else f"{r.of_twin:.0%}")
         t.add_row(f"{r.top_k}/{r.experts}", str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M",
-                  f"{r.speedup:.2f}x", f"{r.ideal:.2f}x", "" if r.variant == "dense" else ("-" if math.isnan(r.of_twin) else f"{r.of_twin:.0%}"))
+                  f"{r.speedup:.2f}x", f"{r.ideal:.2f}x", share)
     console.print(t)
     if json_out:
         with open(json_out, "w") as f:

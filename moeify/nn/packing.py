@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-from .route import Route
+from .route import Route, repeat_columns
 
 T = TypeVar("T")
 
@@ -156,10 +156,7 @@ class _MergeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: tuple[torch.Tensor, ...], *parts: torch.Tensor):
         ctx.rows = rows
-        out = empty(parts[0], [sum(len(r) for r in rows)] + list(parts[0].shape[1:]))
-        for r, p in zip(rows, parts):
-            out[r] = p
-        return out
+        return _merge(parts, rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -177,11 +174,15 @@ def split_rows(x: torch.Tensor, rows: list[torch.Tensor]) -> tuple[torch.Tensor,
 def merge_rows(parts: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Tensor:
     """The inverse of ``split_rows``: ``out[r] = part`` for each group, in one fresh tensor."""
     if not (torch.is_grad_enabled() and any(p.requires_grad for p in parts)):
-        out = empty(parts[0], [sum(len(r) for r in rows)] + list(parts[0].shape[1:]))
-        for r, p in zip(rows, parts):
-            out[r] = p
-        return out
+        return _merge(parts, rows)
     return _MergeRows.apply(tuple(rows), *parts)
+
+
+def _merge(parts, rows) -> torch.Tensor:
+    out = empty(parts[0], [sum(len(r) for r in rows)] + list(parts[0].shape[1:]))
+    for r, p in zip(rows, parts):
+        out[r] = p
+    return out
 
 
 def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
@@ -193,8 +194,7 @@ def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
 
 def slot_gates(route: Route, rows: torch.Tensor | None, per: int) -> torch.Tensor:
     """[B or len(rows), K * per]: each packed slot's gate."""
-    g = route.gate if rows is None else route.gate.index_select(0, rows)
-    return g[:, :, None].expand(-1, -1, per).reshape(g.shape[0], -1)
+    return repeat_columns(route.gate if rows is None else route.gate.index_select(0, rows), per)
 
 
 def times_gates(y: torch.Tensor, route: Route, rows: torch.Tensor | None, per: int, cdim: int) -> torch.Tensor:

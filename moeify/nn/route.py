@@ -74,8 +74,7 @@ class Route:
 
     def channel_mask(self, channels: int) -> torch.Tensor:
         """[B, channels]: each expert's gate repeated over its contiguous block of channels."""
-        m = self.expert_mask()  # an expand, not repeat_interleave (which syncs with the host on CUDA)
-        return m[:, :, None].expand(-1, -1, channels // self.experts).reshape(m.shape[0], channels)
+        return repeat_columns(self.expert_mask(), channels // self.experts)
 
     def apply(self, x: torch.Tensor, cdim: int) -> torch.Tensor:
         """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``)."""
@@ -84,6 +83,12 @@ class Route:
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
         shape[cdim] = x.shape[cdim]
         return x * m.reshape(shape)
+
+
+def repeat_columns(m: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, C] -> [B, C * n], each column repeated n times: an expand, not ``repeat_interleave``
+    (which reads its output size back, a host sync on CUDA)."""
+    return m[:, :, None].expand(-1, -1, n).reshape(m.shape[0], -1)
 
 
 def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.Tensor | None]]:
