@@ -126,20 +126,28 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
 
 
 def spread_routing(moe: nn.Module, seed: int = 0) -> list:
-    """Make every router of ``moe`` pick experts as if at random (its scores plus large seeded
-    noise), so samples in a batch take different routes, as trained routers do; untrained ones
-    on synthetic images send every sample to the same experts. Returns the hook handles."""
-    gens: dict[torch.device, torch.Generator] = {}  # noise made where the scores are (no host copy)
-
-    def hook(_m, _inp, out):
-        if out.device not in gens:
-            gens[out.device] = torch.Generator(out.device).manual_seed(seed)
-        noise = torch.randn(out.shape, generator=gens[out.device], device=out.device, dtype=out.dtype)
-        return out + 1e3 * noise
-
+    """Make every router of ``moe`` pick experts as if at random (its scores plus large noise), so
+    samples in a batch take different routes, as trained routers do; untrained ones on synthetic
+    images send every sample to the same experts. The noise is a hash of (seed, router, call,
+    sample, expert) computed where the scores are: no generator and no host copy, so the hooked
+    model still compiles as one graph, and every strategy sees the same routes. Returns the hook
+    handles."""
     routers = [m.router.proj for m in moe_layers(moe).values() if m.router is not None]
     routers += [m.proj for m in moe.modules() if isinstance(m, GlobalRouter)]
-    return [r.register_forward_hook(hook) for r in routers]
+    return [r.register_forward_hook(_noise_hook(seed * 7919 + i)) for i, r in enumerate(routers)]
+
+
+def _noise_hook(key: int):
+    calls = torch.zeros((), dtype=torch.float64)
+
+    def hook(_m, _inp, out):
+        b, n = out.shape
+        cell = torch.arange(b * n, device=out.device, dtype=torch.float64).reshape(b, n)
+        step = calls.to(out.device)
+        calls.add_(1)
+        h = torch.sin(cell * 12.9898 + step * 78.233 + key * 37.719) * 43758.5453
+        return out + (1e3 * (h - h.floor() - 0.5)).to(out.dtype)
+    return hook
 
 
 def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",

@@ -126,7 +126,7 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
         _route_layer(gm, lp, inner, route)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     with graph.inserting_before(output):
-        checked = graph.call_function(routes_checked, (output.args[0],))
+        checked = graph.call_function(routes_checked, (output.args[0], *routes))
     output.args = (checked,)
     graph.lint()
     gm.recompile()

@@ -30,21 +30,26 @@ def _grads(moe, x, mode, spread=False):
     return out.detach(), x.grad.detach(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("mode", ["grouped", "static"])
 @pytest.mark.parametrize("cls,scope", [(PreActResNet, "branches"), (PreActResNet, "paper"), (Zoo, "hidden")])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("spread,experts,top_k,dtype,rtol", [
     (False, 4, 2, torch.float32, 1e-5), (True, 4, 2, torch.float32, 1e-5),
     (False, 4, 2, torch.float64, 1e-10), (True, 4, 2, torch.float64, 1e-10), (True, 2, 1, torch.float64, 1e-10)])
-def test_sparse_equals_masked_with_gradients(cls, scope, train, dtype, rtol, spread, experts, top_k):
-    """Outputs, input gradients, parameter gradients (experts and routers) and, in training,
-    BatchNorm running statistics agree; float64 shows the agreement is exact up to rounding.
+def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, rtol, spread, experts, top_k):
+    """Every sparse strategy (grouped: per routing pattern; static: per-sample gathered weights)
+    against the masked reference. Outputs, input gradients, parameter gradients (experts and
+    routers) and, in training, BatchNorm running statistics agree; float64 shows the agreement is exact up to rounding.
     Spread routing with top-1 of 2 has groups that share no expert (BatchNorm per group); in
     float32 its training-mode gradients agree to about 2e-5 (4 samples per channel amplify rounding),
-    so that case is checked in float64, where it is exact."""
+    so that case is checked in float64, where it is exact. Static execution sums a weight's
+    gradient over per-sample copies (another order than a conv's own batch reduction): in float32
+    its parameter gradients agree to 3e-5 of the tensor's largest."""
     moe = _moe(cls, scope, experts=experts, top_k=top_k, train=train).to(dtype)
+    grad_rtol = 3 * rtol if mode == "static" and dtype == torch.float32 else rtol
     x = torch.rand(8, 3, 16, 16, dtype=dtype)
     state = {k: v.clone() for k, v in moe.state_dict().items()}
-    out_s, gx_s, gp_s = _grads(moe, x, "sparse", spread)
+    out_s, gx_s, gp_s = _grads(moe, x, mode, spread)
     stats_s = {k: v.clone() for k, v in moe.state_dict().items()}
     moe.load_state_dict(state)
     out_m, gx_m, gp_m = _grads(moe, x, "masked", spread)
@@ -54,7 +59,7 @@ def test_sparse_equals_masked_with_gradients(cls, scope, train, dtype, rtol, spr
     assert set(gp_s) == set(gp_m) and any(n.startswith("moeify_layers.") for n in gp_m)
     overall = max(g.abs().max() for g in gp_m.values())
     for name in gp_m:  # relative to the tensor; a floor for gradients that are zero up to rounding (bias before BN)
-        allowed = rtol * gp_m[name].abs().max() + 0.1 * rtol * overall
+        allowed = grad_rtol * gp_m[name].abs().max() + 0.1 * grad_rtol * overall
         assert (gp_s[name] - gp_m[name]).abs().max() <= allowed, name
     for name, v in stats_m.items():
         assert torch.allclose(stats_s[name].to(v.dtype), v, rtol=rtol, atol=rtol), name

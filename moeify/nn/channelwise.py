@@ -1,7 +1,8 @@
 """Channel-wise layers inside an MoE layer: BatchNorm and depthwise conv that follow a route.
 
-In sparse execution of a packed layer they run on the selected channels only (sliced parameters
-when the batch shares one selection, per-sample gathered parameters otherwise). In training,
+Each strategy (``executors/``) decides how they run; here are the kernels they share: on the
+selected channels of a packed tensor, sliced parameters when the batch shares one selection and
+per-sample gathered parameters otherwise. In training,
 BatchNorm's statistics of a channel are taken over the samples that selected it, in both
 execution modes, so sparse and masked compute the same function; channels nobody selected keep
 their running statistics.
@@ -12,16 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .execution import current_execution
 from .gated import with_mixin
 from .packing import broadcast, cached, expert_channels, take
 from .route import Route
-from .rowgroups import RowGroups, as_tensor, routed_parts
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def _bn_state(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
+def bn_state(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
     """(use batch statistics, running-average factor), advancing the batch counter like nn does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -74,7 +73,7 @@ def _sliced(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -
     return cached(owners, (tuple(experts),) + tuple(None if t is None else t._version for t in ts), make)
 
 
-def _bn_selection(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, experts: list[int], per: int,
+def bn_selection(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, experts: list[int], per: int,
                   use_batch: bool, factor: float) -> torch.Tensor:
     """BatchNorm of packed ``x`` whose samples all selected ``experts``: sliced parameters."""
     if bn.running_mean is None or not (use_batch and bn.training):
@@ -91,29 +90,15 @@ def _bn_selection(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, experts:
     return y
 
 
-def _separate(x: RowGroups) -> bool:
-    """Can batch statistics be taken per part? Only when no two parts share an expert (then a
-    channel's samples are exactly one part's) and every part has more than one value per channel."""
-    experts = [e for sel in x.sels for e in sel]
-    return len(set(experts)) == len(experts) and all(p.numel() > p.shape[1] for p in x.parts)
-
-
-@torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
-def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, route: Route) -> torch.Tensor:
-    """BatchNorm of an MoE layer's tensor (full width in masked mode, packed in sparse mode)."""
-    packed = route.packed and current_execution() == "sparse"
+def per_sample_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, route: Route,
+                          state: tuple[bool, float] | None = None) -> torch.Tensor:
+    """BatchNorm of an MoE layer's tensor by per-sample channel indices (no routing-pattern read):
+    packed, slot s of sample b is channel ``channel_index[b, s]``; full width, a channel counts
+    for the samples whose gate selects it. ``state``: ``bn_state(bn)`` when already taken."""
     channels = bn.num_features
     per = channels // route.experts
-    use_batch, factor = _bn_state(bn)
-    groups = route.groups() if packed else None
-    if packed and len(groups) == 1 and groups[0][1] is None:
-        return _bn_selection(bn, as_tensor(x), groups[0][0], per, use_batch, factor)
-    split = routed_parts(x, route.idx) if packed else None
-    if split is not None and (not (use_batch and bn.training) or _separate(split)):
-        return split.like([_bn_selection(bn, p, sel, per, use_batch, factor)
-                           for p, sel in zip(split.parts, split.sels)])
-    x = as_tensor(x)
-    if packed:
+    use_batch, factor = state or bn_state(bn)
+    if route.packed:
         ch, sel = route.channel_index(per), None
     else:
         ch = torch.arange(channels, device=x.device).expand(x.shape[0], channels)
@@ -126,7 +111,7 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
             scale = scale * bn.weight
         y = d * broadcast(scale[ch], x.ndim, 1)
         return y if bn.bias is None else y + broadcast(bn.bias[ch], x.ndim, 1)
-    if not packed:
+    if not route.packed:
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
@@ -137,31 +122,21 @@ def routed_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, rout
     return torch.addcmul(broadcast(shift[ch], x.ndim, 1), x, broadcast(scale[ch], x.ndim, 1))  # one pass
 
 
-def _depthwise_selection(conv: nn.modules.conv._ConvNd, x: torch.Tensor, experts: list[int], per: int):
+def selection_depthwise(conv: nn.modules.conv._ConvNd, x: torch.Tensor, experts: list[int], per: int):
     """Depthwise conv of packed ``x`` whose samples all selected ``experts``: sliced weights."""
     w = take(conv.weight, 0, experts, per)
     b = None if conv.bias is None else take(conv.bias, 0, experts, per)
     return _CONV[x.ndim - 2](x, w, b, conv.stride, conv.padding, conv.dilation, w.shape[0])
 
 
-@torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
-def routed_depthwise(conv: nn.modules.conv._ConvNd, x: torch.Tensor, route: Route) -> torch.Tensor:
-    """Depthwise conv of an MoE layer's tensor: per selected channel in sparse mode."""
-    if not (route.packed and current_execution() == "sparse"):
-        return conv._conv_forward(as_tensor(x), conv.weight, conv.bias)
+def per_sample_depthwise(conv: nn.modules.conv._ConvNd, x: torch.Tensor, route: Route) -> torch.Tensor:
+    """Depthwise conv of packed ``x``, one conv group per (sample, slot): timm CondConv's trick."""
     per = conv.out_channels // route.experts
-    groups = route.groups()
-    fn = _CONV[conv.weight.ndim - 2]
-    split = routed_parts(x, route.idx)
-    if split is not None:
-        return split.like([_depthwise_selection(conv, p, sel, per) for p, sel in zip(split.parts, split.sels)])
-    x = as_tensor(x)
-    if len(groups) == 1 and groups[0][1] is None:
-        return _depthwise_selection(conv, x, groups[0][0], per)
-    ch = route.channel_index(per).reshape(-1)  # one group per (sample, slot): timm CondConv's trick
+    ch = route.channel_index(per).reshape(-1)
     bsz, width = x.shape[0], x.shape[1]
     w = conv.weight.index_select(0, ch)
     b = None if conv.bias is None else conv.bias.index_select(0, ch)
+    fn = _CONV[conv.weight.ndim - 2]
     y = fn(x.reshape(1, bsz * width, *x.shape[2:]), w, b, conv.stride, conv.padding, conv.dilation, bsz * width)
     return y.reshape(bsz, width, *y.shape[2:])
 
@@ -173,11 +148,11 @@ class MoEChannelwiseMixin:
         if route is None:
             return super().forward(x)  # type: ignore[misc]
         if isinstance(self, nn.modules.batchnorm._BatchNorm):
-            y = routed_batch_norm(self, x, route)
+            y = route.executor.batch_norm(self, x, route)
             if _is_norm_act(type(self).__mro__[2]):
                 y = self.act(self.drop(y))
             return y
-        return routed_depthwise(self, x, route)
+        return route.executor.depthwise(self, x, route)
 
 
 def make_channelwise_module(m: nn.Module) -> nn.Module:

@@ -240,20 +240,50 @@ def place(ys: torch.Tensor, channels: int, cdim: int, experts: list[int], per: i
     return zeros(ys, shape).index_copy(cdim, expert_channels(experts, per, ys.device), ys)
 
 
+def _slot_index(route: Route, per: int, moved_shape: torch.Size) -> torch.Tensor:
+    """Each packed slot's full-width channel, expanded over a channels-last view's other dims."""
+    ch = route.channel_index(per)
+    ch = ch.reshape([ch.shape[0]] + [1] * (len(moved_shape) - 2) + [ch.shape[1]])
+    return ch.expand(moved_shape[:-1] + (ch.shape[-1],))
+
+
+def scatter_channels(y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
+    """Full width from packed ``y``, per sample (each row its own selection): selected channels
+    in place, zeros elsewhere. Static shapes, no host read."""
+    cdim = cdim % y.ndim
+    shape = list(y.shape)
+    shape[cdim] = channels
+    out = zeros(y, shape).movedim(cdim, -1)
+    ch = _slot_index(route, channels // route.experts, out.shape)
+    return out.scatter(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
+
+
+def gather_channels(y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
+    """Packed from full-width ``y``, per sample: each sample's selected channels in slot order."""
+    cdim = cdim % y.ndim
+    moved = y.movedim(cdim, -1)
+    ch = _slot_index(route, y.shape[cdim] // route.experts, moved.shape)
+    return moved.gather(-1, ch).movedim(-1, cdim)
+
+
+def scatter_add_channels(stream: torch.Tensor, y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
+    """``stream`` plus packed ``y`` at each sample's selected channels (per sample)."""
+    cdim = cdim % stream.ndim
+    moved = stream.movedim(cdim, -1)
+    ch = _slot_index(route, stream.shape[cdim] // route.experts, moved.shape)
+    return moved.scatter_add(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
+
+
 def unpack(y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
-    """Full-width tensor from packed ``y``: selected channels in place (times gates), zeros elsewhere."""
+    """Full-width tensor from packed ``y``: selected channels in place (times gates), zeros elsewhere.
+    A batch that shares one selection is placed by slices (a host read of its pattern)."""
     cdim = cdim % y.ndim
     per = channels // route.experts
     y = times_gates(y, route, None, per, cdim)
     groups = route.groups()
     if len(groups) == 1 and groups[0][1] is None:
         return place(y, channels, cdim, groups[0][0], per)
-    shape = list(y.shape)
-    shape[cdim] = channels
-    out = zeros(y, shape).movedim(cdim, -1)
-    ch = route.channel_index(per)
-    ch = ch.reshape([ch.shape[0]] + [1] * (y.ndim - 2) + [ch.shape[1]]).expand(out.shape[:-1] + (ch.shape[1],))
-    return out.scatter(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
+    return scatter_channels(y, route, channels, cdim)
 
 
 def pack(y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
@@ -263,10 +293,7 @@ def pack(y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
     groups = route.groups()
     if len(groups) == 1 and groups[0][1] is None:
         return take(y, cdim, groups[0][0], per)
-    ch = route.channel_index(per)
-    moved = y.movedim(cdim, -1)
-    ch = ch.reshape([ch.shape[0]] + [1] * (y.ndim - 2) + [ch.shape[1]]).expand(moved.shape[:-1] + (ch.shape[1],))
-    return moved.gather(-1, ch).movedim(-1, cdim)
+    return gather_channels(y, route, cdim)
 
 
 class PackedBranch:
@@ -279,7 +306,7 @@ class PackedBranch:
         self.y, self.route, self.channels, self.cdim = y, route, channels, cdim
 
     def full(self) -> torch.Tensor:
-        return unpack(self.y, self.route, self.channels, self.cdim)
+        return self.route.executor.unpack(self.y, self.route, self.channels, self.cdim)
 
 
 def add_packed(stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
@@ -297,7 +324,4 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
                      stream.narrow(cdim, start + width, stream.shape[cdim] - start - width)]
             return torch.cat([p for p in parts if p.shape[cdim]], dim=cdim)
         return stream.index_add(cdim, expert_channels(experts, per, y.device), y)
-    moved = stream.movedim(cdim, -1)
-    ch = route.channel_index(per)
-    ch = ch.reshape([ch.shape[0]] + [1] * (y.ndim - 2) + [ch.shape[1]]).expand(moved.shape[:-1] + (ch.shape[1],))
-    return moved.scatter_add(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
+    return scatter_add_channels(stream, y, route, cdim)

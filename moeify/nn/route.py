@@ -4,18 +4,20 @@ A Route holds, per sample, the indices of its top-K experts (ascending) and thei
 gate's forward value is exactly 1 (so ``top_k == experts`` is the dense model) and its gradient is
 that of the expert's log-probability (a straight-through estimator), so routers learn from the
 task loss. Ties break towards the lower expert index. A NaN or infinite score among the chosen ones
-(a NaN is always chosen) raises RoutingError; -inf elsewhere just means "never this expert". On the
-CPU that check runs in each router; on an accelerator, where reading a value back stalls the
-device, it runs once per model call (``routes_checked``, the last node of a converted graph).
+(a NaN is always chosen) raises RoutingError; -inf elsewhere just means "never this expert". Where
+the execution strategy allows a host read per layer (grouped execution on the CPU) the router
+checks at once; otherwise the route keeps its chosen scores and the check runs once per model call
+(``routes_checked``, the last node of a converted graph, which every route of the call feeds),
+on the device and compile-safe.
 
-In sparse execution a *packed* layer's tensors hold only the selected channels: [B, K * C/N, ...],
+A route also carries the execution strategy (``executor``) its layer runs with, so every op of
+the layer agrees on it. When ``packed``, the layer's tensors hold only the selected channels: [B, K * C/N, ...],
 sample b's slot j being channel ``channel_index(C/N)[b, j]``. The batch's routing patterns (the
 distinct rows of ``idx``) are computed once per route and shared by every op of the layer.
 """
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 
@@ -26,11 +28,14 @@ from .policy import Recorder, current_policy
 class Route:
     """Top-K expert choice per sample: ``idx`` LongTensor[B, K], ``gate`` Tensor[B, K] (value 1)."""
 
-    __slots__ = ("idx", "_gate", "experts", "packed", "_groups", "_index")
+    __slots__ = ("idx", "_gate", "experts", "packed", "executor", "chosen", "_groups", "_index")
 
-    def __init__(self, idx: torch.Tensor, gate: torch.Tensor | None, experts: int, packed: bool = False) -> None:
-        """``gate`` None means constant gates of value 1 without a gradient (made when asked for)."""
-        self.idx, self._gate, self.experts, self.packed = idx, gate, experts, packed
+    def __init__(self, idx: torch.Tensor, gate: torch.Tensor | None, experts: int, packed: bool = False,
+                 chosen: torch.Tensor | None = None) -> None:
+        """``gate`` None means constant gates of value 1 without a gradient (made when asked for);
+        ``chosen``: the chosen scores, when their finiteness is still to be checked."""
+        self.idx, self._gate, self.experts, self.packed, self.chosen = idx, gate, experts, packed, chosen
+        self.executor = None  # set by the MoE layer that made or adopted the route
         self._groups: list[tuple[list[int], torch.Tensor | None]] | None = None
         self._index: dict[int, torch.Tensor] = {}
 
@@ -40,10 +45,10 @@ class Route:
             self._gate = torch.ones(self.idx.shape, device=self.idx.device)
         return self._gate
 
-    def with_packing(self, packed: bool) -> "Route":
-        """The same choice, seen by a layer whose tensors are (or are not) packed."""
-        r = Route(self.idx, self._gate, self.experts, packed)
-        r._groups = self._groups
+    def adopted(self, executor, packed: bool) -> "Route":
+        """The same choice, run by ``executor`` in a layer whose tensors are (or are not) packed."""
+        r = Route(self.idx, self._gate, self.experts, packed, self.chosen)
+        r.executor, r._groups, r._index = executor, self._groups, self._index
         return r
 
     @property
@@ -106,37 +111,49 @@ def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.
     return [([(c // base ** (k - 1 - j)) % base for j in range(k)], r) for c, r in zip(uniq.tolist(), rows)]
 
 
-_pending = threading.local()  # accelerator routes' "all chosen scores finite" flags, not yet read
-MAX_PENDING = 64
-
-
 def _non_finite() -> RoutingError:
     return RoutingError("router produced non-finite scores (NaN/inf); refusing to route (it would silently "
                         "pick expert 0); check the learning rate and the inputs")
 
 
-def _check_finite(chosen: torch.Tensor) -> None:
-    """Raise on a NaN/inf chosen score now (CPU), or at the model call's end (accelerators)."""
-    if chosen.device.type == "cpu":
-        if not math.isfinite(float(chosen if chosen.numel() == 1 else chosen.sum())):
-            raise _non_finite()
-        return
-    flags = _pending.__dict__.setdefault("flags", [])
-    flags.append(torch.isfinite(chosen).all())
-    if len(flags) >= MAX_PENDING:  # MoE layers called without their model: check now and then
-        routes_checked(None)
+@torch.library.custom_op("moeify::check_routes", mutates_args=())
+def _check_routes(finite: torch.Tensor) -> torch.Tensor:
+    """Raise RoutingError unless every element of ``finite`` is true; an opaque op, so a compiled
+    graph keeps it whole (one read of one flag per model call)."""
+    if not bool(finite.all()):
+        raise _non_finite()
+    return finite.new_ones((), dtype=torch.float32)
 
 
-@torch.compiler.disable
-def routes_checked(out):
-    """``out``, after checking every route chosen on an accelerator since the last check (one host
-    read for all of them); raises RoutingError if any chose a NaN/inf score."""
-    flags = getattr(_pending, "flags", None)
-    if flags:
-        _pending.flags = []
-        for dev in {f.device for f in flags}:
-            if not bool(torch.stack([f for f in flags if f.device == dev]).all()):
-                raise _non_finite()
+@_check_routes.register_fake
+def _(finite: torch.Tensor) -> torch.Tensor:
+    return finite.new_empty((), dtype=torch.float32)
+
+
+def routes_checked(out, *routes):
+    """``out``, after checking the chosen scores of ``routes`` (and of ``out`` when it is a Route)
+    that are still unchecked: one host read for all of them; raises RoutingError on a NaN/inf."""
+    pending = [r.chosen for r in (out, *routes) if isinstance(r, Route) and r.chosen is not None]
+    if not pending:
+        return out
+    finite = torch.cat([torch.isfinite(c).all().reshape(1).to(pending[0].device) for c in pending])
+    if torch.compiler.is_compiling():
+        return _keep(out, _check_routes(finite))
+    if not bool(finite.all()):
+        raise _non_finite()
+    return out
+
+
+def _keep(out, ok: torch.Tensor):
+    """``out`` made to depend on the check's result ``ok`` (1.0), so a compiler keeps the check:
+    its first floating tensor is multiplied by it (exact)."""
+    if isinstance(out, torch.Tensor) and out.is_floating_point():
+        return out * ok.to(out.dtype)
+    if isinstance(out, (tuple, list)) and out:
+        return type(out)([_keep(out[0], ok), *out[1:]])
+    if isinstance(out, dict) and out:
+        first = next(iter(out))
+        return {**out, first: _keep(out[first], ok)}
     return out
 
 
@@ -148,9 +165,10 @@ def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
-def select_top_k(scores: torch.Tensor, top_k: int) -> Route:
+def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False) -> Route:
     """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
-    (or what an active routing policy decides, see policy.py)."""
+    (or what an active routing policy decides, see policy.py). A NaN/inf chosen score raises now,
+    or, with ``defer_check``, in ``routes_checked`` at the end of the model call."""
     policy = current_policy()
     if policy is not None:
         decided = policy.route(scores, top_k)
@@ -162,12 +180,14 @@ def select_top_k(scores: torch.Tensor, top_k: int) -> Route:
     else:
         idx = top_k_indices(detached, top_k)  # NaN sorts first, so it is always chosen
         chosen = detached.gather(-1, idx)
-    _check_finite(chosen)
+    if not defer_check and not math.isfinite(float(chosen if chosen.numel() == 1 else chosen.sum())):
+        raise _non_finite()
     if isinstance(policy, Recorder):
         policy.choices.append(idx)
+    pending = chosen if defer_check else None
     if not scores.requires_grad:
-        return Route(idx, None, scores.shape[-1])
+        return Route(idx, None, scores.shape[-1], chosen=pending)
     logp = torch.log_softmax(scores.float(), dim=-1)
     sel = logp.gather(1, idx)
     gate = torch.exp(sel - sel.detach()).to(scores.dtype)
-    return Route(idx, gate, scores.shape[-1])
+    return Route(idx, gate, scores.shape[-1], chosen=pending)

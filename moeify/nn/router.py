@@ -4,17 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .execution import current_execution
-from .packing import merge_rows, unpack
+from .executors import current_executor
 from .route import Route, select_top_k
-from .rowgroups import RowGroups, as_tensor
-
-
-def _pooled(x, dims: list[int]) -> torch.Tensor:
-    """Mean of x over ``dims`` in batch order; a RowGroups is pooled per part, then merged small."""
-    if isinstance(x, RowGroups):
-        return merge_rows([p.mean(dims) if dims else p for p in x.parts], [rows for _, rows in x.groups])
-    return x.mean(dims) if dims else x
 
 
 class LayerRouter(nn.Module):
@@ -52,16 +43,18 @@ class GlobalRouter(nn.Module):
         return self.proj(self.features(x))
 
     def forward(self, x: torch.Tensor) -> Route:
-        return select_top_k(self.scores(x), self.top_k)
+        """The shared Route; its NaN/inf check runs with the layers' (``routes_checked``)."""
+        return select_top_k(self.scores(x), self.top_k, defer_check=True)
 
 
 class MoELayer(nn.Module):
     """Handle of one MoE layer: its router (layer routing) and what it gates.
 
-    Called with the layer's input it returns that layer's Route; with a shared global Route it
-    passes it through (so every layer has a place to observe its routing). When the input belongs
-    to another MoE layer (``in_route``), the router sees only that layer's selected channels.
-    ``packed`` says whether this layer's tensors hold only the selected channels in sparse mode.
+    Called with the layer's input it returns that layer's Route, made by the current execution
+    strategy, which every op of the layer then follows; with a shared global Route it adopts it
+    (so every layer has a place to observe its routing). When the input belongs to another MoE
+    layer (``in_route``), the router sees only that layer's selected channels. ``packed`` (from
+    the plan) says whether this layer's tensors may hold only the selected channels.
     """
 
     def __init__(self, name: str, channels: int, experts: int, top_k: int, producers: list[str],
@@ -72,24 +65,8 @@ class MoELayer(nn.Module):
         self.router = router
         self.packed = packed
 
-    @torch.compiler.disable  # routing decisions stay eager under torch.compile
     def forward(self, x, in_route: Route | None = None) -> Route:
-        if isinstance(x, Route):
-            return x.with_packing(self.packed)
-        if in_route is not None:
-            cdim = self.router.cdim % x.ndim
-            if in_route.packed and current_execution() == "sparse":
-                dims = [d for d in range(1, x.ndim) if d != cdim]
-                h = _pooled(x, dims)
-                full = in_route.experts * h.shape[1] // in_route.top_k
-                return self._route(self.router.proj(unpack(h, in_route, full, 1)))
-            x = in_route.apply(as_tensor(x), cdim)
-        return self._route(self.router.scores(as_tensor(x)))
-
-    def _route(self, scores: torch.Tensor) -> Route:
-        r = select_top_k(scores, self.top_k)
-        r.packed = self.packed
-        return r
+        return current_executor().resolve(x).route(self, x, in_route)
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, channels={self.channels}, experts={self.experts}, top_k={self.top_k}, packed={self.packed}"

@@ -1,0 +1,125 @@
+"""The execution interface: how one MoE layer's ops (router, producers, interior BatchNorm and
+depthwise convs, consumers, residual add) are run.
+
+A converted graph calls the same ops whatever the strategy; each op hands the work to the
+executor its route carries (``Route.executor``), set once per layer by the layer's router, so a
+layer's producer, interior and consumer always agree on the tensor layout. This base class is the
+shared vocabulary: masked math (compute everything, zero the unselected channels) for anything a
+strategy does not run sparsely, and per-sample (pattern-free, static-shape) packing helpers.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+import torch
+from torch import nn
+
+from ..kernel import Kernel
+from ..packing import PackedBranch, gather_channels, scatter_add_channels, scatter_channels, times_gates
+from ..route import Route, select_top_k
+from ..rowgroups import as_tensor
+
+
+class Executor:
+    """One execution strategy. Subclasses override what they run differently; the defaults are
+    the masked reference (routes never packed)."""
+
+    name = "executor"
+    compiles = True
+    """Whether the strategy's ops trace into one graph under ``torch.compile(fullgraph=True)``."""
+
+    def packs(self, batch: int, device: torch.device) -> bool:
+        """Whether a packable layer's tensors hold only the selected channels for this batch."""
+        return False
+
+    def defers_check(self, device: torch.device) -> bool:
+        """Whether routers leave the NaN/inf check to the end of the model call (no host read)."""
+        return True
+
+    def resolve(self, x) -> "Executor":
+        """The concrete strategy for a layer called on ``x`` (``auto`` chooses here)."""
+        return self
+
+    # -- routing ------------------------------------------------------------------------------
+    def route(self, layer: nn.Module, x, in_route: Route | None) -> Route:
+        """The layer's Route from its input (or a shared global Route), adopted by this executor."""
+        if isinstance(x, Route):
+            return x.adopted(self, layer.packed and self.packs(x.idx.shape[0], x.idx.device))
+        router = layer.router
+        x_ = as_tensor(x)
+        if in_route is None:
+            scores = router.scores(x_)
+        elif in_route.packed:
+            cdim = router.cdim % x_.ndim
+            h = self.pool(x, [d for d in range(1, x_.ndim) if d != cdim])
+            scores = router.proj(self.unpack(h, in_route, in_route.experts * h.shape[1] // in_route.top_k, 1))
+        else:
+            scores = router.scores(in_route.apply(x_, router.cdim))
+        r = select_top_k(scores, layer.top_k, self.defers_check(scores.device))
+        r.executor, r.packed = self, layer.packed and self.packs(scores.shape[0], scores.device)
+        return r
+
+    def pool(self, x, dims: list[int]) -> torch.Tensor:
+        """The mean of a layer's input over its non-channel dims (what a router reads)."""
+        x = as_tensor(x)
+        return x.mean(dims) if dims else x
+
+    # -- packing --------------------------------------------------------------------------------
+    def unpack(self, y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
+        """Full width (times gates) from packed ``y``."""
+        cdim = cdim % y.ndim
+        y = times_gates(as_tensor(y), route, None, channels // route.experts, cdim)
+        return scatter_channels(y, route, channels, cdim)
+
+    def pack(self, y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
+        """Packed from full-width ``y``."""
+        return gather_channels(y, route, cdim)
+
+    def add_packed(self, stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
+        """``stream`` + the branch's selected channels, without writing the unselected zeros."""
+        cdim = branch.cdim % stream.ndim
+        per = branch.channels // branch.route.experts
+        y = times_gates(branch.y, branch.route, None, per, cdim).to(stream.dtype)
+        return scatter_add_channels(stream, y, branch.route, cdim)
+
+    # -- ops ------------------------------------------------------------------------------------
+    def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
+                 c_in: int, in_route: Route | None, out_route: Route | None) -> torch.Tensor:
+        """A conv or linear layer with routed input and/or output channels."""
+        return self.masked_contract(x, full, cdim, c_in, in_route, out_route)
+
+    def masked_contract(self, x, full: Callable[[torch.Tensor], torch.Tensor], cdim: int, c_in: int,
+                        in_route: Route | None, out_route: Route | None) -> torch.Tensor:
+        """Every channel computed, unselected ones zeroed; packed tensors unpacked before and
+        packed after."""
+        x = as_tensor(x)
+        if in_route is not None:
+            x = self.unpack(x, in_route, c_in, cdim) if in_route.packed else in_route.apply(x, cdim)
+        y = full(x)
+        if out_route is not None:
+            y = out_route.apply(y, cdim)
+            if out_route.packed:
+                y = self.pack(y, out_route, cdim)
+        return y
+
+    def batch_norm(self, bn: nn.modules.batchnorm._BatchNorm, x, route: Route) -> torch.Tensor:
+        """BatchNorm of the layer's tensor; in training a channel's statistics come from the
+        samples that selected it."""
+        from ..channelwise import per_sample_batch_norm
+
+        return per_sample_batch_norm(bn, as_tensor(x), route)
+
+    def depthwise(self, conv: nn.modules.conv._ConvNd, x, route: Route) -> torch.Tensor:
+        """Depthwise conv of the layer's tensor."""
+        from ..channelwise import per_sample_depthwise
+
+        x = as_tensor(x)
+        return per_sample_depthwise(conv, x, route) if route.packed else conv._conv_forward(x, conv.weight, conv.bias)
+
+    def gate_branch(self, x, route: Route, cdim: int, lazy: bool):
+        """A residual branch joining its add: full width with unselected channels zero, or (lazy,
+        packed) a PackedBranch the add writes selectively."""
+        x = as_tensor(x)
+        if not route.packed:
+            return route.apply(x, cdim)
+        channels = x.shape[cdim] * route.experts // route.top_k
+        return PackedBranch(x, route, channels, cdim) if lazy else self.unpack(x, route, channels, cdim)

@@ -1,0 +1,97 @@
+"""``static``: static shapes and no host read of any routing decision, so ``torch.compile(moe,
+fullgraph=True)`` traces a converted model as one graph (eval and training) and CUDA graphs can
+capture it.
+
+Up to ``gather_max_batch`` samples (per device type), each sample's selected weight slices are
+gathered by its route on the device and the batch runs as one grouped conv, one group per sample
+(timm CondConv's trick), or one batched matmul for a linear layer; a packed layer's interior runs
+on per-sample channel indices. Larger batches run the masked math (every channel, then the
+gates), which a compiler fuses with its neighbours: per-sample weight copies would cost more
+memory traffic than the MACs they save.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..packing import gather_channels, scatter_channels, times_gates
+from ..route import Route
+from ..rowgroups import as_tensor
+from .base import Executor, Kernel
+
+GATHER_MAX_BATCH = {"cpu": 16, "cuda": 64}
+"""Per device type, the largest batch whose layers gather per-sample weights (any other type:
+the CUDA value)."""
+
+
+def per_sample_weight(w: torch.Tensor, ch_in: torch.Tensor | None, ch_out: torch.Tensor | None) -> torch.Tensor:
+    """[B, O', I', *kernel]: weight [O, I, *kernel] restricted, per sample b, to output channels
+    ``ch_out[b]`` and input channels ``ch_in[b]`` (None: all of them)."""
+    b = (ch_out if ch_out is not None else ch_in).shape[0]
+    if ch_out is not None:
+        w = w.index_select(0, ch_out.reshape(-1)).reshape(b, ch_out.shape[1], *w.shape[1:])
+        if ch_in is None:
+            return w
+        idx = ch_in.reshape(b, 1, ch_in.shape[1], *[1] * (w.ndim - 3))
+        return w.gather(2, idx.expand(b, w.shape[1], ch_in.shape[1], *w.shape[3:]))
+    w = w.index_select(1, ch_in.reshape(-1)).reshape(w.shape[0], b, ch_in.shape[1], *w.shape[2:])
+    return w.transpose(0, 1)
+
+
+def gathered_contract(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Route | None,
+                      out_route: Route | None) -> torch.Tensor:
+    """The layer on each sample's selected channels only, with per-sample gathered weights."""
+    w, bias = kernel.weight, kernel.bias
+    bsz, c_out = x.shape[0], w.shape[0]
+    ch_in = ch_out = None
+    if in_route is not None:
+        per_in = w.shape[1] // in_route.experts
+        if not in_route.packed:
+            x = gather_channels(x, in_route, cdim)
+        x = times_gates(x, in_route, None, per_in, cdim)
+        ch_in = in_route.channel_index(per_in)
+    if out_route is not None:
+        per_out = c_out // out_route.experts
+        ch_out = out_route.channel_index(per_out)
+    ws = per_sample_weight(w, ch_in, ch_out)
+    bs = None
+    if bias is not None:
+        bs = bias.index_select(0, ch_out.reshape(-1)).reshape(bsz, -1) if ch_out is not None else bias.expand(bsz, -1)
+    if kernel.linear:
+        flat = x.reshape(bsz, -1, x.shape[-1])
+        wt = ws.transpose(1, 2)
+        y = torch.bmm(flat, wt) if bs is None else torch.baddbmm(bs[:, None, :], flat, wt)
+        y = y.reshape(*x.shape[:-1], ws.shape[1])
+    elif bsz == 1:
+        y = kernel.run(x, ws[0], None if bs is None else bs[0])
+    else:
+        y = kernel.run(x.reshape(1, bsz * x.shape[1], *x.shape[2:]), ws.reshape(-1, *ws.shape[2:]),
+                       None if bs is None else bs.reshape(-1), groups=bsz)
+        y = y.reshape(bsz, -1, *y.shape[2:])
+    if out_route is not None:
+        y = times_gates(y, out_route, None, per_out, cdim)
+        if not out_route.packed:
+            y = scatter_channels(y, out_route, c_out, cdim)
+    return y
+
+
+class Static(Executor):
+    name = "static"
+
+    def __init__(self, gather_max_batch: dict[str, int] | None = None) -> None:
+        self.gather_max_batch = dict(GATHER_MAX_BATCH if gather_max_batch is None else gather_max_batch)
+
+    def gathers(self, batch: int, device: torch.device) -> bool:
+        """Whether a batch this size runs on gathered weights (else masked math)."""
+        return batch <= self.gather_max_batch.get(device.type, self.gather_max_batch.get("cuda", 0))
+
+    def packs(self, batch: int, device: torch.device) -> bool:
+        return self.gathers(batch, device)
+
+    def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
+                 c_in: int, in_route: Route | None, out_route: Route | None) -> torch.Tensor:
+        route = out_route or in_route
+        if kernel is None or not self.gathers(route.idx.shape[0], route.idx.device):
+            return self.masked_contract(x, full, cdim, c_in, in_route, out_route)
+        return gathered_contract(as_tensor(x), kernel, cdim, in_route, out_route)

@@ -1,0 +1,69 @@
+"""``static`` execution compiles as one graph (no graph break, nothing read back to the host) and
+the compiled model computes what masked execution does: outputs, input gradients, parameter and
+router gradients, BatchNorm statistics, with samples spread over experts."""
+import pytest
+import torch
+
+import moeify
+from moeify.bench import spread_routing
+from moeify.convert import is_router
+
+CASES = {  # name: (input size, scope)
+    "resnet18": ((3, 48, 48), "hidden"),
+    "efficientnet_b0": ((3, 48, 48), "hidden"),
+    "cifar_resnet18": ((3, 32, 32), "paper"),
+}
+
+
+def _run(moe, x, train: bool, mode: str, compiled: bool):
+    """Output, input gradient, parameter gradients and state after one call, routes spread
+    (the same ones for every run: hooks re-installed)."""
+    moe.zero_grad(set_to_none=True)
+    hooks = spread_routing(moe, seed=1)
+    x = x.clone().requires_grad_(train)
+    with moeify.execution(mode):
+        fn = torch.compile(moe, fullgraph=True, backend="aot_eager") if compiled else moe
+        out = fn(x)
+    for h in hooks:
+        h.remove()
+    grads = {}
+    if train:
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    return out.detach(), (x.grad if train else None), grads, state
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    return bool((a - b).abs().max() <= rtol * b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_static_compiles_fullgraph_and_equals_masked(name, train):
+    size, scope = CASES[name]
+    torch.manual_seed(0)
+    model = moeify.create_model(name, input_size=size)
+    dtype, rtol = (torch.float64, 1e-10) if name == "cifar_resnet18" else (torch.float32, 1e-5)
+    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=torch.rand(2, *size), scope=scope)
+    moe = moe.to(dtype).train(train)
+    for m in moe.modules():  # dropout draws differ between a compiled graph and eager code
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = torch.rand(6, *size, dtype=dtype)
+    start = {k: v.clone() for k, v in moe.state_dict().items()}
+    out_c, gx_c, gp_c, st_c = _run(moe, x, train, "static", compiled=True)
+    moe.load_state_dict(start)
+    out_m, gx_m, gp_m, st_m = _run(moe, x, train, "masked", compiled=False)
+    assert _close(out_c, out_m, rtol)
+    if train:
+        assert _close(gx_c, gx_m, rtol)
+        assert set(gp_c) == set(gp_m) and any(is_router(n) for n in gp_m)
+        overall = max(g.abs().max() for g in gp_m.values())
+        for n in gp_m:  # relative to the tensor, with a floor for gradients that are zero up to rounding
+            assert (gp_c[n] - gp_m[n]).abs().max() <= 3 * rtol * gp_m[n].abs().max() + 0.1 * rtol * overall, n
+    for k, v in st_m.items():
+        if v.is_floating_point():
+            assert _close(st_c[k], v, rtol) or torch.allclose(st_c[k], v, rtol=rtol, atol=rtol), k
+        else:
+            assert torch.equal(st_c[k], v), k
