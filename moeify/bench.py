@@ -1,6 +1,6 @@
-"""Benchmarks: conversion time, and dense vs static twin vs masked vs sparse MoE, side by side.
+"""Benchmarks: conversion time, and dense vs static twin vs the MoE under every execution strategy.
 
-Timings are interleaved (dense, twin, masked, sparse, dense, ...) in one process and reported as
+Timings are interleaved (dense, twin, masked, grouped, ..., dense, ...) in one process and reported as
 medians, so machine noise hits every variant alike. ``mode="train"`` times a training step
 (forward + backward of a cross-entropy loss, train-mode BatchNorm) instead of eval inference.
 """
@@ -23,7 +23,8 @@ from .spec import MoESpec
 from .twin import static_twin
 from .zoo import create_model
 
-VARIANTS = ("dense", "static twin", "twin + routers", "moe masked", "moe sparse")
+STRATEGIES = ("masked", "grouped", "static", "auto")
+VARIANTS = ("dense", "static twin", "twin + routers") + tuple(f"moe {s}" for s in STRATEGIES)
 MIN_TWIN_GAIN = 0.05
 """Below this (the twin less than 1.05x dense, as on a GPU the network does not load) a share of
 the twin's gain is noise over noise: it is reported as NaN (shown as "-")."""
@@ -62,9 +63,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tuple[int, ...] | None = None) -> float:
+def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tuple[int, ...] | None = None,
+                    model_kwargs: dict | None = None) -> float:
     """Median wall time of ``convert`` for a named model (at its default input size if not given)."""
-    model = create_model(name, input_size=input_size)
+    model = create_model(name, input_size=input_size, **(model_kwargs or {}))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -128,37 +130,38 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
 def spread_routing(moe: nn.Module, seed: int = 0) -> list:
     """Make every router of ``moe`` pick experts as if at random (its scores plus large noise), so
     samples in a batch take different routes, as trained routers do; untrained ones on synthetic
-    images send every sample to the same experts. The noise is a hash of (seed, router, call,
-    sample, expert) computed where the scores are: no generator and no host copy, so the hooked
-    model still compiles as one graph, and every strategy sees the same routes. Returns the hook
-    handles."""
+    images send every sample to the same experts. The noise depends on (seed, router, sample
+    position, expert) only: made once per batch shape where the scores are (no host copy, one add
+    per router call), so the hooked model still compiles as one graph and every strategy and
+    every call sees the same routes. Returns the hook handles."""
     routers = [m.router.proj for m in moe_layers(moe).values() if m.router is not None]
     routers += [m.proj for m in moe.modules() if isinstance(m, GlobalRouter)]
     return [r.register_forward_hook(_noise_hook(seed * 7919 + i)) for i, r in enumerate(routers)]
 
 
 def _noise_hook(key: int):
-    calls = torch.zeros((), dtype=torch.float64)
+    made: dict[tuple, torch.Tensor] = {}
 
     def hook(_m, _inp, out):
-        b, n = out.shape
-        cell = torch.arange(b * n, device=out.device, dtype=torch.float64).reshape(b, n)
-        step = calls.to(out.device)
-        calls.add_(1)
-        h = torch.sin(cell * 12.9898 + step * 78.233 + key * 37.719) * 43758.5453
-        return out + (1e3 * (h - h.floor() - 0.5)).to(out.dtype)
+        k = (tuple(out.shape), out.device, out.dtype)
+        if k not in made:
+            gen = torch.Generator().manual_seed(key)
+            made[k] = (1e3 * torch.randn(out.shape, generator=gen, dtype=torch.float64)).to(out.device, out.dtype)
+        return out + made[k]
     return hook
 
 
 def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",
             mode: str = "eval", channels_last: bool = True, compile: bool = False,
-            routing: str = "spread", input_size: tuple[int, ...] | None = None) -> list[BenchRow]:
-    """Median latency per batch of dense, static twin, masked and sparse MoE, with executed MACs.
+            routing: str = "spread", input_size: tuple[int, ...] | None = None,
+            model_kwargs: dict | None = None) -> list[BenchRow]:
+    """Median latency per batch of dense, static twin (+ routers) and the MoE under each execution
+    strategy, with executed MACs.
 
     ``routing="spread"`` routes samples independently at random (the case a trained model is
     in); ``"model"`` keeps the freshly initialised routers' choices.
     """
-    dense = create_model(name, input_size=input_size)
+    dense = create_model(name, input_size=input_size, **(model_kwargs or {}))
     models = {"dense": dense, "static twin": static_twin(dense, spec=spec), "moe": convert(dense, spec=spec)}
     models["twin + routers"] = with_routers(models["static twin"], models["moe"])
     if routing == "spread":
@@ -167,36 +170,37 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
     fmt = torch.channels_last if channels_last and len(size) == 3 else torch.contiguous_format
     for m in models.values():
         m.train(mode == "train").to(device, memory_format=fmt)
-    runners = dict(models)
-    if compile:
-        runners = {k: torch.compile(m) for k, m in models.items()}
+    runners = {k: models["moe" if k.startswith("moe ") else k] for k in VARIANTS}
+    if compile:  # one compiled wrapper per variant: a strategy is fixed when its graph is traced
+        runners = {k: torch.compile(m) for k, m in runners.items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows: list[BenchRow] = []
     for b in batches:
         x = torch.rand(b, *size, device=device).contiguous(memory_format=fmt)
-        fns = {"dense": _step(runners["dense"], "sparse", x, mode, sync),
-               "static twin": _step(runners["static twin"], "sparse", x, mode, sync),
-               "twin + routers": _step(runners["twin + routers"], "sparse", x, mode, sync),
-               "moe masked": _step(runners["moe"], "masked", x, mode, sync),
-               "moe sparse": _step(runners["moe"], "sparse", x, mode, sync)}
+        fns = {k: _step(runners[k], k[4:] if k.startswith("moe ") else "auto", x, mode, sync) for k in VARIANTS}
         ms = interleaved(fns, repeats, warmup=2)
-        xc = x[:min(b, 8)].float().cpu().contiguous()
-        macs = {}
-        for k, m in models.items():
-            m.cpu().eval()
-            if k == "moe":
-                macs["moe sparse"] = count_macs(m, xc)
-                with execution("masked"):
-                    macs["moe masked"] = count_macs(m, xc)
-            else:
-                macs[k] = count_macs(m, xc)
-            m.train(mode == "train").to(device)
+        macs = _macs(models, x[:min(b, 8)].float().cpu().contiguous(), mode, device)
         twin_gain = ms["dense"] / ms["static twin"] - 1
         for k in VARIANTS:
             gain = ms["dense"] / ms[k]
             rows.append(BenchRow(name, spec.experts, spec.top_k, spec.scope, mode, b, k, ms[k], macs[k], gain,
                                  macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain >= MIN_TWIN_GAIN else float("nan")))
     return rows
+
+
+def _macs(models: dict[str, nn.Module], x: torch.Tensor, mode: str, device: str) -> dict[str, float]:
+    """Executed MACs per sample of every variant (on the CPU, eval mode)."""
+    macs = {}
+    for k, m in models.items():
+        m.cpu().eval()
+        if k == "moe":
+            for s in STRATEGIES:
+                with execution(s):
+                    macs[f"moe {s}"] = count_macs(m, x)
+        else:
+            macs[k] = count_macs(m, x)
+        m.train(mode == "train").to(device)
+    return macs
 
 
 def sweep(name: str, batches: list[int], experts: tuple[int, ...] = (2, 4, 8), scope: str = "hidden",

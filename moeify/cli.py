@@ -105,8 +105,9 @@ def bench(
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="experts 2, 4, 8 at top_k = experts/2 (ignores --experts/--top-k).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+    model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="Constructor arguments, e.g. width=16,stem_stride=2.")] = None,
 ) -> None:
-    """Time dense, static twin, masked and sparse MoE side by side (interleaved, medians)."""
+    """Time dense, static twin (+ routers) and the MoE under every execution strategy (interleaved, medians)."""
     import json
 
     import torch
@@ -126,13 +127,14 @@ def bench(
         raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
     batches = [int(b) for b in _size(batch)]
     size = _size(input_size)
-    kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size)
+    kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size,
+              model_kwargs=_kwargs(model_kwargs))
     if sweep:
         conv_s = None
         rows = run_sweep(model, batches, scope=scope, **kw)
     else:
         spec = MoESpec(experts=experts, top_k=top_k, scope=scope)
-        conv_s = convert_seconds(model, spec, input_size=size)
+        conv_s = convert_seconds(model, spec, input_size=size, model_kwargs=kw["model_kwargs"])
         rows = compare(model, spec, batches, **kw)
     title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}"
     if conv_s is not None:
@@ -149,6 +151,21 @@ def bench(
     if json_out:
         with open(json_out, "w") as f:
             json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
+
+
+def _kwargs(text: str | None) -> dict:
+    """``a=1,b=x`` -> {"a": 1, "b": "x"} (values read as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MoeifyError(f"--model-kwargs: {item!r} is not key=value (e.g. width=16,stem_stride=2)")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 @app.command("bench-train")

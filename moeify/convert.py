@@ -142,7 +142,7 @@ def _insert_router(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, shared: f
         in_features = x.meta["tensor_meta"].shape[cdim]
         router = LayerRouter(in_features, lp.experts, lp.top_k, cdim)
     gm.add_submodule(key, MoELayer(lp.name, lp.channels, lp.experts, lp.top_k, lp.producers, lp.consumers,
-                                   router, packed=inner.blocker is None))
+                                   router, packed=lp.packed))
     with graph.inserting_before(prim.node):
         return graph.call_module(key, (shared if shared is not None else x,))
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .errors import ConversionError
 from .graph.groups import ChannelGroup, _name
+from .graph.interior import interior
 from .graph.ops import Kind, classify
 from .spec import MoESpec
 
@@ -32,6 +33,10 @@ class LayerPlan:
     add_gates: list[str]
     dense_macs: int = 0
     moe_macs: int = 0
+    packed: bool = False
+    """Whether the layer's tensors may hold only the selected channels between producer and
+    consumer (every interior op allows it); else they stay full width, unselected channels zero."""
+    pack_blocker: str | None = None
     group: ChannelGroup | None = field(default=None, repr=False)
 
 
@@ -60,14 +65,16 @@ class ConversionPlan:
                         f"(experts={self.spec.experts}, top_k={self.spec.top_k}, scope={self.spec.scope}, "
                         f"router={self.spec.router})")
         for col, just in (("layer", "left"), ("channels", "right"), ("experts", "right"),
-                          ("gates", "left"), ("dense MACs", "right"), ("MoE MACs", "right")):
+                          ("gates", "left"), ("packed", "left"), ("dense MACs", "right"), ("MoE MACs", "right")):
             t.add_column(col, justify=just)
         for lp in self.layers:
             gates = ", ".join(lp.consumers + [f"{a} (add)" for a in lp.add_gates]) or "-"
             t.add_row(lp.name, str(lp.channels), f"{lp.top_k}/{lp.experts}", "-> " + gates,
-                      _fmt(lp.dense_macs), _fmt(lp.moe_macs))
+                      "yes" if lp.packed else f"no: {lp.pack_blocker}", _fmt(lp.dense_macs), _fmt(lp.moe_macs))
         t.add_section()
-        t.add_row("total (all layers)", "", "", "", _fmt(self.dense_macs), _fmt(self.moe_macs))
+        t.add_row("total (all layers)", "", "", "", "", _fmt(self.dense_macs), _fmt(self.moe_macs))
+        t.caption = ("packed: between producer and consumer only the selected channels are kept (grouped and "
+                     "static execution); the execution strategy is chosen per call, see moeify.execution")
         return t
 
     def dense_table(self) -> Table:
@@ -176,10 +183,12 @@ def build_plan(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec,
         if reason:
             dense.append(DenseEntry(name, g.channels, reason))
             continue
+        blocker = interior(g, gm).blocker
         layers.append(LayerPlan(name, g.channels, spec.experts, spec.top_k,
                                 [node_name(u.node) for u in g.producers],
                                 [node_name(u.node) for u in g.consumers],
-                                [u.node.name for u in g.add_sinks], group=g))
+                                [u.node.name for u in g.add_sinks], packed=blocker is None,
+                                pack_blocker=blocker, group=g))
     # a residual add gets at most one gated branch: keep the costliest, the shortcut stays dense
     by_add: dict[str, list[LayerPlan]] = {}
     for lp in layers:

@@ -76,13 +76,16 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
 
     rows = json.loads(out.read_text())["rows"]
     assert {(x["batch"], x["variant"]) for x in rows} == {
-        (b, v) for b in (1, 4) for v in ("dense", "static twin", "twin + routers", "moe masked", "moe sparse")}
+        (b, v) for b in (1, 4) for v in ("dense", "static twin", "twin + routers", "moe masked", "moe grouped",
+                                          "moe static", "moe auto")}
     macs = {(x["batch"], x["variant"]): x["macs"] for x in rows}
-    # sparse executes the twin's MACs plus its routers; masked executes at least the dense MACs
-    assert macs[1, "static twin"] < macs[1, "moe sparse"] < 1.05 * macs[1, "static twin"] < macs[1, "dense"]
+    # grouped and static execute the twin's MACs plus their routers; masked at least the dense MACs
+    for strategy in ("moe grouped", "moe static"):
+        for b in (1, 4):
+            assert macs[b, "static twin"] < macs[b, strategy] < 1.05 * macs[b, "static twin"] < macs[b, "dense"]
     assert macs[1, "moe masked"] >= macs[1, "dense"]
     # the twin + routers baseline adds the routers' MACs to the twin's, never more than the MoE runs
-    assert macs[1, "static twin"] < macs[1, "twin + routers"] <= macs[1, "moe sparse"]
+    assert macs[1, "static twin"] < macs[1, "twin + routers"] <= macs[1, "moe grouped"]
     again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
 

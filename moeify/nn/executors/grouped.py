@@ -2,7 +2,8 @@
 selected channels only (also accepted under its old name, ``sparse``).
 
 The batch's routing patterns are read back to the host once per layer, so shapes depend on the
-data: the methods run eagerly under ``torch.compile`` (graph breaks). A packed layer's tensor stays
+data: under ``torch.compile`` each such read is a graph break (the compiler stops there by itself;
+no decorator, which would cost every eager call a wrapper). A packed layer's tensor stays
 split by pattern (``RowGroups``) from producer to consumer. With more patterns in a batch than
 ``MAX_GROUPS`` allows for the device, a layer runs masked.
 """
@@ -113,10 +114,6 @@ class Grouped(Executor):
     def defers_check(self, device: torch.device) -> bool:
         return device.type != "cpu"  # a host read per router costs nothing on the CPU
 
-    @torch.compiler.disable  # data-dependent dispatch: eager under torch.compile
-    def route(self, layer: nn.Module, x, in_route: Route | None) -> Route:
-        return super().route(layer, x, in_route)
-
     def pool(self, x, dims: list[int]) -> torch.Tensor:
         """Pooled per part for a RowGroups, then merged small."""
         if isinstance(x, RowGroups):
@@ -129,11 +126,9 @@ class Grouped(Executor):
     def pack(self, y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
         return pack(y, route, cdim)
 
-    @torch.compiler.disable
     def add_packed(self, stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
         return add_packed(stream, branch)
 
-    @torch.compiler.disable
     def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
                  c_in: int, in_route: Route | None, out_route: Route | None) -> torch.Tensor:
         groups = _groups(in_route, out_route) if kernel is not None else None
@@ -141,7 +136,6 @@ class Grouped(Executor):
             return sparse_apply(x, kernel, cdim, in_route, out_route, groups)
         return self.masked_contract(x, full, cdim, c_in, in_route, out_route)
 
-    @torch.compiler.disable
     def batch_norm(self, bn: nn.modules.batchnorm._BatchNorm, x, route: Route) -> torch.Tensor:
         per = bn.num_features // route.experts
         state = bn_state(bn)
@@ -156,7 +150,6 @@ class Grouped(Executor):
             return split.like([bn_selection(bn, p, sel, per, *state) for p, sel in zip(split.parts, split.sels)])
         return per_sample_batch_norm(bn, as_tensor(x), route, state)
 
-    @torch.compiler.disable
     def depthwise(self, conv: nn.modules.conv._ConvNd, x, route: Route) -> torch.Tensor:
         if not route.packed:
             return conv._conv_forward(as_tensor(x), conv.weight, conv.bias)
@@ -169,6 +162,3 @@ class Grouped(Executor):
             return selection_depthwise(conv, as_tensor(x), groups[0][0], per)
         return per_sample_depthwise(conv, as_tensor(x), route)
 
-    @torch.compiler.disable
-    def gate_branch(self, x, route: Route, cdim: int, lazy: bool):
-        return super().gate_branch(x, route, cdim, lazy)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..packing import gather_channels, scatter_channels, times_gates
+from ..packing import gather_channels, memory_format, scatter_channels, times_gates
 from ..route import Route
 from ..rowgroups import as_tensor
 from .base import Executor, Kernel
@@ -27,16 +27,24 @@ the CUDA value)."""
 
 def per_sample_weight(w: torch.Tensor, ch_in: torch.Tensor | None, ch_out: torch.Tensor | None) -> torch.Tensor:
     """[B, O', I', *kernel]: weight [O, I, *kernel] restricted, per sample b, to output channels
-    ``ch_out[b]`` and input channels ``ch_in[b]`` (None: all of them)."""
+    ``ch_out[b]`` and input channels ``ch_in[b]`` (None: all of them). A channels-last weight is
+    gathered in its own layout (input channels innermost), so the result is channels-last too."""
+    last = memory_format(w) is not torch.contiguous_format
+    v = w.movedim(1, -1) if last else w  # [O, *kernel, I] (contiguous when channels-last) or [O, I, *kernel]
+    idim = v.ndim - 1 if last else 1
     b = (ch_out if ch_out is not None else ch_in).shape[0]
     if ch_out is not None:
-        w = w.index_select(0, ch_out.reshape(-1)).reshape(b, ch_out.shape[1], *w.shape[1:])
-        if ch_in is None:
-            return w
-        idx = ch_in.reshape(b, 1, ch_in.shape[1], *[1] * (w.ndim - 3))
-        return w.gather(2, idx.expand(b, w.shape[1], ch_in.shape[1], *w.shape[3:]))
-    w = w.index_select(1, ch_in.reshape(-1)).reshape(w.shape[0], b, ch_in.shape[1], *w.shape[2:])
-    return w.transpose(0, 1)
+        v = v.index_select(0, ch_out.reshape(-1)).reshape(b, ch_out.shape[1], *v.shape[1:])
+        if ch_in is not None:
+            d = idim + 1
+            shape = [b] + [1] * (v.ndim - 1)
+            shape[d] = ch_in.shape[1]
+            size = list(v.shape)
+            size[d] = ch_in.shape[1]
+            v = v.gather(d, ch_in.reshape(shape).expand(size))
+    else:
+        v = v.index_select(idim, ch_in.reshape(-1)).unflatten(idim, (b, ch_in.shape[1])).movedim(idim, 0)
+    return v.movedim(-1, 2) if last else v
 
 
 def gathered_contract(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Route | None,
