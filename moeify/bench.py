@@ -212,14 +212,36 @@ def sweep(name: str, batches: list[int], experts: tuple[int, ...] = (2, 4, 8), s
     return rows
 
 
+CALIBRATION_MODELS = (  # name, spec, input size, constructor kwargs: small and large, paper and default scope
+    ("cifar_resnet18", MoESpec(experts=2, top_k=1, scope="paper"), (3, 32, 32), {}),
+    ("cifar_resnet18", MoESpec(experts=2, top_k=1, scope="paper"), (1, 28, 28), {"width": 16, "stem_stride": 2, "in_chans": 1}),
+    ("resnet18", MoESpec(experts=2, top_k=1, scope="hidden"), (3, 224, 224), {}),
+)
+
+
+def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu") -> dict:
+    """The table ``auto`` reads: for each reference model (``CALIBRATION_MODELS``) and batch size,
+    each exact strategy's latency relative to dense (routing spread, eval)."""
+    points = []
+    for name, spec, size, kwargs in CALIBRATION_MODELS:
+        rows = compare(name, spec, batches, repeats=repeats, device=device, input_size=size, model_kwargs=kwargs)
+        for b in batches:
+            by = {r.variant: r for r in rows if r.batch == b}
+            points.append({"model": f"{name} {kwargs or ''} {spec.experts}/{spec.top_k} {spec.scope} {size}".replace("  ", " "),
+                           "macs": by["dense"].macs, "batch": b,
+                           "relative_ms": {s: 1.0 / by[f"moe {s}"].speedup for s in STRATEGIES if s != "auto"}})
+    return {"machine": machine(device), "devices": {torch.device(device).type: points}}
+
+
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
 def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
                 overrides: list[str] | None = None) -> list[dict]:
-    """Median time of one training batch: dense TRADES, MoE TRADES and MoE AdvMoE (router step +
-    expert step, each with its own attack), same backbone, attack and batch, in one process."""
+    """Median time of one training batch: dense TRADES, S-Dense (static twin) TRADES, MoE TRADES and
+    MoE AdvMoE (router step + expert step, each with its own attack unless the recipe shares one),
+    same backbone, attack and batch, in one process, the MoE under the default strategy."""
     import contextlib
 
     from .attacks import AttackConfig
@@ -243,6 +265,8 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     y = torch.randint(0, classes, (b,), generator=gen)
     recipe.model.kind = "dense"
     dense = build_model(recipe, bundle).train()
+    recipe.model.kind = "s-dense"
+    twin = build_model(recipe, bundle).train()
     recipe.model.kind = "moe"
     moe = build_model(recipe, bundle).train()
     spread_routing(moe)
@@ -262,15 +286,20 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     routers, experts = split_parameters(moe)
     opt_r, opt_e = torch.optim.SGD(routers, lr=1e-3), torch.optim.SGD(experts, lr=1e-3)
 
+    shared = recipe.advmoe.shared_attack
+
     def advmoe():
+        x_adv = None
         for params, opt in ((routers, opt_r), (experts, opt_e)):
-            loss, _, _ = robust_loss(moe, moe, x, y, "trades", beta, attack, none)
+            loss, _, made = robust_loss(moe, moe, x, y, "trades", beta, attack, none, x_adv=x_adv)
+            x_adv = made if shared else None
             loss.backward(inputs=params)
             opt.step()
             opt_r.zero_grad(set_to_none=True)
             opt_e.zero_grad(set_to_none=True)
 
-    ms = interleaved({"dense TRADES": trades(dense), "MoE TRADES": trades(moe), "MoE AdvMoE": advmoe}, repeats)
+    ms = interleaved({"dense TRADES": trades(dense), "S-Dense TRADES": trades(twin), "MoE TRADES": trades(moe),
+                      "MoE AdvMoE": advmoe}, repeats)
     base = ms["dense TRADES"]
     return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps, "ms": v,
              "vs_dense_trades": v / base} for k, v in ms.items()]

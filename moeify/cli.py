@@ -106,6 +106,7 @@ def bench(
     sweep: Annotated[bool, typer.Option("--sweep", help="experts 2, 4, 8 at top_k = experts/2 (ignores --experts/--top-k).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="Constructor arguments, e.g. width=16,stem_stride=2.")] = None,
+    calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Instead: measure the table the auto strategy reads (reference models, --batch sizes, --device) and write it here.")] = None,
 ) -> None:
     """Time dense, static twin (+ routers) and the MoE under every execution strategy (interleaved, medians)."""
     import json
@@ -126,6 +127,17 @@ def bench(
     if json_out and os.path.exists(json_out):
         raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
     batches = [int(b) for b in _size(batch)]
+    if calibrate:
+        from .bench import calibrate as run_calibration
+
+        if os.path.exists(calibrate):
+            raise MoeifyError(f"{calibrate} exists; choose another --calibrate path (nothing was overwritten)")
+        table = run_calibration(batches, repeats, device)
+        with open(calibrate, "w") as f:
+            json.dump(table, f, indent=2)
+        console.print(f"calibration for {device} ({table['machine']}) written to {calibrate}; ship it as "
+                      "moeify/nn/executors/calibration.json (merging device types) for auto to use it")
+        return
     size = _size(input_size)
     kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size,
               model_kwargs=_kwargs(model_kwargs))

@@ -118,7 +118,7 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
     for i, (lp, inner) in enumerate(zip(p.layers, interiors)):
         owner.update({u.node: i for u in lp.group.producers})
         owner.update({n: i for n in inner.nodes})
-    routes = [_insert_router(gm, lp, inner, shared) for lp, inner in zip(p.layers, interiors)]
+    routes = [_insert_router(gm, lp, shared, p.dense_macs) for lp in p.layers]
     for lp, inner, route in zip(p.layers, interiors, routes):
         x = route.args[0]
         if shared is None and x in owner:
@@ -132,7 +132,7 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
     gm.recompile()
 
 
-def _insert_router(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, shared: fx.Node | None) -> fx.Node:
+def _insert_router(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None, dense_macs: int) -> fx.Node:
     graph, prim = gm.graph, lp.group.primary
     x = prim.node.args[0]
     key = "moeify_layers." + lp.name.replace(".", "_")
@@ -141,8 +141,9 @@ def _insert_router(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, shared: f
         cdim = prim.info.cdim_in
         in_features = x.meta["tensor_meta"].shape[cdim]
         router = LayerRouter(in_features, lp.experts, lp.top_k, cdim)
-    gm.add_submodule(key, MoELayer(lp.name, lp.channels, lp.experts, lp.top_k, lp.producers, lp.consumers,
-                                   router, packed=lp.packed))
+    layer = MoELayer(lp.name, lp.channels, lp.experts, lp.top_k, lp.producers, lp.consumers, router, packed=lp.packed)
+    layer.model_macs = float(dense_macs)
+    gm.add_submodule(key, layer)
     with graph.inserting_before(prim.node):
         return graph.call_module(key, (shared if shared is not None else x,))
 

@@ -78,6 +78,7 @@ class TrainCfg:
     init: str | None = None  # a .moe file to start from (same model)
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False  # torch.compile the training forward and the training attack (MoE layers run static inside)
     grad_accum: int = 1
     grad_clip: float | None = None  # clip each optimiser's gradient norm to this (off by default, as in the paper)
     max_steps_per_epoch: int | None = None

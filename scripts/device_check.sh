@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine whose python3 already holds torch, timm,
 # accelerate, typer, rich, safetensors and matplotlib. Carried beside the tree: .whl/site (the
-# pyautoattack package), .fmnist (the four Fashion-MNIST IDX files), runs/quickstart (a quickstart run).
+# pyautoattack package), .fmnist (the four Fashion-MNIST IDX files). The calibration it writes
+# (calibration_cuda.json) merges into moeify/nn/executors/calibration.json under "devices".
 # Writes the log and JSON results to $OUT (default: ./device-out). Steps run most important first.
 # Prepare the carried folders here (both ignored through .git/info/exclude):
 #   mkdir -p .whl/site && cp -r .venv/lib/python3*/site-packages/pyautoattack .whl/site/ \
 #     && rm -rf .whl/site/pyautoattack/examples      # its example weights alone are 44 MB
 #   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/* .fmnist/
-#   a run folder: .venv/bin/moeify robustify --recipe quickstart --out runs/quickstart
 set -u
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
@@ -20,26 +20,20 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   python3 -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
   nproc
 
-  step CUDA tests
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_execution.py -k "cuda or nan or cached" -rs
+  step CUDA tests and the static strategy compiled as one graph
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_execution.py -k "cuda or nan or cached or compile or auto" -rs
 
-  step bench default scope, eval
-  timeout 120 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,16,64,256 --repeats 9 --device cuda --json "$OUT/cuda_default.json"
+  step calibration for auto: every strategy on the reference models
+  timeout 150 python3 -m moeify bench --calibrate "$OUT/calibration_cuda.json" --batch 1,16,64,256,1024 --repeats 5 --device cuda
 
-  step bench paper scope, eval
-  timeout 90 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 16,64,256 --repeats 9 --device cuda --json "$OUT/cuda_paper.json"
+  step bench default scope, eval, eager and compiled
+  timeout 90 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,16,256,1024 --repeats 9 --device cuda --json "$OUT/cuda_default.json"
+  timeout 150 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,256 --repeats 9 --device cuda --compile --json "$OUT/cuda_default_compiled.json"
 
   step bench paper scope, training step
-  timeout 90 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 64 --mode train --repeats 5 --device cuda --json "$OUT/cuda_train.json"
-
-  step evaluate quickstart, 1000 test images
-  time timeout 240 python3 -m moeify evaluate runs/quickstart --n 1000 --out /tmp/eval-qs
-  cp /tmp/eval-qs/report.json "$OUT/eval_report.json" 2>/dev/null
+  timeout 60 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 256 --mode train --repeats 5 --device cuda --json "$OUT/cuda_train.json"
 
   step bench sweep
-  timeout 120 python3 -m moeify bench resnet18 --sweep --batch 1,16,64 --repeats 5 --device cuda --json "$OUT/cuda_sweep.json"
-  step quickstart training on the GPU
-  time timeout 150 python3 -m moeify robustify --recipe quickstart --out /tmp/qs-gpu
-  cp /tmp/qs-gpu/metrics.json "$OUT/qs_gpu_metrics.json" 2>/dev/null
+  timeout 90 python3 -m moeify bench resnet18 --sweep --batch 16,256 --repeats 5 --device cuda --json "$OUT/cuda_sweep.json"
   step done
 } 2>&1 | tee "$OUT/log.txt"

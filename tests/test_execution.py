@@ -8,6 +8,7 @@ from conftest import randomize
 from models import PreActResNet, Zoo
 from moeify.bench import spread_routing
 from moeify.nn import select_top_k
+from moeify.nn.executors import EXECUTORS
 
 
 def _moe(cls=PreActResNet, scope="branches", experts=4, top_k=2, train=False):
@@ -30,21 +31,25 @@ def _grads(moe, x, mode, spread=False):
     return out.detach(), x.grad.detach(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("mode", ["grouped", "static"])
+@pytest.mark.parametrize("mode", ["grouped", "static", "static-gather"])
 @pytest.mark.parametrize("cls,scope", [(PreActResNet, "branches"), (PreActResNet, "paper"), (Zoo, "hidden")])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("spread,experts,top_k,dtype,rtol", [
     (False, 4, 2, torch.float32, 1e-5), (True, 4, 2, torch.float32, 1e-5),
     (False, 4, 2, torch.float64, 1e-10), (True, 4, 2, torch.float64, 1e-10), (True, 2, 1, torch.float64, 1e-10)])
-def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, rtol, spread, experts, top_k):
-    """Every sparse strategy (grouped: per routing pattern; static: per-sample gathered weights)
-    against the masked reference. Outputs, input gradients, parameter gradients (experts and
+def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, rtol, spread, experts, top_k,
+                                               monkeypatch):
+    """Every strategy (grouped: per routing pattern; static: masked math at this batch size on the
+    CPU, or per-sample gathered weights) against the masked reference. Outputs, input gradients, parameter gradients (experts and
     routers) and, in training, BatchNorm running statistics agree; float64 shows the agreement is exact up to rounding.
     Spread routing with top-1 of 2 has groups that share no expert (BatchNorm per group); in
     float32 its training-mode gradients agree to about 2e-5 (4 samples per channel amplify rounding),
     so that case is checked in float64, where it is exact. Static execution sums a weight's
     gradient over per-sample copies (another order than a conv's own batch reduction): in float32
     its parameter gradients agree to 3e-5 of the tensor's largest."""
+    if mode == "static-gather":  # per-sample gathered weights at this batch size (the default on a GPU)
+        monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cpu", 8)
+        mode = "static"
     moe = _moe(cls, scope, experts=experts, top_k=top_k, train=train).to(dtype)
     grad_rtol = 3 * rtol if mode == "static" and dtype == torch.float32 else rtol
     x = torch.rand(8, 3, 16, 16, dtype=dtype)
@@ -166,16 +171,47 @@ def test_cuda_sparse_equals_masked(experts, top_k, spread, cuda_groups, monkeypa
     assert torch.allclose(gx_s, gx_m, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_compile_runs_the_moe_model_like_eager():
-    """Routing stays eager (graph breaks), the rest compiles; outputs match eager sparse execution."""
+@pytest.mark.parametrize("mode", ["auto", "grouped"])
+def test_torch_compile_runs_the_moe_model_like_eager(mode):
+    """Under torch.compile ``auto`` runs the static strategy (one graph); ``grouped`` reads routing
+    patterns back, so the compiler breaks the graph there. Both match eager execution."""
     moe = _moe(scope="paper").eval()
     x = torch.rand(4, 3, 16, 16)
-    with torch.no_grad():
+    with torch.no_grad(), moeify.execution(mode):
         ref = moe(x)
-        out = torch.compile(moe)(x)
-        again = torch.compile(moe)(x.flip(0)).flip(0)
+        out = torch.compile(moe, fullgraph=mode == "auto", backend="aot_eager")(x)
+        again = torch.compile(moe, fullgraph=mode == "auto", backend="aot_eager")(x.flip(0)).flip(0)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
     assert torch.allclose(again, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_picks_the_fastest_measured_strategy():
+    """``auto`` never picks a strategy the calibration table measured slower than another one, at
+    the measured point (batch size, model MACs) nearest to the call's; a device without
+    measurements runs static; every layer of one model call gets the same strategy."""
+    from moeify.nn.executors import auto
+
+    table = auto.calibration()
+    assert table, "moeify ships a calibration table"
+    for dev, points in table.items():
+        for macs, batch, times in points:
+            assert set(times) >= {"masked", "grouped", "static"}
+            assert times[auto.fastest(dev, batch, macs)] == min(times.values()), (dev, batch, macs)
+    made = {"cpu": [(1e7, 1, {"grouped": 0.9, "static": 1.2, "masked": 1.5}),
+                    (1e7, 64, {"grouped": 1.6, "static": 1.1, "masked": 1.0}),
+                    (1e9, 64, {"grouped": 0.6, "static": 1.1, "masked": 1.0})]}
+    assert auto.fastest("cpu", 2, 2e7, made) == "grouped" and auto.fastest("cpu", 128, 1e7, made) == "masked"
+    assert auto.fastest("cpu", 128, 5e8, made) == "grouped"
+    assert auto.fastest("xpu", 8, 1e7, made) == "static"
+    moe = _moe()
+    chosen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, r: chosen.append(r.executor)) for m in moeify.moe_layers(moe).values()]
+    with torch.no_grad():
+        moe(torch.rand(3, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    assert len(chosen) == len(moeify.moe_layers(moe)) and len({e.name for e in chosen}) == 1
+    assert chosen[0].name == auto.fastest("cpu", 3, next(iter(moeify.moe_layers(moe).values())).model_macs)
 
 
 def test_row_groups_behave_like_the_tensor_they_split():

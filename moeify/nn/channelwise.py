@@ -98,6 +98,8 @@ def per_sample_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
     channels = bn.num_features
     per = channels // route.experts
     use_batch, factor = state or bn_state(bn)
+    if not use_batch and not route.packed:
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     if route.packed:
         ch, sel = route.channel_index(per), None
     else:
@@ -111,8 +113,6 @@ def per_sample_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
             scale = scale * bn.weight
         y = d * broadcast(scale[ch], x.ndim, 1)
         return y if bn.bias is None else y + broadcast(bn.bias[ch], x.ndim, 1)
-    if not route.packed:
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight

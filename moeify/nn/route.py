@@ -78,8 +78,12 @@ class Route:
         return m.scatter(1, self.idx, self.gate)
 
     def channel_mask(self, channels: int) -> torch.Tensor:
-        """[B, channels]: each expert's gate repeated over its contiguous block of channels."""
-        return repeat_columns(self.expert_mask(), channels // self.experts)
+        """[B, channels]: each expert's gate repeated over its contiguous block of channels (made
+        once per route and width: a layer's producer, consumer and add share it)."""
+        key = -channels  # shares the index cache, keyed apart from channel_index's per-expert widths
+        if key not in self._index:
+            self._index[key] = repeat_columns(self.expert_mask(), channels // self.experts)
+        return self._index[key]
 
     def apply(self, x: torch.Tensor, cdim: int) -> torch.Tensor:
         """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``)."""
@@ -136,7 +140,7 @@ def routes_checked(out, *routes):
     pending = [r.chosen for r in (out, *routes) if isinstance(r, Route) and r.chosen is not None]
     if not pending:
         return out
-    finite = torch.cat([torch.isfinite(c).all().reshape(1).to(pending[0].device) for c in pending])
+    finite = torch.isfinite(torch.cat([c.reshape(-1).to(pending[0]) for c in pending]))
     if torch.compiler.is_compiling():
         return _keep(out, _check_routes(finite))
     if not bool(finite.all()):

@@ -54,7 +54,8 @@ class MoELayer(nn.Module):
     strategy, which every op of the layer then follows; with a shared global Route it adopts it
     (so every layer has a place to observe its routing). When the input belongs to another MoE
     layer (``in_route``), the router sees only that layer's selected channels. ``packed`` (from
-    the plan) says whether this layer's tensors may hold only the selected channels.
+    the plan) says whether this layer's tensors may hold only the selected channels;
+    ``model_macs`` (the dense model's MACs per sample) lets ``auto`` choose alike in every layer.
     """
 
     def __init__(self, name: str, channels: int, experts: int, top_k: int, producers: list[str],
@@ -64,9 +65,10 @@ class MoELayer(nn.Module):
         self.producers, self.consumers = list(producers), list(consumers)
         self.router = router
         self.packed = packed
+        self.model_macs = 0.0  # the whole dense model's MACs per sample (set by convert; auto reads it)
 
     def forward(self, x, in_route: Route | None = None) -> Route:
-        return current_executor().resolve(x).route(self, x, in_route)
+        return current_executor().resolve(x, self).route(self, x, in_route)
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, channels={self.channels}, experts={self.experts}, top_k={self.top_k}, packed={self.packed}"

@@ -161,6 +161,9 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
     model, opt_e, opt_r, train_loader = accelerator.prepare(model, opt_e, opt_r, train_loader)
     accelerator.register_for_checkpointing(sched_e, sched_r)
     raw = accelerator.unwrap_model(model)
+    fwd, attacked = model, raw  # what the training forward and the training attack call
+    if t.compile:  # one graph per mode (train; eval for bn_mode eval attacks), static routing inside
+        fwd, attacked = torch.compile(model), torch.compile(raw)
     single = accelerator.num_processes == 1
     autocast = _autocast(accelerator.device, t.mixed_precision)
     scaler = torch.amp.GradScaler(accelerator.device.type) if t.mixed_precision == "fp16" else None
@@ -228,12 +231,12 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
                     x = x.contiguous(memory_format=fmt)
                     try:
                         if t.method == "advmoe":
-                            loss, logits = _advmoe_step(model, raw, x, y, recipe, attack, autocast, gen, backward, step,
-                                                        opt_r, opt_e, routers, experts, fail)
+                            loss, logits = _advmoe_step(fwd, attacked, x, y, recipe, attack, autocast, gen, backward,
+                                                        step, opt_r, opt_e, routers, experts, fail)
                         else:
                             with accelerator.accumulate(model):
-                                loss, logits, _ = robust_loss(model, raw, x, y, t.method, t.beta, attack, autocast, gen=gen,
-                                                              balance=t.balance)
+                                loss, logits, _ = robust_loss(fwd, attacked, x, y, t.method, t.beta, attack, autocast,
+                                                              gen=gen, balance=t.balance)
                                 if not torch.isfinite(loss):
                                     raise fail("the training loss became non-finite")
                                 backward(loss, None)

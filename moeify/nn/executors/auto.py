@@ -1,9 +1,10 @@
 """``auto`` (the default): per model call, the strategy the calibration table measured fastest on
-this device type at the nearest batch size; under ``torch.compile``, ``static`` (the one strategy
-that traces as one graph).
+this device type for the nearest batch size and model size (dense MACs per sample); under
+``torch.compile``, ``static`` (the one strategy that traces as one graph).
 
 The table ships with moeify (``calibration.json``, written by ``moeify bench --calibrate``):
-latencies per strategy, relative to dense, measured with spread routing on reference models. A
+latencies per strategy, relative to dense, measured with spread routing on reference models of
+several sizes. A
 shipped table rather than a micro-benchmark at first use, so that a model's speed does not depend
 on what a noisy machine measured once, and results are reproducible; re-calibrate a machine with
 the bench command. A device type without measurements uses ``static``: it never reads routes back,
@@ -12,6 +13,7 @@ which is what stalls an accelerator.
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,25 +25,31 @@ CALIBRATION = Path(__file__).with_name("calibration.json")
 UNMEASURED = "static"
 
 
+Point = tuple[float, int, dict[str, float]]  # (dense MACs per sample, batch, {strategy: relative latency})
+
+
 @lru_cache(maxsize=None)
-def calibration(path: str = str(CALIBRATION)) -> dict[str, dict[int, dict[str, float]]]:
-    """{device type: {batch: {strategy: latency relative to dense}}} from the shipped table."""
+def calibration(path: str = str(CALIBRATION)) -> dict[str, list[Point]]:
+    """{device type: [(model MACs per sample, batch, {strategy: latency relative to dense})]}."""
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return {}
-    return {dev: {int(b): dict(v) for b, v in rows.items()} for dev, rows in raw["relative_ms"].items()}
+    return {dev: [(float(p["macs"]), int(p["batch"]), dict(p["relative_ms"])) for p in points]
+            for dev, points in raw["devices"].items()}
 
 
-def fastest(device_type: str, batch: int, table: dict | None = None) -> str:
-    """The measured-fastest strategy at the measured batch size nearest (in log scale) to ``batch``."""
-    rows = (calibration() if table is None else table).get(device_type)
-    if not rows:
+def fastest(device_type: str, batch: int, macs: float, table: dict | None = None) -> str:
+    """The measured-fastest strategy at the calibration point nearest (in log batch size and log
+    model MACs per sample) to this call."""
+    points = (calibration() if table is None else table).get(device_type)
+    if not points:
         return UNMEASURED
-    import math
 
-    nearest = min(rows, key=lambda b: (abs(math.log(b) - math.log(max(batch, 1))), b))
-    times = rows[nearest]
+    def distance(p: Point) -> tuple[float, int]:
+        return abs(math.log(p[1]) - math.log(max(batch, 1))) + abs(math.log(p[0]) - math.log(max(macs, 1.0))), p[1]
+
+    times = min(points, key=distance)[2]
     return min(times, key=times.get)
 
 
@@ -51,9 +59,11 @@ class Auto(Executor):
     def __init__(self, strategies: dict[str, Executor]) -> None:
         self.strategies = strategies
 
-    def resolve(self, x) -> Executor:
+    def resolve(self, x, layer=None) -> Executor:
+        """Every layer of one call agrees: the choice depends on the batch, the device and the
+        whole model's dense MACs (``MoELayer.model_macs``), never on the layer."""
         if torch.compiler.is_compiling():
             return self.strategies["static"]
         idx = getattr(x, "idx", None)  # a shared global Route
         batch, device = (idx.shape[0], idx.device) if idx is not None else (x.shape[0], x.device)
-        return self.strategies[fastest(device.type, batch)]
+        return self.strategies[fastest(device.type, batch, getattr(layer, "model_macs", 0.0))]

@@ -35,8 +35,8 @@ class Executor:
         """Whether routers leave the NaN/inf check to the end of the model call (no host read)."""
         return True
 
-    def resolve(self, x) -> "Executor":
-        """The concrete strategy for a layer called on ``x`` (``auto`` chooses here)."""
+    def resolve(self, x, layer=None) -> "Executor":
+        """The concrete strategy for MoE layer ``layer`` called on ``x`` (``auto`` chooses here)."""
         return self
 
     # -- routing ------------------------------------------------------------------------------

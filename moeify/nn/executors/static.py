@@ -20,9 +20,12 @@ from ..route import Route
 from ..rowgroups import as_tensor
 from .base import Executor, Kernel
 
-GATHER_MAX_BATCH = {"cpu": 16, "cuda": 64}
+GATHER_MAX_BATCH = {"cpu": 1, "cuda": 64}
 """Per device type, the largest batch whose layers gather per-sample weights (any other type:
-the CUDA value)."""
+the CUDA value). CPU: 1, since a grouped conv with one group per sample runs far slower on the
+CPU than the full conv it replaces (calibration at batches 4 and 16: 2.6x and 3.9x dense, masked
+1.5x and 1.3x). CUDA: not yet measured on a GPU; 64 keeps the per-sample weight copies small
+(batch x K/N of a layer's weight)."""
 
 
 def per_sample_weight(w: torch.Tensor, ch_in: torch.Tensor | None, ch_out: torch.Tensor | None) -> torch.Tensor:
