@@ -143,12 +143,21 @@ def _noise_hook(key: int):
     made: dict[tuple, torch.Tensor] = {}
 
     def hook(_m, _inp, out):
+        if torch.compiler.is_compiling():  # traced into the graph (no Python-side cache there)
+            return out + _hashed_noise(out, key)
         k = (tuple(out.shape), out.device, out.dtype)
         if k not in made:
-            gen = torch.Generator().manual_seed(key)
-            made[k] = (1e3 * torch.randn(out.shape, generator=gen, dtype=torch.float64)).to(out.device, out.dtype)
+            made[k] = _hashed_noise(out, key)
         return out + made[k]
     return hook
+
+
+def _hashed_noise(like: torch.Tensor, key: int) -> torch.Tensor:
+    """Noise of scale 1e3 shaped like ``like``: a sine hash of (key, sample, expert), no generator."""
+    b, n = like.shape
+    cell = torch.arange(b * n, device=like.device, dtype=torch.float64).reshape(b, n)
+    h = torch.sin(cell * 12.9898 + key * 78.233 + 0.5) * 43758.5453
+    return (1e3 * (h - h.floor() - 0.5)).to(like.dtype)
 
 
 def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",

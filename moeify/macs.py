@@ -5,17 +5,23 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .nn.executors import current_execution, execution
+
 
 def count_macs(model: nn.Module, x: torch.Tensor) -> float:
     """Mean multiply-accumulates per sample over the batch ``x`` (eval mode, no grad).
 
     Counted by torch's FlopCounterMode on the ops that run, so conditional compute counts as
-    executed: unselected experts are not counted, routers are, functional convs are.
+    executed: unselected experts are not counted, routers are, functional convs are. Inside
+    ``moeify.execution(name)`` it counts what that strategy runs (``masked``: every expert);
+    under ``auto`` (the default, which may pick masked execution where that is faster) what the
+    selected experts cost, as ``grouped`` runs them.
     """
     was = model.training
     model.eval()
+    mode = "grouped" if current_execution() == "auto" else current_execution()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), execution(mode), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was)

@@ -79,11 +79,11 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
         (b, v) for b in (1, 4) for v in ("dense", "static twin", "twin + routers", "moe masked", "moe grouped",
                                           "moe static", "moe auto")}
     macs = {(x["batch"], x["variant"]): x["macs"] for x in rows}
-    # grouped and static execute the twin's MACs plus their routers; masked at least the dense MACs
-    for strategy in ("moe grouped", "moe static"):
-        for b in (1, 4):
-            assert macs[b, "static twin"] < macs[b, strategy] < 1.05 * macs[b, "static twin"] < macs[b, "dense"]
-    assert macs[1, "moe masked"] >= macs[1, "dense"]
+    # grouped and static execute the twin's MACs plus their routers (static on the CPU only at batch 1,
+    # above it the masked math); masked at least the dense MACs
+    for strategy, b in (("moe grouped", 1), ("moe grouped", 4), ("moe static", 1)):
+        assert macs[b, "static twin"] < macs[b, strategy] < 1.05 * macs[b, "static twin"] < macs[b, "dense"]
+    assert macs[1, "moe masked"] >= macs[1, "dense"] and macs[4, "moe static"] >= macs[4, "dense"]
     # the twin + routers baseline adds the routers' MACs to the twin's, never more than the MoE runs
     assert macs[1, "static twin"] < macs[1, "twin + routers"] <= macs[1, "moe grouped"]
     again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))

@@ -9,10 +9,10 @@ from moeify.bench import spread_routing
 from moeify.convert import is_router
 from moeify.nn.executors import EXECUTORS
 
-CASES = {  # name: (input size, scope)
-    "resnet18": ((3, 48, 48), "hidden"),
-    "efficientnet_b0": ((3, 48, 48), "hidden"),
-    "cifar_resnet18": ((3, 32, 32), "paper"),
+CASES = {  # name: (input size, scope, constructor kwargs); no dropout or stochastic depth: their draws differ once compiled
+    "resnet18": ((3, 48, 48), "hidden", {}),
+    "efficientnet_b0": ((3, 48, 48), "hidden", {"dropout": 0.0, "stochastic_depth_prob": 0.0}),
+    "cifar_resnet18": ((3, 32, 32), "paper", {}),
 }
 
 
@@ -44,15 +44,15 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
 def test_static_compiles_fullgraph_and_equals_masked(name, train, monkeypatch):
     """Per-sample gathered weights (the static strategy's sparse path, at this batch size on a GPU)."""
     monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cpu", 8)
-    size, scope = CASES[name]
+    size, scope, kwargs = CASES[name]
     torch.manual_seed(0)
-    model = moeify.create_model(name, input_size=size)
-    dtype, rtol = (torch.float64, 1e-10) if name == "cifar_resnet18" else (torch.float32, 1e-5)
+    model = moeify.create_model(name, input_size=size, **kwargs)
+    # float64 where rounding through many train-mode BatchNorms exceeds 1e-5 in float32 (efficientnet's
+    # input gradient: 1.6e-5); there the agreement is exact to 1e-10
+    double = name == "cifar_resnet18" or (name == "efficientnet_b0" and train)
+    dtype, rtol = (torch.float64, 1e-10) if double else (torch.float32, 1e-5)
     moe = moeify.convert(model, experts=2, top_k=1, example_inputs=torch.rand(2, *size), scope=scope)
     moe = moe.to(dtype).train(train)
-    for m in moe.modules():  # dropout draws differ between a compiled graph and eager code
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
     x = torch.rand(6, *size, dtype=dtype)
     start = {k: v.clone() for k, v in moe.state_dict().items()}
     out_c, gx_c, gp_c, st_c = _run(moe, x, train, "static", compiled=True)
