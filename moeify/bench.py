@@ -222,22 +222,28 @@ def sweep(name: str, batches: list[int], experts: tuple[int, ...] = (2, 4, 8), s
 
 
 CALIBRATION_MODELS = (  # name, spec, input size, constructor kwargs: small and large, paper and default scope
+    ("cifar_resnet_small", MoESpec(experts=2, top_k=1, scope="hidden"), (1, 28, 28),
+     {"width": 16, "stem_stride": 2, "in_chans": 1}),  # the quickstart's backbone
     ("cifar_resnet18", MoESpec(experts=2, top_k=1, scope="paper"), (3, 32, 32), {}),
     ("cifar_resnet18", MoESpec(experts=2, top_k=1, scope="paper"), (1, 28, 28), {"width": 16, "stem_stride": 2, "in_chans": 1}),
     ("resnet18", MoESpec(experts=2, top_k=1, scope="hidden"), (3, 224, 224), {}),
 )
 
 
-def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu") -> dict:
+def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu", mode: str = "eval") -> dict:
     """The table ``auto`` reads: for each reference model (``CALIBRATION_MODELS``) and batch size,
-    each exact strategy's latency relative to dense (routing spread, eval)."""
+    each exact strategy's latency relative to dense (routing spread), for inference (``eval``) or
+    a training step (``train``: forward and backward, what training and attacks run)."""
     points = []
     for name, spec, size, kwargs in CALIBRATION_MODELS:
-        rows = compare(name, spec, batches, repeats=repeats, device=device, input_size=size, model_kwargs=kwargs)
-        for b in batches:
-            by = {r.variant: r for r in rows if r.batch == b}
+        if mode == "train" and name == "resnet18":
+            size = (3, 112, 112)  # a training step at 224 x 224 takes too long to calibrate on a CPU
+        for b in batches:  # small batches are quick and noisy: more repeats
+            rows = compare(name, spec, [b], repeats=max(repeats, 32 // b), device=device, mode=mode,
+                           input_size=size, model_kwargs=kwargs)
+            by = {r.variant: r for r in rows}
             points.append({"model": f"{name} {kwargs or ''} {spec.experts}/{spec.top_k} {spec.scope} {size}".replace("  ", " "),
-                           "macs": by["dense"].macs, "batch": b,
+                           "mode": mode, "macs": by["dense"].macs, "batch": b,
                            "relative_ms": {s: 1.0 / by[f"moe {s}"].speedup for s in STRATEGIES if s != "auto"}})
     return {"machine": machine(device), "devices": {torch.device(device).type: points}}
 

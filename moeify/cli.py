@@ -132,7 +132,7 @@ def bench(
 
         if os.path.exists(calibrate):
             raise MoeifyError(f"{calibrate} exists; choose another --calibrate path (nothing was overwritten)")
-        table = run_calibration(batches, repeats, device)
+        table = run_calibration(batches, repeats, device, mode)
         with open(calibrate, "w") as f:
             json.dump(table, f, indent=2)
         console.print(f"calibration for {device} ({table['machine']}) written to {calibrate}; ship it as "

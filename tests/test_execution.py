@@ -193,16 +193,18 @@ def test_auto_picks_the_fastest_measured_strategy():
 
     table = auto.calibration()
     assert table, "moeify ships a calibration table"
-    for dev, points in table.items():
+    assert {mode for _, mode in table} == {"eval", "train"}
+    for (dev, mode), points in table.items():
         for macs, batch, times in points:
             assert set(times) >= {"masked", "grouped", "static"}
-            assert times[auto.fastest(dev, batch, macs)] == min(times.values()), (dev, batch, macs)
-    made = {"cpu": [(1e7, 1, {"grouped": 0.9, "static": 1.2, "masked": 1.5}),
+            assert times[auto.fastest(dev, batch, macs, mode)] == min(times.values()), (dev, batch, macs, mode)
+    made = {("cpu", "eval"): [(1e7, 1, {"grouped": 0.9, "static": 1.2, "masked": 1.5}),
                     (1e7, 64, {"grouped": 1.6, "static": 1.1, "masked": 1.0}),
                     (1e9, 64, {"grouped": 0.6, "static": 1.1, "masked": 1.0})]}
-    assert auto.fastest("cpu", 2, 2e7, made) == "grouped" and auto.fastest("cpu", 128, 1e7, made) == "masked"
-    assert auto.fastest("cpu", 128, 5e8, made) == "grouped"
-    assert auto.fastest("xpu", 8, 1e7, made) == "static"
+    assert auto.fastest("cpu", 2, 2e7, table=made) == "grouped" and auto.fastest("cpu", 128, 1e7, table=made) == "masked"
+    assert auto.fastest("cpu", 128, 5e8, table=made) == "grouped"
+    assert auto.fastest("cpu", 128, 1e7, "train", table=made) == "masked"  # no train points: the eval ones
+    assert auto.fastest("xpu", 8, 1e7, table=made) == "static"
     moe = _moe()
     chosen = []
     hooks = [m.register_forward_hook(lambda _m, _i, r: chosen.append(r.executor)) for m in moeify.moe_layers(moe).values()]

@@ -83,7 +83,7 @@ _CHANNELWISE_FUNCS = {
     F.tanh, F.elu, F.selu, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.max_pool1d,
     F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, F.interpolate, F.batch_norm, F.pad,
-    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, torch.abs, torch.exp,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip, torch.abs, torch.exp,
     torch.nn.functional.relu_, operator.neg, torch.neg,
 }
 _POSITIONAL_FUNCS = {
@@ -105,6 +105,32 @@ _REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
 _SPLIT_FUNCS = {torch.split, torch.chunk, torch.tensor_split}
 _SPLIT_METHODS = {"split", "chunk", "tensor_split"}
+
+
+# How execution treats these ops on a tensor split by routing pattern (nn/rowgroups.py): the same
+# tables, read as "per sample" (each sample alone) and "element-wise binary".
+_BATCH_COUPLED = {F.batch_norm}  # channel-wise, but its statistics span the batch
+_TENSOR_DUNDERS = {operator.neg: ("__neg__",), operator.add: ("__add__", "__radd__"),
+                   operator.sub: ("__sub__", "__rsub__"), operator.mul: ("__mul__", "__rmul__"),
+                   operator.truediv: ("__truediv__",)}
+
+
+def _tensor_methods(names) -> set:
+    return {getattr(torch.Tensor, n) for n in names if hasattr(torch.Tensor, n)}
+
+
+def _dunders(ops) -> set:
+    return {getattr(torch.Tensor, n) for op in ops for n in _TENSOR_DUNDERS.get(op, ())}
+
+
+PER_SAMPLE = frozenset((_CHANNELWISE_FUNCS - _BATCH_COUPLED - set(_TENSOR_DUNDERS))
+                       | _tensor_methods(_CHANNELWISE_METHODS) | _dunders(_CHANNELWISE_FUNCS))
+"""Ops (functions and Tensor methods, as ``__torch_function__`` sees them) that treat every sample
+alone: the channel-wise ops above, minus those with batch statistics."""
+ELEMENTWISE = frozenset({torch.add, torch.sub, torch.mul, torch.div}
+                        | _tensor_methods(m for m in _ADD_METHODS | _MUL_METHODS if not m.endswith("_"))
+                        | _dunders(_ADD | _MUL))
+"""Binary element-wise ops (not in place), as ``__torch_function__`` sees them."""
 
 
 def is_depthwise(m: nn.modules.conv._ConvNd) -> bool:

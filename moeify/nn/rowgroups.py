@@ -11,30 +11,13 @@ plain tensor.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils._pytree import tree_map
+
+from ..graph.ops import ELEMENTWISE, PER_SAMPLE
 
 from .packing import merge_rows, split_rows
 
 Groups = list[tuple[list[int], torch.Tensor | None]]
-
-PER_SAMPLE = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.sigmoid, F.tanh, F.elu, F.selu, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
-    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clip,
-    torch.abs, torch.exp, torch.neg, torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.sigmoid,
-    torch.Tensor.tanh, torch.Tensor.clamp, torch.Tensor.clamp_min, torch.Tensor.clamp_max,
-    torch.Tensor.contiguous, torch.Tensor.clone, torch.Tensor.neg, torch.Tensor.__neg__,
-}
-"""Ops that treat every sample alone, so running them on each routing group's rows is exact."""
-
-ELEMENTWISE = {torch.add, torch.sub, torch.mul, torch.div, torch.Tensor.add, torch.Tensor.sub, torch.Tensor.mul,
-               torch.Tensor.div, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__sub__,
-               torch.Tensor.__rsub__, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__truediv__}
-"""Binary ops mapped over the parts when every tensor operand is a RowGroups split the same way
-(other operands must be Python numbers)."""
-
 
 class RowGroups:
     """The parts of a packed tensor, one per routing pattern of ``groups`` (``[(experts, rows)]``,

@@ -29,20 +29,26 @@ Point = tuple[float, int, dict[str, float]]  # (dense MACs per sample, batch, {s
 
 
 @lru_cache(maxsize=None)
-def calibration(path: str = str(CALIBRATION)) -> dict[str, list[Point]]:
-    """{device type: [(model MACs per sample, batch, {strategy: latency relative to dense})]}."""
+def calibration(path: str = str(CALIBRATION)) -> dict[tuple[str, str], list[Point]]:
+    """{(device type, eval | train): [(model MACs per sample, batch, {strategy: latency relative
+    to dense})]}."""
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return {}
-    return {dev: [(float(p["macs"]), int(p["batch"]), dict(p["relative_ms"])) for p in points]
-            for dev, points in raw["devices"].items()}
+    table: dict[tuple[str, str], list[Point]] = {}
+    for dev, points in raw["devices"].items():
+        for p in points:
+            table.setdefault((dev, p.get("mode", "eval")), []).append(
+                (float(p["macs"]), int(p["batch"]), dict(p["relative_ms"])))
+    return table
 
 
-def fastest(device_type: str, batch: int, macs: float, table: dict | None = None) -> str:
+def fastest(device_type: str, batch: int, macs: float, mode: str = "eval", table: dict | None = None) -> str:
     """The measured-fastest strategy at the calibration point nearest (in log batch size and log
-    model MACs per sample) to this call."""
-    points = (calibration() if table is None else table).get(device_type)
+    model MACs per sample) to this call; ``mode`` train for calls that will be differentiated."""
+    table = calibration() if table is None else table
+    points = table.get((device_type, mode)) or table.get((device_type, "eval"))
     if not points:
         return UNMEASURED
 
@@ -58,12 +64,18 @@ class Auto(Executor):
 
     def __init__(self, strategies: dict[str, Executor]) -> None:
         self.strategies = strategies
+        self._chosen: dict[tuple[str, int, float, str], Executor] = {}  # a lookup per layer call, not a search
 
     def resolve(self, x, layer=None) -> Executor:
-        """Every layer of one call agrees: the choice depends on the batch, the device and the
-        whole model's dense MACs (``MoELayer.model_macs``), never on the layer."""
+        """Every layer of one call agrees: the choice depends on the batch, the device, whether
+        autograd records (training steps and attacks: the ``train`` measurements) and the whole
+        model's dense MACs (``MoELayer.model_macs``), never on the layer."""
         if torch.compiler.is_compiling():
             return self.strategies["static"]
         idx = getattr(x, "idx", None)  # a shared global Route
         batch, device = (idx.shape[0], idx.device) if idx is not None else (x.shape[0], x.device)
-        return self.strategies[fastest(device.type, batch, getattr(layer, "model_macs", 0.0))]
+        key = (device.type, batch, getattr(layer, "model_macs", 0.0), "train" if torch.is_grad_enabled() else "eval")
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            chosen = self._chosen[key] = self.strategies[fastest(*key)]
+        return chosen
