@@ -6,7 +6,8 @@ AutoAttack, MoE-adaptive attacks) and timed, then OUT/results.md is written. Rer
 
 Run: python examples/study.py [OUT] [--quick]
 The full study takes about 2 hours on 2 CPU cores; --quick trains each row for two steps on a small
-subset (a minute or two) to show the pipeline, not a finding.
+subset and evaluates with lighter attacks (PGD-5, APGD-CE only, Square with 200 queries) to show the
+pipeline in about a minute, not a finding.
 """
 import json
 import sys
@@ -19,7 +20,8 @@ args = [a for a in sys.argv[1:] if a != "--quick"]
 out = Path(args[0]) if args else Path("runs/study-fmnist")
 overrides = ["data.train_subset=256", "data.val_size=64", "data.test_subset=48", "train.epochs=1",
              "train.max_steps_per_epoch=2"] if quick else []
-results = run_study("fmnist", out, out / "results.md", overrides, n=48 if quick else None)
+light = {"pgd_steps": 5, "square_queries": 200, "autoattack": ["apgd-ce"]} if quick else None
+results = run_study("fmnist", out, out / "results.md", overrides, n=48 if quick else None, evaluate=light)
 
 print(f"{'row':<40} {'SA':>6} {'PGD':>6} {'AA':>6} {'MoE-adaptive':>13} {'ms @ b1':>8}")
 for r in results["rows"]:

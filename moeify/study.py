@@ -221,12 +221,18 @@ def _latency(runs: dict[str, Path], recipe: Recipe, ev: StudyEval) -> dict[str, 
 
 
 def run_study(name_or_path: str, out: str | Path, results: str | Path | None = None, overrides: list[str] | None = None,
-              n: int | None = None, console=None, log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) a study into ``out``; write ``results`` (markdown). Returns the collected results."""
+              n: int | None = None, console=None, log: Callable[[str], None] = print,
+              evaluate: dict | None = None) -> dict:
+    """Run (or resume) a study into ``out``; write ``results`` (markdown). Returns the collected results.
+    ``evaluate`` overrides fields of the study file's ``evaluate`` section (e.g. lighter attacks for a dry run)."""
     study, path = load_study(name_or_path)
     overrides = list(overrides or [])
     if n is not None:
         study.evaluate.n = n
+    for key, value in (evaluate or {}).items():
+        if not hasattr(study.evaluate, key):
+            raise MoeifyError(f"unknown evaluate setting {key!r}; known: {', '.join(vars(study.evaluate))}")
+        setattr(study.evaluate, key, value)
     out = Path(out)
     results = Path(results) if results else out / "results.md"
     kept = _kept_notes(results)

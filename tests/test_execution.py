@@ -152,20 +152,21 @@ def test_global_router_shares_one_route():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("experts,top_k,spread", [(4, 2, False), (4, 2, True), (2, 1, True)])
-@pytest.mark.parametrize("cuda_groups", [None, 8])
-def test_cuda_sparse_equals_masked(experts, top_k, spread, cuda_groups, monkeypatch):
-    """The CUDA path: a batch routed alike runs sparse; a spread batch runs masked by default
-    (``MAX_GROUPS``) and, allowed more groups, split by routing pattern (row groups). In true fp32
-    (TF32, on by default for CUDA convolutions, rounds sliced and full convs differently)."""
+@pytest.mark.parametrize("mode,cuda_groups", [("grouped", None), ("grouped", 8), ("static", None), ("auto", None)])
+def test_cuda_strategy_equals_masked(experts, top_k, spread, mode, cuda_groups, monkeypatch):
+    """The CUDA path: grouped runs a batch routed alike sparse and a spread batch masked by default
+    (``MAX_GROUPS``) or, allowed more groups, split by routing pattern (row groups); static gathers
+    per-sample weights. In true fp32 (TF32, on by default for CUDA convolutions, rounds sliced and
+    full convs differently)."""
     from moeify.attacks import full_fp32
-    from moeify.nn import gated
+    from moeify.nn.executors import grouped
 
     if cuda_groups:
-        monkeypatch.setitem(gated.MAX_GROUPS, "cuda", cuda_groups)
+        monkeypatch.setitem(grouped.MAX_GROUPS, "cuda", cuda_groups)
     moe = _moe(experts=experts, top_k=top_k).cuda()
     x = torch.rand(8, 3, 16, 16, device="cuda")
     with full_fp32():
-        out_s, gx_s, _ = _grads(moe, x, "sparse", spread)
+        out_s, gx_s, _ = _grads(moe, x, mode, spread)
         out_m, gx_m, _ = _grads(moe, x, "masked", spread)
     assert torch.allclose(out_s, out_m, rtol=1e-4, atol=1e-5)
     assert torch.allclose(gx_s, gx_m, rtol=1e-4, atol=1e-6)
