@@ -10,6 +10,7 @@ strategy does not run sparsely, and per-sample (pattern-free, static-shape) pack
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,8 +25,6 @@ class Executor:
     the masked reference (routes never packed)."""
 
     name = "executor"
-    compiles = True
-    """Whether the strategy's ops trace into one graph under ``torch.compile(fullgraph=True)``."""
 
     def packs(self, batch: int, device: torch.device) -> bool:
         """Whether a packable layer's tensors hold only the selected channels for this batch."""

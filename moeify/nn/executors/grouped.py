@@ -106,7 +106,6 @@ def _separate(x: RowGroups) -> bool:
 
 class Grouped(Executor):
     name = "grouped"
-    compiles = False
 
     def packs(self, batch: int, device: torch.device) -> bool:
         return True
