@@ -46,6 +46,7 @@ def test_convert_user_file():
     (("inspect", "[/x].moe"), "no such file '[/x].moe'"),  # printed as text, never read as rich markup
     (("study", "nosuch"), "unknown study 'nosuch'; built-in studies: fmnist"),
     (("evaluate", "run", "--autoattack", "apgd-ce,fab"), "--autoattack: unknown attack(s) fab; use standard or some of"),
+    (("bench", "cifar_resnet18", "--model-kwargs", "width"), "--model-kwargs: 'width' is not key=value"),
 ])
 def test_bad_input_is_one_line_without_traceback(args, message):
     r = run(*args)
