@@ -122,9 +122,47 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
             continue
         width = producer.in_channels if isinstance(producer, nn.Conv2d) else producer.in_features
         router = LayerRouter(width, layer.experts, layer.top_k, cdim=1 if isinstance(producer, nn.Conv2d) else -1)
-        twin.add_module(f"moeify_bench_router_{i}", router)
-        producer.register_forward_pre_hook(lambda _m, args, router=router: router(args[0]).groups() and None)
+        producer.moeify_bench_router = router  # a submodule: moves with the twin
+        producer.__class__ = _subclass(type(producer), _RoutedFirst)
     return twin
+
+
+class _RoutedFirst:
+    """Mixed into a producer of ``with_routers``: runs its router (choice read back, ignored) first.
+    A class, not a forward hook, so the baseline does not pay hooks' slower module call."""
+
+    def forward(self, x, *args, **kwargs):
+        self.moeify_bench_router(x).groups()
+        return super().forward(x, *args, **kwargs)
+
+
+class _Noisy:
+    """Mixed into a router's linear layer by ``spread_routing``: its scores plus the layer's noise.
+    A class, not a forward hook, so the MoE does not pay hooks' slower module call."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out + self.__dict__["_moeify_noise"](out)
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(cls: type, mixin: type) -> type:
+    if (cls, mixin) not in _SUBCLASSES:
+        _SUBCLASSES[cls, mixin] = type(f"{mixin.__name__[1:]}{cls.__name__}", (mixin, cls), {})
+    return _SUBCLASSES[cls, mixin]
+
+
+class _Unspread:
+    """The handle ``spread_routing`` returns per router: ``remove()`` restores it."""
+
+    def __init__(self, module: nn.Module, cls: type) -> None:
+        self.module, self.cls = module, cls
+
+    def remove(self) -> None:
+        self.module.__class__ = self.cls
+        self.module.__dict__.pop("_moeify_noise", None)
 
 
 def spread_routing(moe: nn.Module, seed: int = 0) -> list:
@@ -132,24 +170,30 @@ def spread_routing(moe: nn.Module, seed: int = 0) -> list:
     samples in a batch take different routes, as trained routers do; untrained ones on synthetic
     images send every sample to the same experts. The noise depends on (seed, router, sample
     position, expert) only: made once per batch shape where the scores are (no host copy, one add
-    per router call), so the hooked model still compiles as one graph and every strategy and
-    every call sees the same routes. Returns the hook handles."""
+    per router call), so the model still compiles as one graph and every strategy and every call
+    sees the same routes. Returns one handle per router; ``handle.remove()`` restores it."""
     routers = [m.router.proj for m in moe_layers(moe).values() if m.router is not None]
     routers += [m.proj for m in moe.modules() if isinstance(m, GlobalRouter)]
-    return [r.register_forward_hook(_noise_hook(seed * 7919 + i)) for i, r in enumerate(routers)]
+    handles = []
+    for i, r in enumerate(routers):
+        handles.append(_Unspread(r, type(r).__mro__[2] if isinstance(r, _Noisy) else type(r)))
+        if not isinstance(r, _Noisy):
+            r.__class__ = _subclass(type(r), _Noisy)
+        r.__dict__["_moeify_noise"] = _noise(seed * 7919 + i)
+    return handles
 
 
-def _noise_hook(key: int):
+def _noise(key: int):
     made: dict[tuple, torch.Tensor] = {}
 
-    def hook(_m, _inp, out):
+    def noise(out: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced into the graph (no Python-side cache there)
-            return out + _hashed_noise(out, key)
+            return _hashed_noise(out, key)
         k = (tuple(out.shape), out.device, out.dtype)
         if k not in made:
             made[k] = _hashed_noise(out, key)
-        return out + made[k]
-    return hook
+        return made[k]
+    return noise
 
 
 def _hashed_noise(like: torch.Tensor, key: int) -> torch.Tensor:
