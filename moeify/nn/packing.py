@@ -274,25 +274,33 @@ def scatter_add_channels(stream: torch.Tensor, y: torch.Tensor, route: Route, cd
     return moved.scatter_add(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
 
 
-def unpack(y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
+def _shared_selection(route: Route, by_pattern: bool) -> list[int] | None:
+    """The experts every sample selected, when ``by_pattern`` allows reading the batch's routing
+    patterns back (a host read) and there is one; else None (per-sample indexing)."""
+    if not by_pattern:
+        return None
+    groups = route.groups()
+    return groups[0][0] if len(groups) == 1 and groups[0][1] is None else None
+
+
+def unpack(y: torch.Tensor, route: Route, channels: int, cdim: int, by_pattern: bool = True) -> torch.Tensor:
     """Full-width tensor from packed ``y``: selected channels in place (times gates), zeros elsewhere.
-    A batch that shares one selection is placed by slices (a host read of its pattern)."""
+    With ``by_pattern``, a batch that shares one selection is placed by slices."""
     cdim = cdim % y.ndim
     per = channels // route.experts
     y = times_gates(y, route, None, per, cdim)
-    groups = route.groups()
-    if len(groups) == 1 and groups[0][1] is None:
-        return place(y, channels, cdim, groups[0][0], per)
+    shared = _shared_selection(route, by_pattern)
+    if shared is not None:
+        return place(y, channels, cdim, shared, per)
     return scatter_channels(y, route, channels, cdim)
 
 
-def pack(y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
+def pack(y: torch.Tensor, route: Route, cdim: int, by_pattern: bool = True) -> torch.Tensor:
     """Packed tensor from full-width ``y``: each sample's selected channels, in slot order."""
     cdim = cdim % y.ndim
-    per = y.shape[cdim] // route.experts
-    groups = route.groups()
-    if len(groups) == 1 and groups[0][1] is None:
-        return take(y, cdim, groups[0][0], per)
+    shared = _shared_selection(route, by_pattern)
+    if shared is not None:
+        return take(y, cdim, shared, y.shape[cdim] // route.experts)
     return gather_channels(y, route, cdim)
 
 
@@ -309,15 +317,14 @@ class PackedBranch:
         return self.route.executor.unpack(self.y, self.route, self.channels, self.cdim)
 
 
-def add_packed(stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
+def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = True) -> torch.Tensor:
     """``stream + unpack(branch)`` without materialising the unpacked branch."""
     cdim = branch.cdim % stream.ndim
     route = branch.route
     per = branch.channels // route.experts
     y = times_gates(branch.y, route, None, per, cdim).to(stream.dtype)
-    groups = route.groups()
-    if len(groups) == 1 and groups[0][1] is None:
-        experts = groups[0][0]
+    experts = _shared_selection(route, by_pattern)
+    if experts is not None:
         if runs(experts):
             start, width = experts[0] * per, len(experts) * per
             parts = [stream.narrow(cdim, 0, start), stream.narrow(cdim, start, width) + y,

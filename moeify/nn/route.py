@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import RoutingError
 from .policy import Recorder, current_policy
@@ -28,7 +29,7 @@ from .policy import Recorder, current_policy
 class Route:
     """Top-K expert choice per sample: ``idx`` LongTensor[B, K], ``gate`` Tensor[B, K] (value 1)."""
 
-    __slots__ = ("idx", "_gate", "experts", "packed", "executor", "chosen", "_groups", "_index")
+    __slots__ = ("idx", "_gate", "experts", "packed", "executor", "chosen", "_groups", "_index", "_masks")
 
     def __init__(self, idx: torch.Tensor, gate: torch.Tensor | None, experts: int, packed: bool = False,
                  chosen: torch.Tensor | None = None) -> None:
@@ -38,6 +39,7 @@ class Route:
         self.executor = None  # set by the MoE layer that made or adopted the route
         self._groups: list[tuple[list[int], torch.Tensor | None]] | None = None
         self._index: dict[int, torch.Tensor] = {}
+        self._masks: dict[int, torch.Tensor] = {}
 
     @property
     def gate(self) -> torch.Tensor:
@@ -48,7 +50,7 @@ class Route:
     def adopted(self, executor, packed: bool) -> "Route":
         """The same choice, run by ``executor`` in a layer whose tensors are (or are not) packed."""
         r = Route(self.idx, self._gate, self.experts, packed, self.chosen)
-        r.executor, r._groups, r._index = executor, self._groups, self._index
+        r.executor, r._groups, r._index, r._masks = executor, self._groups, self._index, self._masks
         return r
 
     @property
@@ -80,10 +82,9 @@ class Route:
     def channel_mask(self, channels: int) -> torch.Tensor:
         """[B, channels]: each expert's gate repeated over its contiguous block of channels (made
         once per route and width: a layer's producer, consumer and add share it)."""
-        key = -channels  # shares the index cache, keyed apart from channel_index's per-expert widths
-        if key not in self._index:
-            self._index[key] = repeat_columns(self.expert_mask(), channels // self.experts)
-        return self._index[key]
+        if channels not in self._masks:
+            self._masks[channels] = repeat_columns(self.expert_mask(), channels // self.experts)
+        return self._masks[channels]
 
     def apply(self, x: torch.Tensor, cdim: int) -> torch.Tensor:
         """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``)."""
@@ -149,16 +150,16 @@ def routes_checked(out, *routes):
 
 
 def _keep(out, ok: torch.Tensor):
-    """``out`` made to depend on the check's result ``ok`` (1.0), so a compiler keeps the check:
-    its first floating tensor is multiplied by it (exact)."""
-    if isinstance(out, torch.Tensor) and out.is_floating_point():
-        return out * ok.to(out.dtype)
-    if isinstance(out, (tuple, list)) and out:
-        return type(out)([_keep(out[0], ok), *out[1:]])
-    if isinstance(out, dict) and out:
-        first = next(iter(out))
-        return {**out, first: _keep(out[first], ok)}
-    return out
+    """``out`` made to depend on the check's result ``ok`` (1.0), so a compiler keeps the check (an
+    op whose result nothing uses is removed): its first floating tensor, at any depth of the
+    output, is multiplied by it (exact)."""
+    leaves, spec = tree_flatten(out)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            leaves[i] = leaf * ok.to(leaf.dtype)
+            return tree_unflatten(leaves, spec)
+    raise RoutingError("a compiled MoE model must return a floating-point tensor (it carries the NaN/inf "
+                       "route check); run this model without torch.compile")
 
 
 def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -4,10 +4,9 @@ this device type for the nearest batch size and model size (dense MACs per sampl
 
 The table ships with moeify (``calibration.json``, written by ``moeify bench --calibrate``):
 latencies per strategy, relative to dense, measured with spread routing on reference models of
-several sizes. A
-shipped table rather than a micro-benchmark at first use, so that a model's speed does not depend
-on what a noisy machine measured once, and results are reproducible; re-calibrate a machine with
-the bench command. A device type without measurements uses ``static``: it never reads routes back,
+several sizes. A shipped table rather than a micro-benchmark at first use, so that a model's speed
+does not depend on what a noisy machine measured once, and results are reproducible;
+re-calibrate a machine with the bench command. A device type without measurements uses ``static``: it never reads routes back,
 which is what stalls an accelerator.
 """
 from __future__ import annotations

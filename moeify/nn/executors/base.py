@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..kernel import Kernel
-from ..packing import PackedBranch, gather_channels, scatter_add_channels, scatter_channels, times_gates
+from ..channelwise import per_sample_batch_norm, per_sample_depthwise
+from ..packing import PackedBranch, add_packed, pack, unpack
 from ..route import Route, select_top_k
 from ..rowgroups import as_tensor
 
@@ -25,6 +26,9 @@ class Executor:
     the masked reference (routes never packed)."""
 
     name = "executor"
+    reads_patterns = False
+    """Whether the strategy may read a batch's routing patterns back to the host (then a batch
+    that shares one selection is moved by slices instead of per-sample indexing)."""
 
     def packs(self, batch: int, device: torch.device) -> bool:
         """Whether a packable layer's tensors hold only the selected channels for this batch."""
@@ -63,22 +67,17 @@ class Executor:
         return x.mean(dims) if dims else x
 
     # -- packing --------------------------------------------------------------------------------
-    def unpack(self, y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
+    def unpack(self, y, route: Route, channels: int, cdim: int) -> torch.Tensor:
         """Full width (times gates) from packed ``y``."""
-        cdim = cdim % y.ndim
-        y = times_gates(as_tensor(y), route, None, channels // route.experts, cdim)
-        return scatter_channels(y, route, channels, cdim)
+        return unpack(as_tensor(y), route, channels, cdim, self.reads_patterns)
 
     def pack(self, y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
         """Packed from full-width ``y``."""
-        return gather_channels(y, route, cdim)
+        return pack(y, route, cdim, self.reads_patterns)
 
     def add_packed(self, stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
         """``stream`` + the branch's selected channels, without writing the unselected zeros."""
-        cdim = branch.cdim % stream.ndim
-        per = branch.channels // branch.route.experts
-        y = times_gates(branch.y, branch.route, None, per, cdim).to(stream.dtype)
-        return scatter_add_channels(stream, y, branch.route, cdim)
+        return add_packed(stream, branch, self.reads_patterns)
 
     # -- ops ------------------------------------------------------------------------------------
     def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
@@ -103,14 +102,10 @@ class Executor:
     def batch_norm(self, bn: nn.modules.batchnorm._BatchNorm, x, route: Route) -> torch.Tensor:
         """BatchNorm of the layer's tensor; in training a channel's statistics come from the
         samples that selected it."""
-        from ..channelwise import per_sample_batch_norm
-
         return per_sample_batch_norm(bn, as_tensor(x), route)
 
     def depthwise(self, conv: nn.modules.conv._ConvNd, x, route: Route) -> torch.Tensor:
         """Depthwise conv of the layer's tensor."""
-        from ..channelwise import per_sample_depthwise
-
         x = as_tensor(x)
         return per_sample_depthwise(conv, x, route) if route.packed else conv._conv_forward(x, conv.weight, conv.bias)
 

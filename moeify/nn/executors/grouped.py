@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ..channelwise import bn_selection, bn_state, per_sample_batch_norm, per_sample_depthwise, selection_depthwise
-from ..packing import (PackedBranch, add_packed, merge_rows, pack, place, split_rows, take, times_gates, unpack,
-                       weight_slice)
+from ..packing import merge_rows, place, split_rows, take, times_gates, weight_slice
 from ..route import Route, pattern_groups
 from ..rowgroups import RowGroups, as_tensor, parts_for, routed_parts, subsplit
 from .base import Executor, Kernel
@@ -106,6 +105,7 @@ def _separate(x: RowGroups) -> bool:
 
 class Grouped(Executor):
     name = "grouped"
+    reads_patterns = True
 
     def packs(self, batch: int, device: torch.device) -> bool:
         return True
@@ -118,15 +118,6 @@ class Grouped(Executor):
         if isinstance(x, RowGroups):
             return merge_rows([p.mean(dims) if dims else p for p in x.parts], [rows for _, rows in x.groups])
         return super().pool(x, dims)
-
-    def unpack(self, y, route: Route, channels: int, cdim: int) -> torch.Tensor:
-        return unpack(as_tensor(y), route, channels, cdim)
-
-    def pack(self, y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
-        return pack(y, route, cdim)
-
-    def add_packed(self, stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
-        return add_packed(stream, branch)
 
     def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
                  c_in: int, in_route: Route | None, out_route: Route | None) -> torch.Tensor:
