@@ -19,6 +19,7 @@ from torch import nn
 from .convert import convert, moe_layers
 from .macs import count_macs
 from .nn import GlobalRouter, LayerRouter, execution
+from .nn.gated import with_mixin
 from .spec import MoESpec
 from .twin import static_twin
 from .zoo import create_model
@@ -123,7 +124,7 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
         width = producer.in_channels if isinstance(producer, nn.Conv2d) else producer.in_features
         router = LayerRouter(width, layer.experts, layer.top_k, cdim=1 if isinstance(producer, nn.Conv2d) else -1)
         producer.moeify_bench_router = router  # a submodule: moves with the twin
-        producer.__class__ = _subclass(type(producer), _RoutedFirst)
+        with_mixin(producer, _RoutedFirst)
     return twin
 
 
@@ -143,15 +144,6 @@ class _Noisy:
     def forward(self, x):
         out = super().forward(x)
         return out + self.__dict__["_moeify_noise"](out)
-
-
-_SUBCLASSES: dict[tuple[type, type], type] = {}
-
-
-def _subclass(cls: type, mixin: type) -> type:
-    if (cls, mixin) not in _SUBCLASSES:
-        _SUBCLASSES[cls, mixin] = type(f"{mixin.__name__[1:]}{cls.__name__}", (mixin, cls), {})
-    return _SUBCLASSES[cls, mixin]
 
 
 class _Unspread:
@@ -177,8 +169,7 @@ def spread_routing(moe: nn.Module, seed: int = 0) -> list:
     handles = []
     for i, r in enumerate(routers):
         handles.append(_Unspread(r, type(r).__mro__[2] if isinstance(r, _Noisy) else type(r)))
-        if not isinstance(r, _Noisy):
-            r.__class__ = _subclass(type(r), _Noisy)
+        with_mixin(r, _Noisy)
         r.__dict__["_moeify_noise"] = _noise(seed * 7919 + i)
     return handles
 

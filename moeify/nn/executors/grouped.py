@@ -49,7 +49,7 @@ def sparse_apply(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Route | N
                  groups: Groups) -> torch.Tensor:
     """Run the kernel computing only routed channels, one call per routing pattern in the batch.
 
-    ``weight`` is laid out [out, in, ...] (conv and linear); channels of x and of the output live on
+    The kernel's weight is laid out [out, in, ...] (conv and linear); channels of x and of the output live on
     ``cdim``. A packed ``in_route`` means x holds only the selected channels; a packed ``out_route``
     means the result does too (else unselected output channels are zero-filled).
     """

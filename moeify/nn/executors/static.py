@@ -93,16 +93,13 @@ class Static(Executor):
     def __init__(self, gather_max_batch: dict[str, int] | None = None) -> None:
         self.gather_max_batch = dict(GATHER_MAX_BATCH if gather_max_batch is None else gather_max_batch)
 
-    def gathers(self, batch: int, device: torch.device) -> bool:
-        """Whether a batch this size runs on gathered weights (else masked math)."""
-        return batch <= self.gather_max_batch.get(device.type, self.gather_max_batch.get("cuda", 0))
-
     def packs(self, batch: int, device: torch.device) -> bool:
-        return self.gathers(batch, device)
+        """Gathered weights and packed layers up to ``gather_max_batch`` samples, else masked math."""
+        return batch <= self.gather_max_batch.get(device.type, self.gather_max_batch.get("cuda", 0))
 
     def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
                  c_in: int, in_route: Route | None, out_route: Route | None) -> torch.Tensor:
         route = out_route or in_route
-        if kernel is None or not self.gathers(route.idx.shape[0], route.idx.device):
+        if kernel is None or not self.packs(route.idx.shape[0], route.idx.device):
             return self.masked_contract(x, full, cdim, c_in, in_route, out_route)
         return gathered_contract(as_tensor(x), kernel, cdim, in_route, out_route)
