@@ -1,10 +1,10 @@
 """moeify: turn any CNN into a sparsely-gated Mixture-of-Experts CNN by torch.fx graph rewriting."""
-from .convert import convert, moe_layers, plan, router_parameters, routing
+from .conversion import convert, moe_layers, plan, router_parameters, routing
 from .errors import ConversionError, MoeifyError, RoutingError
 from .io import load, save
 from .macs import count_macs
 from .nn import execution
-from .plan import ConversionPlan
+from .planning import ConversionPlan
 from .spec import MoESpec
 from .twin import static_twin
 from .zoo import create_model

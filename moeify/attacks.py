@@ -1,5 +1,5 @@
-"""White-box attacks on models that take inputs in [0, 1]: PGD (L-inf, L2; random start, restarts)
-and FGSM with random start. They run in fp32 (autocast off), leave parameter gradients alone, and
+"""White-box attacks on models that take inputs in [0, 1]: PGD (L-inf, L2; random start, restarts;
+one step with a random start is FGSM-RS). They run in fp32 (autocast off), leave parameter gradients alone, and
 put the model in a chosen BatchNorm mode for the attack (eval by default), restoring it after.
 ``full_fp32()`` also turns off TF32 on CUDA (on by default for convolutions), for evaluations.
 """
@@ -126,10 +126,12 @@ def _step(grad: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, loss: Loss | None = None,
-        target: torch.Tensor | None = None, gen: torch.Generator | None = None) -> torch.Tensor:
+        target: torch.Tensor | None = None, gen: torch.Generator | None = None,
+        start: torch.Tensor | None = None) -> torch.Tensor:
     """Adversarial examples maximising ``loss(model(x_adv), target)`` (per sample; default cross-
     entropy against ``y``) within the ``cfg`` ball around ``x``; over restarts each sample keeps the
-    example with the highest loss (a misclassified one first)."""
+    example with the highest loss (a misclassified one first). ``start``: begin every restart at
+    these inputs (inside the ball) instead of a random or zero start."""
     loss = loss or _ce
     target = y if target is None else target
     x = x.detach().float()
@@ -138,7 +140,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, l
     best, best_key = x.clone(), None
     with bn_mode(model, cfg.bn_mode), frozen(model), torch.autocast(x.device.type, enabled=False):
         for _ in range(cfg.restarts):
-            delta = _start(x, cfg, gen)
+            delta = _start(x, cfg, gen) if start is None else (start.detach().float() - x)
             for _ in range(cfg.steps):
                 delta.requires_grad_(True)
                 with torch.enable_grad():
@@ -154,12 +156,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, l
                 better = key > best_key
                 best[better], best_key = (x + delta)[better].detach(), torch.where(better, key, best_key)
     return best
-
-
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None,
-         gen: torch.Generator | None = None) -> torch.Tensor:
-    """FGSM with a random start (Wong et al.): one signed step of ``alpha`` (default 1.25 eps)."""
-    return pgd(model, x, y, AttackConfig(eps=eps, steps=1, alpha=1.25 * eps if alpha is None else alpha), gen=gen)
 
 
 def trades_kl(model: nn.Module, x: torch.Tensor) -> Loss:

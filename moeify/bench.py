@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .convert import convert, moe_layers
+from .conversion import convert, moe_layers
 from .macs import count_macs
 from .nn import GlobalRouter, LayerRouter, execution
 from .nn.gated import with_mixin

@@ -112,7 +112,6 @@ def bench(
     import json
 
     import torch
-    from rich.table import Table
 
     from .bench import compare, convert_seconds, machine, rows_as_dicts
     from .bench import sweep as run_sweep
@@ -128,15 +127,7 @@ def bench(
         raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
     batches = [int(b) for b in _size(batch)]
     if calibrate:
-        from .bench import calibrate as run_calibration
-
-        if os.path.exists(calibrate):
-            raise MoeifyError(f"{calibrate} exists; choose another --calibrate path (nothing was overwritten)")
-        table = run_calibration(batches, repeats, device, mode)
-        with open(calibrate, "w") as f:
-            json.dump(table, f, indent=2)
-        console.print(f"calibration for {device} ({table['machine']}) written to {calibrate}; ship it as "
-                      "moeify/nn/executors/calibration.json (merging device types) for auto to use it")
+        _calibrate(calibrate, batches, repeats, device, mode)
         return
     size = _size(input_size)
     kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size,
@@ -151,6 +142,30 @@ def bench(
     title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}"
     if conv_s is not None:
         title += f"; convert: {conv_s:.2f} s"
+    console.print(_bench_table(rows, title))
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
+
+
+def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: str) -> None:
+    """Measure the table the auto strategy reads and write it to ``path`` (never over a file)."""
+    import json
+
+    from .bench import calibrate
+
+    if os.path.exists(path):
+        raise MoeifyError(f"{path} exists; choose another --calibrate path (nothing was overwritten)")
+    table = calibrate(batches, repeats, device, mode)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+    console.print(f"calibration for {device} ({table['machine']}) written to {path}; ship it as "
+                  "moeify/nn/executors/calibration.json (merging device types) for auto to use it")
+
+
+def _bench_table(rows: list, title: str):
+    from rich.table import Table
+
     t = Table(title=title)
     for col in ("experts", "batch", "variant", "ms / batch", "MACs / sample", "speed-up", "MAC-ideal",
                 "of twin's gain"):
@@ -159,10 +174,7 @@ def bench(
         share = "" if r.variant == "dense" else ("-" if math.isnan(r.of_twin) else f"{r.of_twin:.0%}")
         t.add_row(f"{r.top_k}/{r.experts}", str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M",
                   f"{r.speedup:.2f}x", f"{r.ideal:.2f}x", share)
-    console.print(t)
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
+    return t
 
 
 def _kwargs(text: str | None) -> dict:
@@ -217,72 +229,30 @@ def evaluate(
     autoattack: Annotated[str, typer.Option("--autoattack", help="standard, or a comma-separated subset run with the standard settings: apgd-ce, apgd-t, fab-t, square.")] = "standard",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for report.json and plots (default: TARGET's folder / eval).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the evaluation stopped in --out (finished attacks are kept).")] = False,
 ) -> None:
     """Honest robustness evaluation: clean, PGD, AutoAttack, MoE-adaptive attacks, router/expert dissection."""
     from pathlib import Path
 
-    import torch
+    from .eval_file import EvalRequest, evaluate_file, model_file
+    from .report import table
 
-    from . import io
-    from .data import as_tensors, load_data
-    from .evaluate import AA_ATTACKS, ATTACKS, EvalConfig
-    from .evaluate import evaluate as run_eval
-    from .report import table, write
-
-    aa_subset = () if autoattack == "standard" else tuple(a.strip() for a in autoattack.split(",") if a.strip())
-    bad = set(aa_subset) - set(AA_ATTACKS)
-    if bad:
-        raise MoeifyError(f"--autoattack: unknown attack(s) {', '.join(sorted(bad))}; use standard or some of {', '.join(AA_ATTACKS)}")
+    req = EvalRequest(model_file=str(model_file(target)), dataset=dataset, root=root, n=n, eps=eps, norm=norm,
+                      attacks=_items(attacks), pgd_steps=pgd_steps, restarts=restarts, square_queries=square_queries,
+                      autoattack=() if autoattack == "standard" else _items(autoattack), batch_size=batch_size)
+    req.check()
     path = Path(target)
-    model_file = path / "model.moe" if path.is_dir() else path
-    if not model_file.is_file():
-        raise MoeifyError(f"{target} is neither a run folder with model.moe nor a saved model file")
-    info = io.read_info(model_file)
-    recipe = (info.get("extra") or {}).get("recipe") or {}
-    data_cfg, attack_cfg = recipe.get("data", {}), recipe.get("attack", {})
-    dataset = dataset or data_cfg.get("dataset")
-    if dataset is None:
-        raise MoeifyError(f"{model_file} carries no recipe; pass --dataset (and --eps)")
-    eps = eps if eps is not None else attack_cfg.get("eps")
-    if eps is None:
-        raise MoeifyError("pass --eps (the model carries no recipe to take it from)")
-    norm = norm or attack_cfg.get("norm", "linf")
-    chosen = tuple(a.strip() for a in attacks.split(",") if a.strip())
-    bad = set(chosen) - set(ATTACKS)
-    if bad:
-        raise MoeifyError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent) / "eval"
-    if (out_dir / "report.json").exists():
-        raise MoeifyError(f"{out_dir}/report.json exists; pass another --out (nothing was overwritten)")
-    data = load_data(dataset, root or data_cfg.get("root"), val_size=data_cfg.get("val_size", 1000),
-                     download=bool(data_cfg.get("download", False)), test_subset=n)
-    x, y = as_tensors(data.test)
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    acc = Accelerator(cpu=not torch.cuda.is_available())  # `accelerate launch` / torchrun: shard the examples
-    rank, world = acc.process_index, acc.num_processes
-    x, y = x[rank::world].to(acc.device), y[rank::world].to(acc.device)
-    model = io.load(model_file).to(acc.device)
-
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        if world == 1:
-            return t
-        return torch.cat([v for v in gather_object([t.cpu()])])
-
-    log = (lambda s: err.print(s, highlight=False, markup=False)) if acc.is_main_process else (lambda s: None)
-    cfg = EvalConfig(eps=eps, norm=norm, attacks=chosen, pgd_steps=pgd_steps, pgd_restarts=restarts,
-                     batch_size=batch_size, square_queries=square_queries, autoattack=aa_subset, log=log,
-                     gather=gather)
-    rep = run_eval(model, x, y, cfg)
-    if not acc.is_main_process:
+    rep = evaluate_file(req, out_dir, resume=resume, log=lambda s: err.print(s, highlight=False, markup=False))
+    if rep is None:  # not the main process
         return
-    rep.update({"model": info.get("source"), "kind": info.get("kind", "moe"), "recipe": recipe.get("name"),
-                "dataset": dataset, "model_file": str(model_file), "processes": world})
-    console.print(table(rep, f"{model_file}: {info.get('kind', 'moe')} {info.get('source')} on {dataset} "
+    console.print(table(rep, f"{req.model_file}: {rep['kind']} {rep['model']} on {rep['dataset']} "
                              f"({rep['n_examples']} test images)"))
-    for f in write(rep, out_dir):
-        console.print(f"wrote {f}")
+    console.print(f"wrote {out_dir / 'report.json'} and its plots")
+
+
+def _items(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
 
 
 @app.command()

@@ -7,6 +7,11 @@ estimator with restarts, (b) transfer from the soft-routing twin, (c) Square (gr
 the worst case per sample. The router/expert dissection (flip rate, RA-R, RA-E, per-expert
 accuracy), expert load, and built-in sanity checks (epsilon sweep, more steps never help, batch
 independence, gradient-masking flags).
+
+Each step of the evaluation is one function that returns a ``Part`` (its per-sample correctness
+and report fields) and reads earlier parts without changing them; ``worst_case`` combines
+correctness per sample; ``evaluate`` runs the steps in order, handing finished parts to a store
+(if given) so that a killed evaluation continues where it stopped.
 """
 from __future__ import annotations
 
@@ -14,12 +19,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .attacks import AttackConfig, bn_mode, frozen, full_fp32, input_grad, pgd
-from .convert import moe_layers
+from .conversion import moe_layers
 from .errors import MoeifyError
 from .macs import count_macs
 from .nn import execution
@@ -55,6 +61,36 @@ class EvalConfig:
                             restarts=self.pgd_restarts if restarts is None else restarts)
 
 
+@dataclass
+class Part:
+    """What one step found: per-sample correctness under its attack (None for a check that is not
+    one), its report fields, the attacks it ran, the flags it raised, and (PGD on an MoE model)
+    the routes of its adversarial inputs, [layers, samples, top_k], for the dissection."""
+    correct: torch.Tensor | None = None
+    report: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)
+    flags: list = field(default_factory=list)
+    routes: torch.Tensor | None = None
+    seconds: float = 0.0
+
+
+class PartStore(Protocol):
+    """Where finished parts are kept between runs of one evaluation (see ``moeify.eval_file``)."""
+
+    def load(self, name: str) -> Part | None: ...
+
+    def save(self, name: str, part: Part) -> None: ...
+
+
+def worst_case(parts: dict[str, Part], names: tuple[str, ...] | None = None) -> torch.Tensor:
+    """Per sample: correct under every one of ``names``' attacks (default: all parts that attack)."""
+    chosen = [p.correct for n, p in parts.items() if p.correct is not None and (names is None or n in names)]
+    out = chosen[0].clone()
+    for c in chosen[1:]:
+        out &= c
+    return out
+
+
 def _gen(cfg: "EvalConfig") -> torch.Generator:
     """A fresh generator per attack: every attack's random starts are reproducible on their own."""
     return torch.Generator().manual_seed(cfg.seed)
@@ -74,6 +110,11 @@ def _attack_all(fn, x: torch.Tensor, y: torch.Tensor, bs: int) -> torch.Tensor:
     return torch.cat([fn(xb, yb) for xb, yb in _batches(x, y, bs)])
 
 
+def _pgd_all(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, attack: AttackConfig) -> torch.Tensor:
+    """PGD over every batch, each batch's random start from a fresh seeded generator."""
+    return _attack_all(lambda a, b: pgd(model, a, b, attack, gen=_gen(cfg)), x, y, cfg.batch_size)
+
+
 def _scores(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with routing_policy(Recorder()) as rec:
         model(x)
@@ -84,6 +125,11 @@ def _routes(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad(), bn_mode(model, "eval"), routing_policy(Recorder()) as rec:
         model(x)
     return rec.choices
+
+
+def _all_routes(model: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+    """Every MoE layer's chosen experts for every input: [layers, samples, top_k]."""
+    return torch.cat([torch.stack(_routes(model, a)) for a, _ in _batches(x, x, bs)], dim=1)
 
 
 def routing_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig,
@@ -99,25 +145,6 @@ def routing_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Atta
 
     with routing_policy(Recorder()) as rec:
         return pgd(model, x, y, cfg, loss=loss, gen=gen)
-
-
-def _pgd_from(model: nn.Module, start: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
-    """PGD on the model's loss starting at ``start`` (inside the eps ball around ``x``)."""
-    delta = (start - x).detach()
-    with bn_mode(model, "eval"), frozen(model):
-        for _ in range(cfg.steps):
-            delta.requires_grad_(True)
-            with torch.enable_grad():
-                g = input_grad(nn.functional.cross_entropy(model(x + delta), y, reduction="sum"), delta)
-            step = cfg.step_size * (g.sign() if cfg.norm == "linf" else g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1)))
-            delta = delta.detach() + step
-            if cfg.norm == "linf":
-                delta = delta.clamp(-cfg.eps, cfg.eps)
-            else:
-                n = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-                delta = delta * (cfg.eps / n).clamp(max=1.0).view(-1, *[1] * (x.ndim - 1))
-            delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
 
 
 def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, version: str = "standard",
@@ -140,115 +167,194 @@ def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalCon
     return out[0] if isinstance(out, tuple) else out
 
 
-def _zero_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    xg = x.clone().requires_grad_(True)
-    with bn_mode(model, "eval"), frozen(model), torch.enable_grad():
-        g = input_grad(nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
-    return g.flatten(1).abs().sum(1) == 0
-
-
 def load_stats(choices: list[torch.Tensor], experts: list[int]) -> list[dict]:
     """Per layer: expert-use fractions, normalised entropy, dead experts."""
     out = []
     for idx, n in zip(choices, experts):
         c = torch.bincount(idx.flatten(), minlength=n).float()
-        p = c / c.sum().clamp_min(1)
-        h = abs((p[p > 0] * p[p > 0].log()).sum().item()) / math.log(n) if n > 1 else 1.0
-        out.append({"load": p.tolist(), "entropy": h, "dead": [i for i in range(n) if c[i] == 0]})
+        out.append({"load": (c / c.sum().clamp_min(1)).tolist(), "entropy": load_entropy(c),
+                    "dead": [i for i in range(n) if c[i] == 0]})
     return out
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> dict:
-    """The full report for ``model`` on (x, y): see the module docstring. Runs in true fp32."""
-    with full_fp32():
-        return _evaluate(model, x, y, cfg)
+def load_entropy(counts: torch.Tensor) -> float:
+    """How evenly a layer uses its experts: the entropy of its expert-use counts divided by its
+    maximum (1 = perfectly even, 0 = one expert only; 1 for a single expert)."""
+    n = len(counts)
+    if n < 2:
+        return 1.0
+    p = counts.float() / counts.sum().clamp_min(1)
+    return abs((p[p > 0] * p[p > 0].log()).sum().item()) / math.log(n)
 
 
-def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> dict:
+# ---- the steps: (model, x, y, cfg, earlier parts) -> Part ----
+
+def _clean(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    correct = _predict(model, x, cfg.batch_size) == y
+    return Part(correct, {"clean_acc": cfg.mean(correct), "macs_per_sample": count_macs(model, x[: min(len(x), 64)])})
+
+
+def _pgd(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    """PGD-k, then PGD with 2x the steps and 2 restarts: the worst of both per sample (more steps
+    scoring higher is flagged)."""
+    bs = cfg.batch_size
+    x_pgd = _pgd_all(model, x, y, cfg, cfg.pgd_cfg())
+    correct = _predict(model, x_pgd, bs) == y
+    first = cfg.mean(correct)
+    more = _predict(model, _pgd_all(model, x, y, cfg, cfg.pgd_cfg(steps=2 * cfg.pgd_steps, restarts=2)), bs) == y
+    more_acc = cfg.mean(more)
+    flags = [f"PGD with 2x steps and 2 restarts scored higher ({more_acc:.3f} > {first:.3f})"] if more_acc > first + 0.01 else []
+    correct &= more
+    report = {"pgd_acc": cfg.mean(correct), "sanity_more_steps_acc": min(more_acc, first),
+              "pgd": {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": cfg.pgd_cfg().step_size}}
+    routes = _all_routes(model, x_pgd, bs) if moe_layers(model) else None
+    return Part(correct, report, [f"PGD-{cfg.pgd_steps}"], flags, routes)
+
+
+def _autoattack_part(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    subset = list(cfg.autoattack)
+    correct = _predict(model, _autoattack(model, x, y, cfg, *(("custom", subset) if subset else ())), cfg.batch_size) == y
+    version = "+".join(subset) if subset else "standard"
+    return Part(correct, {"autoattack_acc": cfg.mean(correct), "autoattack_version": version},
+                [f"AutoAttack {version} (pyautoattack)"])
+
+
+def _square(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    correct = _predict(model, _autoattack(model, x, y, cfg, version="custom", attacks=["square"]), cfg.batch_size) == y
+    acc = cfg.mean(correct)
+    white = [p.report[k] for p in earlier.values() for k in ("pgd_acc", "autoattack_acc") if k in p.report]
+    flags = (["the gradient-free Square attack beats the white-box attacks: likely gradient masking"]
+             if white and acc < min(white) - 0.01 else [])
+    return Part(correct, {"square_acc": acc}, [f"Square ({cfg.square_queries} queries)"], flags)
+
+
+def _gradients(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    """The share of inputs whose input gradient is exactly zero (gradient masking)."""
+    xg, yg = x[:cfg.batch_size].clone().requires_grad_(True), y[:cfg.batch_size]
+    with bn_mode(model, "eval"), frozen(model), torch.enable_grad():
+        g = input_grad(nn.functional.cross_entropy(model(xg), yg, reduction="sum"), xg)
+    zero = cfg.mean(g.flatten(1).abs().sum(1) == 0)
+    flags = [f"{zero:.0%} of inputs have an all-zero input gradient: gradient masking"] if zero > 0.05 else []
+    return Part(None, {"zero_input_gradient_fraction": zero}, flags=flags)
+
+
+def _adaptive(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    """MoE-adaptive attacks: (a) straight-through PGD with more restarts, (b) transfer from the
+    soft-routing twin, (d) the routing attack and PGD from there; correct = correct under all three."""
+    bs = cfg.batch_size
+    ste = _predict(model, _pgd_all(model, x, y, cfg, cfg.pgd_cfg(restarts=max(3, cfg.pgd_restarts))), bs) == y
+
+    def soft_attack(a, b):  # all experts, softmax-weighted; evaluated on the hard-routed model
+        with routing_policy(Soft()), execution("masked"):
+            return pgd(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg))
+    soft = _predict(model, _attack_all(soft_attack, x, y, bs), bs) == y
+    x_r = _attack_all(lambda a, b: routing_attack(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
+    x_rp = torch.cat([pgd(model, a, b, cfg.pgd_cfg(restarts=1), start=s) for (a, b), (s, _) in
+                      zip(_batches(x, y, bs), _batches(x_r, y, bs))])
+    routed = _predict(model, x_rp, bs) == y
+    report = {"ra_r": cfg.mean(_predict(model, x_r, bs) == y),
+              "adaptive": {"ste_pgd_acc": cfg.mean(ste), "soft_transfer_acc": cfg.mean(soft),
+                           "routing_then_pgd_acc": cfg.mean(routed)}}
+    return Part(ste & soft & routed, report)
+
+
+def _dissection(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    """Routing flip rate under PGD, RA-E, expert load (clean and adversarial), per-expert accuracy."""
+    layers = moe_layers(model)
+    names, experts = list(layers), [layer.experts for layer in layers.values()]
+    clean_routes = _all_routes(model, x, cfg.batch_size)
+    out: dict = {}
+    adv_routes = earlier["pgd"].routes if "pgd" in earlier else None
+    if adv_routes is not None:
+        flips = (clean_routes != adv_routes).any(-1).float()  # [L, B]
+        out["flip_rate"] = cfg.mean(flips.mean(0))
+        out["flip_rate_per_layer"] = {n: cfg.mean(f) for n, f in zip(names, flips)}
+        out["ra_e"] = ra_e(model, x, y, cfg)
+        out["load_adversarial"] = load_stats([cfg.gather(r) for r in adv_routes], experts)
+    out["load_clean"] = load_stats([cfg.gather(r) for r in clean_routes], experts)
+    out["layers"] = names
+    per_expert = {}
+    for e in range(experts[0]):
+        with routing_policy(Forced(e)):
+            per_expert[str(e)] = cfg.mean(_predict(model, x, cfg.batch_size) == y)
+    out.update(per_expert_acc=per_expert, top_k=list(layers.values())[0].top_k, experts=experts[0])
+    return Part(None, out)
+
+
+def _sweep(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    """PGD-10 accuracy at multiples of eps: it must fall towards zero as eps grows."""
+    points = []
+    for mult in cfg.sweep:
+        e = mult * cfg.eps
+        xa = _pgd_all(model, x, y, cfg, cfg.pgd_cfg(eps=e, steps=10, restarts=1))
+        points.append({"eps": e, "acc": cfg.mean(_predict(model, xa, cfg.batch_size) == y)})
+    last = points[-1]
+    flags = [f"accuracy stays at {last['acc']:.1%} at eps {last['eps']:g}: attacks may be failing"] if last["acc"] > 0.05 else []
+    return Part(None, {"eps_sweep": points}, flags=flags)
+
+
+def _batch_independence(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
+    b = min(len(x), 16)
+    alone = torch.cat([_predict(model, x[i:i + 1], 1) for i in range(b)])
+    same = bool(torch.equal(_predict(model, x[:b], b), alone))
+    return Part(None, {"batch_independent": same}, flags=[] if same else ["predictions depend on the rest of the batch"])
+
+
+def steps(cfg: EvalConfig, is_moe: bool) -> list[tuple[str, Callable[..., Part]]]:
+    """The evaluation's steps for this config and model, in the order they run."""
+    a = set(cfg.attacks)
+    chosen = [("clean", _clean, True), ("pgd", _pgd, "pgd" in a), ("autoattack", _autoattack_part, "autoattack" in a),
+              ("square", _square, "square" in a or (is_moe and "adaptive" in a)), ("gradients", _gradients, True),
+              ("adaptive", _adaptive, is_moe and "adaptive" in a), ("dissection", _dissection, is_moe),
+              ("sweep", _sweep, "sweep" in a), ("batch", _batch_independence, True)]
+    return [(name, fn) for name, fn, on in chosen if on]
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, store: PartStore | None = None) -> dict:
+    """The full report for ``model`` on (x, y): see the module docstring. Runs in true fp32 and
+    leaves the model in the train/eval mode it had. Parts already in ``store`` are not rerun."""
     unknown = set(cfg.attacks) - set(ATTACKS)
     if unknown:
         raise MoeifyError(f"unknown attack(s) {', '.join(sorted(unknown))}; choose from {', '.join(ATTACKS)}")
+    was = model.training
     model.eval()
-    x, y = x.float(), y.long()
-    bs = cfg.batch_size
-    layers = moe_layers(model)
-    is_moe = bool(layers)
-    rep: dict = {"n_examples": int(cfg.gather(torch.ones(len(y))).sum()), "eps": cfg.eps, "norm": cfg.norm, "attacks_run": [], "flags": [],
-                 "timings_s": {}}
-    timer = time.time()
+    try:
+        with full_fp32():
+            parts = _run_steps(model, x.float(), y.long(), cfg, store)
+    finally:
+        model.train(was)
+    return _report(parts, cfg, int(cfg.gather(torch.ones(len(y))).sum()))
 
-    def done(name: str) -> None:
-        nonlocal timer
-        rep["timings_s"][name] = round(time.time() - timer, 1)
-        timer = time.time()
-        cfg.log(f"{name} done ({rep['timings_s'][name]} s)")
 
-    clean_pred = _predict(model, x, bs)
-    correct = {"clean": clean_pred == y}
-    rep["clean_acc"] = cfg.mean(correct["clean"])
-    rep["macs_per_sample"] = count_macs(model, x[: min(len(x), 64)])
-    done("clean")
-    adv_for_dissection = None
-    if "pgd" in cfg.attacks:
-        x_pgd = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
-        correct["pgd"] = _predict(model, x_pgd, bs) == y
-        rep["pgd_acc"] = cfg.mean(correct["pgd"])
-        rep["pgd"] = {"steps": cfg.pgd_steps, "restarts": cfg.pgd_restarts, "step_size": cfg.pgd_cfg().step_size}
-        rep["attacks_run"].append(f"PGD-{cfg.pgd_steps}")
-        adv_for_dissection = x_pgd
-        more = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(steps=2 * cfg.pgd_steps, restarts=2), gen=_gen(cfg)), x, y, bs)
-        more_acc = cfg.mean(_predict(model, more, bs) == y)
-        rep["sanity_more_steps_acc"] = min(more_acc, rep["pgd_acc"])
-        if more_acc > rep["pgd_acc"] + 0.01:
-            rep["flags"].append(f"PGD with 2x steps and 2 restarts scored higher ({more_acc:.3f} > {rep['pgd_acc']:.3f})")
-        correct["pgd"] &= _predict(model, more, bs) == y
-        rep["pgd_acc"] = cfg.mean(correct["pgd"])
-        done("pgd")
-    if "autoattack" in cfg.attacks:
-        subset = list(cfg.autoattack)
-        x_aa = _autoattack(model, x, y, cfg, *(("custom", subset) if subset else ()))
-        correct["autoattack"] = _predict(model, x_aa, bs) == y
-        rep["autoattack_acc"] = cfg.mean(correct["autoattack"])
-        rep["autoattack_version"] = "+".join(subset) if subset else "standard"
-        rep["attacks_run"].append(f"AutoAttack {rep['autoattack_version']} (pyautoattack)")
-        done("autoattack")
-    if "square" in cfg.attacks or (is_moe and "adaptive" in cfg.attacks):
-        x_sq = _autoattack(model, x, y, cfg, version="custom", attacks=["square"])
-        correct["square"] = _predict(model, x_sq, bs) == y
-        rep["square_acc"] = cfg.mean(correct["square"])
-        rep["attacks_run"].append(f"Square ({cfg.square_queries} queries)")
-        white = [rep[k] for k in ("pgd_acc", "autoattack_acc") if k in rep]
-        if white and rep["square_acc"] < min(white) - 0.01:
-            rep["flags"].append("the gradient-free Square attack beats the white-box attacks: likely gradient masking")
-        done("square")
-    zero = cfg.mean(_zero_input_gradients(model, x[:bs], y[:bs]))
-    rep["zero_input_gradient_fraction"] = zero
-    if zero > 0.05:
-        rep["flags"].append(f"{zero:.0%} of inputs have an all-zero input gradient: gradient masking")
-    if is_moe:
-        rep.update(_moe_part(model, x, y, cfg, correct, adv_for_dissection, done))
-    robust_keys = [k for k in correct if k != "clean"]
-    if robust_keys:
-        worst = correct["clean"].clone()
-        for k in robust_keys:
-            worst &= correct[k]
-        rep["worst_case_acc"] = cfg.mean(worst)
-    if "sweep" in cfg.attacks:
-        rep["eps_sweep"] = []
-        for mult in cfg.sweep:
-            e = mult * cfg.eps
-            xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(eps=e, steps=10, restarts=1), gen=_gen(cfg)), x, y, bs)
-            rep["eps_sweep"].append({"eps": e, "acc": cfg.mean(_predict(model, xa, bs) == y)})
-        last = rep["eps_sweep"][-1]["acc"]
-        if last > 0.05:
-            rep["flags"].append(f"accuracy stays at {last:.1%} at eps {rep['eps_sweep'][-1]['eps']:g}: attacks may be failing")
-        done("sweep")
-    b = min(len(x), 16)
-    whole = _predict(model, x[:b], b)
-    alone = torch.cat([_predict(model, x[i:i + 1], 1) for i in range(b)])
-    rep["batch_independent"] = bool(torch.equal(whole, alone))
-    if not rep["batch_independent"]:
-        rep["flags"].append("predictions depend on the rest of the batch")
+def _run_steps(model, x, y, cfg: EvalConfig, store: PartStore | None) -> dict[str, Part]:
+    parts: dict[str, Part] = {}
+    for name, fn in steps(cfg, bool(moe_layers(model))):
+        part = store.load(name) if store is not None else None
+        if part is None:
+            start = time.time()
+            part = fn(model, x, y, cfg, dict(parts))
+            part.seconds = round(time.time() - start, 1)
+            if store is not None:
+                store.save(name, part)
+            cfg.log(f"{name} done ({part.seconds} s)")
+        else:
+            cfg.log(f"{name}: kept from the stopped run")
+        parts[name] = part
+    return parts
+
+
+def _report(parts: dict[str, Part], cfg: EvalConfig, n: int) -> dict:
+    """One report from the parts: their fields, attacks run, flags, timings and the worst cases."""
+    rep: dict = {"n_examples": n, "eps": cfg.eps, "norm": cfg.norm, "attacks_run": [], "flags": [], "timings_s": {}}
+    for name, part in parts.items():
+        rep.update(part.report)
+        rep["attacks_run"] += part.runs
+        rep["flags"] += part.flags
+        rep["timings_s"][name] = part.seconds
+    if "adaptive" in parts:
+        rep["adaptive_acc"] = cfg.mean(worst_case(parts, ("adaptive", "square", "pgd", "autoattack")))
+    if sum(p.correct is not None for p in parts.values()) > 1:  # clean and at least one attack
+        rep["worst_case_acc"] = cfg.mean(worst_case(parts))
     return rep
 
 
@@ -270,57 +376,3 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalCo
     gen = _gen(cfg)
     xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(restarts=1), gen=gen), x, y, cfg.batch_size)
     return cfg.mean(_predict(model, xa, cfg.batch_size) == y)
-
-
-def _moe_part(model, x, y, cfg: EvalConfig, correct: dict, x_adv, done) -> dict:
-    """Adaptive attacks, dissection and expert load of an MoE model."""
-    out: dict = {}
-    bs = cfg.batch_size
-    names = list(moe_layers(model))
-    experts = [layer.experts for layer in moe_layers(model).values()]
-    top_k = list(moe_layers(model).values())[0].top_k
-    if "adaptive" in cfg.attacks:
-        # (a) straight-through PGD: PGD's gradients already pass the straight-through gates; more restarts
-        xa = _attack_all(lambda a, b: pgd(model, a, b, cfg.pgd_cfg(restarts=max(3, cfg.pgd_restarts)), gen=_gen(cfg)), x, y, bs)
-        ste = _predict(model, xa, bs) == y
-        # (b) transfer from the soft-routing twin (all experts, softmax-weighted), evaluated on the hard model
-
-        def soft_attack(a, b):
-            with routing_policy(Soft()), execution("masked"):
-                return pgd(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg))
-        soft = _predict(model, _attack_all(soft_attack, x, y, bs), bs) == y
-        # (d) routing attack, then PGD from there
-        x_r = _attack_all(lambda a, b: routing_attack(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
-        out["ra_r"] = cfg.mean(_predict(model, x_r, bs) == y)
-        x_rp = torch.cat([_pgd_from(model, s, a, b, cfg.pgd_cfg()) for (a, b), (s, _) in
-                          zip(_batches(x, y, bs), _batches(x_r, y, bs))])
-        routed = _predict(model, x_rp, bs) == y
-        worst = ste & soft & routed & correct.get("square", torch.ones_like(ste))
-        for k in ("pgd", "autoattack"):
-            if k in correct:
-                worst &= correct[k]
-        correct["adaptive"] = worst
-        out["adaptive"] = {"ste_pgd_acc": cfg.mean(ste), "soft_transfer_acc": cfg.mean(soft),
-                           "routing_then_pgd_acc": cfg.mean(routed)}
-        out["adaptive_acc"] = cfg.mean(worst)
-        done("adaptive")
-    # dissection
-    clean_routes = torch.cat([torch.stack(_routes(model, a)) for a, _ in _batches(x, y, bs)], dim=1)  # [L, B, K]
-    if x_adv is not None:
-        adv_routes = torch.cat([torch.stack(_routes(model, a)) for a, _ in _batches(x_adv, y, bs)], dim=1)
-        flips = (clean_routes != adv_routes).any(-1).float()  # [L, B]
-        out["flip_rate"] = cfg.mean(flips.mean(0))
-        out["flip_rate_per_layer"] = {n: cfg.mean(f) for n, f in zip(names, flips)}
-
-        out["ra_e"] = ra_e(model, x, y, cfg)
-        out["load_adversarial"] = load_stats([cfg.gather(r) for r in adv_routes], experts)
-    out["load_clean"] = load_stats([cfg.gather(r) for r in clean_routes], experts)
-    out["layers"] = names
-    per_expert = {}
-    for e in range(experts[0]):
-        with routing_policy(Forced(e)):
-            per_expert[str(e)] = cfg.mean(_predict(model, x, bs) == y)
-    out["per_expert_acc"] = per_expert
-    out["top_k"], out["experts"] = top_k, experts[0]
-    done("dissection")
-    return out

@@ -39,6 +39,19 @@ def save(moe: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> 
     os.replace(tmp, path)
 
 
+def load_weights(model: nn.Module, path: str | os.PathLike) -> str | None:
+    """Load a safetensors file into ``model`` in place; None when every tensor fits, else why not
+    (the first size mismatch, or how many tensors are missing and unexpected)."""
+    try:
+        missing, unexpected = load_model(model, os.fspath(path), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        return next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+    if missing or unexpected:
+        return (f"{len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+                f"{(list(missing) + list(unexpected))[0]}")
+    return None
+
+
 def read_info(path: str | os.PathLike) -> dict:
     """The conversion metadata stored in a saved model."""
     path = os.fspath(path)
@@ -61,7 +74,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     still exists); for any other backbone pass a fresh dense instance.
     """
     from . import zoo
-    from .convert import convert
+    from .conversion import convert
     from .twin import static_twin
 
     info = read_info(path)
@@ -77,13 +90,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         moe = static_twin(model, spec=MoESpec.from_dict(info["spec"]), example_inputs=example)
     else:
         moe = model
-    try:
-        missing, unexpected = load_model(moe, os.fspath(path), strict=False)
-    except RuntimeError as e:  # shape mismatches
-        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise MoeifyError(f"{path} does not match this model ({first}); pass the backbone it was made from") from e
-    if missing or unexpected:
-        raise MoeifyError(f"{path} does not match this model: {len(missing)} missing, {len(unexpected)} unexpected "
-                          f"tensors (e.g. {(list(missing) + list(unexpected))[0]}); pass the backbone it was made from")
+    why = load_weights(moe, path)
+    if why:
+        raise MoeifyError(f"{path} does not match this model ({why}); pass the backbone it was made from")
     moe.moeify_info = info
     return moe.eval()

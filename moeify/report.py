@@ -39,13 +39,19 @@ def table(rep: dict, title: str) -> Table:
     return t
 
 
-def write(rep: dict, out: Path) -> list[Path]:
-    """report.json and the plots; returns the files written."""
+def write(rep: dict, out: Path, name: str = "report.json", plots: bool = True) -> list[Path]:
+    """OUT/``name`` (written atomically: last) and the plots; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "report.json"]
-    tmp = out / "report.json.tmp"
+    files = _plots(rep, out) if plots else []
+    tmp = out / f"{name}.tmp"
     tmp.write_text(json.dumps(rep, indent=2))
-    tmp.replace(files[0])
+    tmp.replace(out / name)
+    return [out / name] + files
+
+
+def _plots(rep: dict, out: Path) -> list[Path]:
+    """robust_vs_eps.png and expert_load.png, for the parts of the report that have them."""
+    files = []
     import matplotlib
 
     matplotlib.use("Agg")

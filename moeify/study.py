@@ -24,7 +24,9 @@ from . import io
 from .bench import interleaved, machine
 from .data import as_tensors, load_data
 from .errors import MoeifyError
-from .evaluate import AA_ATTACKS, EvalConfig, evaluate
+from .lock import folder_lock
+from .eval_file import EvalRequest, evaluate_file
+from .evaluate import AA_ATTACKS
 from .recipes import Recipe, apply_overrides, build_config, check, find_recipe
 
 STUDY_DIRS = (Path(__file__).resolve().parent.parent / "studies",)
@@ -191,20 +193,11 @@ def _eval_data(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return as_tensors(data.test)
 
 
-def _evaluate(run: Path, recipe: Recipe, attacks: list[str], ev: StudyEval, log: Callable[[str], None],
-              tag: str = "eval") -> dict:
-    f = run / f"{tag}.json"
-    if f.is_file():
-        return json.loads(f.read_text())
-    x, y = _eval_data(recipe, ev.n)
-    model = io.load(run / "model.moe")
-    cfg = EvalConfig(eps=recipe.attack.eps, norm=recipe.attack.norm, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
-                     batch_size=ev.batch_size, square_queries=ev.square_queries, autoattack=tuple(ev.autoattack), log=log)
-    rep = evaluate(model, x, y, cfg)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rep, indent=2))
-    tmp.replace(f)
-    return rep
+def _evaluate(run: Path, attacks: list[str], ev: StudyEval, log: Callable[[str], None], tag: str = "eval") -> dict:
+    """RUN/TAG.json: the row's model evaluated on the study's test subset (resumed if it was stopped)."""
+    req = EvalRequest(model_file=str(run / "model.moe"), n=ev.n, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
+                      square_queries=ev.square_queries, autoattack=tuple(ev.autoattack), batch_size=ev.batch_size)
+    return evaluate_file(req, run, resume=True, report_name=f"{tag}.json", log=log, plots=False)
 
 
 def _latency(runs: dict[str, Path], recipe: Recipe, ev: StudyEval) -> dict[str, float]:
@@ -242,32 +235,44 @@ def run_study(name_or_path: str, out: str | Path, results: str | Path | None = N
         if recipes[name].train.method not in ("at", "trades"):
             raise MoeifyError(f"{path}: the dissection fine-tunes train adversarially; set train.method=at or trades "
                               f"in dissection.set (got {recipes[name].train.method})")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.yaml").write_text(path.read_text())
-    ev = study.evaluate
+    with folder_lock(out, "study"):
+        _write(out / "study.yaml", path.read_text())
+        _run_rows(plan, recipes, study.evaluate, out, log, console)
+        collected = _collect(study, plan, out, recipes)
+        collected["command"] = " ".join(
+            ["moeify", "study", shlex.quote(str(name_or_path)), "--out", shlex.quote(str(out)), "--results",
+             shlex.quote(str(results))] + [f"--set {shlex.quote(s)}" for s in overrides] + ([f"--n {n}"] if n is not None else []))
+        _write(out / "results.json", json.dumps(collected, indent=2))
+        results.parent.mkdir(parents=True, exist_ok=True)
+        _write(results, render(study, collected) + "\n" + MARKER + "\n" + kept)
+    log(f"wrote {results}")
+    return collected
+
+
+def _run_rows(plan: Plan, recipes: dict[str, Recipe], ev: StudyEval, out: Path, log: Callable[[str], None],
+              console) -> None:
+    """Train and evaluate every row and dissection fine-tune, then time the rows: each step skipped
+    when its result is already in the study folder, resumed when it was stopped."""
     for name, run, _ in plan.rows:
         _train(recipes[name], run, log, console)
         log(f"{name}: evaluating on {ev.n} test images ({', '.join(ev.attacks)})")
-        _evaluate(run, recipes[name], ev.attacks, ev, log)
+        _evaluate(run, ev.attacks, ev, log)
     for name, run, _ in plan.dissection:
         _train(recipes[name], run, log, console)
         log(f"{name}: evaluating (PGD-{ev.pgd_steps}, flip rate, RA-E)")
-        _evaluate(run, recipes[name], ["pgd"], ev, log, tag="eval-dissection")
+        _evaluate(run, ["pgd"], ev, log, tag="eval-dissection")
     lat_file = out / "latency.json"
     if not lat_file.is_file():
         log(f"timing every row at batch {ev.latency_batch} ({ev.latency_repeats} interleaved repeats)")
         lat = _latency({name: run for name, run, _ in plan.rows}, recipes[plan.rows[0][0]], ev)
-        lat_file.write_text(json.dumps({"ms": lat, "machine": machine()}, indent=2))
-    collected = _collect(study, plan, out, recipes)
-    collected["command"] = " ".join(["moeify", "study", shlex.quote(str(name_or_path)), "--out", shlex.quote(str(out)),
-                                     "--results", shlex.quote(str(results))]
-                                    + [f"--set {shlex.quote(s)}" for s in overrides]
-                                    + ([f"--n {n}"] if n is not None else []))
-    (out / "results.json").write_text(json.dumps(collected, indent=2))
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(render(study, collected) + "\n" + MARKER + "\n" + kept)
-    log(f"wrote {results}")
-    return collected
+        _write(lat_file, json.dumps({"ms": lat, "machine": machine()}, indent=2))
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace ``path`` atomically: a kill mid-write leaves the old file, never half of the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _kept_notes(results: Path) -> str:
@@ -369,10 +374,6 @@ def render(study: Study, c: dict) -> str:
           f"attack's random start). Evaluation: `{', '.join(ev['attacks'])}`, PGD-{ev['pgd_steps']}, Square "
           f"{ev['square_queries']} queries; per-row reports are in each run folder (eval.json)."]
     return "\n".join(L) + "\n"
-
-
-def _by(rows: list[dict], name_part: str) -> dict | None:
-    return next((r for r in rows if r["name"].lower() == name_part.lower()), None)
 
 
 def _findings(rows: list[dict], cut: list[dict], n: int) -> list[str]:

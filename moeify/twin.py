@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .convert import _analyse, _inputs, _spec, rebuild_info
+from .conversion import _analyse, _inputs, _spec, rebuild_info
 from .errors import ConversionError
 from .graph.interior import interior
 from .spec import MoESpec

@@ -15,6 +15,23 @@ def run(*args, cwd=None):
                           env=env, timeout=300)
 
 
+def run_here(capsys, *args):
+    """The command line in this process (no interpreter start-up): exit code, stdout and stderr as
+    ``run`` gives them."""
+    from moeify.cli import main
+
+    argv, sys.argv = sys.argv, ["moeify", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def test_convert_prints_plan_and_saves_then_inspect(tmp_path):
     out = tmp_path / "r18.moe"
     r = run("convert", "resnet18", "--experts", "4", "--input-size", "3,64,64", "--out", str(out))
@@ -48,8 +65,8 @@ def test_convert_user_file():
     (("evaluate", "run", "--autoattack", "apgd-ce,fab"), "--autoattack: unknown attack(s) fab; use standard or some of"),
     (("bench", "cifar_resnet18", "--model-kwargs", "width"), "--model-kwargs: 'width' is not key=value"),
 ])
-def test_bad_input_is_one_line_without_traceback(args, message):
-    r = run(*args)
+def test_bad_input_is_one_line_without_traceback(capsys, args, message):
+    r = run_here(capsys, *args)
     assert r.returncode != 0
     assert message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -96,14 +113,14 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     (("robustify", "--recipe", "quickstart", "--set", "train.epochz=1"), "unknown key 'train.epochz'"),
     (("robustify", "--resume"), "--resume needs --out"),
 ])
-def test_robustify_bad_input_is_one_line(args, message):
-    r = run(*args)
+def test_robustify_bad_input_is_one_line(capsys, args, message):
+    r = run_here(capsys, *args)
     assert r.returncode != 0 and message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_robustify_refuses_an_existing_run_folder(tmp_path):
+def test_robustify_refuses_an_existing_run_folder(capsys, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    r = run("robustify", "--recipe", "quickstart", "--out", str(tmp_path))
+    r = run_here(capsys, "robustify", "--recipe", "quickstart", "--out", str(tmp_path))
     assert r.returncode != 0 and "already exists" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -7,7 +7,7 @@ import torch
 
 import moeify
 from moeify.bench import spread_routing
-from moeify.convert import is_router
+from moeify.conversion import is_router
 from moeify.nn.executors import EXECUTORS
 
 CASES = {  # name: (input size, scope, constructor kwargs); no dropout or stochastic depth: their draws differ once compiled

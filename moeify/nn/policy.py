@@ -16,9 +16,10 @@ _state = threading.local()
 
 
 class Policy:
-    """Decides a layer's route from its scores [B, N]; None keeps the normal top-K choice."""
+    """Decides a layer's route from its scores [B, N]: (experts [B, K'], gate values [B, K']), or
+    None to keep the normal top-K choice."""
 
-    def route(self, scores: torch.Tensor, top_k: int):
+    def route(self, scores: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
 
@@ -27,11 +28,9 @@ class Soft(Policy):
     with ``execution("masked")``, which applies the gate values)."""
 
     def route(self, scores, top_k):
-        from .route import Route
-
         n = scores.shape[-1]
         idx = torch.arange(n, device=scores.device).expand(scores.shape[0], n)
-        return Route(idx, top_k * torch.softmax(scores.float(), -1).to(scores.dtype), n)
+        return idx, top_k * torch.softmax(scores.float(), -1).to(scores.dtype)
 
 
 class Fixed(Policy):
@@ -41,11 +40,9 @@ class Fixed(Policy):
         self.choices, self.i = choices, 0
 
     def route(self, scores, top_k):
-        from .route import Route
-
         idx = self.choices[self.i % len(self.choices)]
         self.i += 1
-        return Route(idx, torch.ones(idx.shape, dtype=scores.dtype, device=scores.device), scores.shape[-1])
+        return idx, torch.ones(idx.shape, dtype=scores.dtype, device=scores.device)
 
 
 class Forced(Policy):
@@ -55,12 +52,10 @@ class Forced(Policy):
         self.first = first
 
     def route(self, scores, top_k):
-        from .route import Route
-
         n = scores.shape[-1]
         experts = sorted((self.first + j) % n for j in range(top_k))
         idx = torch.tensor(experts, device=scores.device).expand(scores.shape[0], top_k)
-        return Route(idx, torch.ones(idx.shape, dtype=scores.dtype, device=scores.device), n)
+        return idx, torch.ones(idx.shape, dtype=scores.dtype, device=scores.device)
 
 
 class Recorder(Policy):

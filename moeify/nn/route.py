@@ -178,7 +178,7 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False) ->
     if policy is not None:
         decided = policy.route(scores, top_k)
         if decided is not None:
-            return decided
+            return Route(decided[0], decided[1], scores.shape[-1])
     detached = scores.detach()
     if top_k == 1:  # the choice and its score in one op (a NaN is always the maximum)
         chosen, idx = detached.max(dim=-1, keepdim=True)  # ties: the first maximum

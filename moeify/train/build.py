@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..convert import convert, is_router
+from .. import io
+from ..conversion import convert, is_router
 from ..data import DataBundle
 from ..errors import MoeifyError
 from ..recipes import Recipe
 from ..spec import MoESpec
 from ..twin import static_twin
 from ..zoo import create_model, resolve
+
 
 def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     """The model a recipe trains, with random weights (``train.init`` is loaded by the loop)."""
@@ -34,6 +36,15 @@ def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     if recipe.model.kind == "s-dense":
         return static_twin(dense, spec=spec, example_inputs=example)
     return convert(dense, spec=spec, example_inputs=example)
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Load ``train.init``'s weights (a saved model file) into the freshly built model."""
+    info = io.read_info(path)
+    why = io.load_weights(model, path)
+    if why:
+        raise MoeifyError(f"train.init {path} does not fit this recipe's model ({why}; it is a "
+                          f"{info.get('kind', 'moe')} model of {info.get('source')})")
 
 
 def hold_frozen_norms(model: nn.Module, update: str) -> None:

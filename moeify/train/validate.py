@@ -2,7 +2,6 @@
 across processes and gathered without duplicates. The full robustness report is moeify.evaluate."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -11,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..attacks import AttackConfig, accuracy_under
-from ..convert import moe_layers, routing
+from ..conversion import moe_layers, routing
 from ..data import to_float
+from ..evaluate import load_entropy
 
 
 def _loader(ds: Dataset, batch_size: int, accelerator: Accelerator) -> DataLoader:
@@ -40,9 +40,8 @@ def evaluate_robust(model: nn.Module, ds: Dataset, attack: AttackConfig, batch_s
 
 def expert_load(model: nn.Module, ds: Dataset, batch_size: int, accelerator: Accelerator,
                 fmt=torch.contiguous_format) -> float | None:
-    """How evenly clean inputs use the experts: the mean over MoE layers of the normalised entropy
-    of each layer's expert-use frequencies (1 = perfectly even, 0 = one expert only); None if the
-    model has no MoE layer."""
+    """How evenly clean inputs use the experts: the mean over MoE layers of ``load_entropy`` (1 =
+    perfectly even, 0 = one expert only); None if the model has no MoE layer."""
     layers = moe_layers(model)
     if not layers:
         return None
@@ -51,9 +50,5 @@ def expert_load(model: nn.Module, ds: Dataset, batch_size: int, accelerator: Acc
         for name, idx in routing(model, to_float(x).contiguous(memory_format=fmt)).items():
             idx = accelerator.gather_for_metrics(idx)
             counts[name] += torch.bincount(idx.flatten().cpu(), minlength=counts[name].numel()).float()
-    ents = []
-    for c in counts.values():
-        p = c / c.sum().clamp_min(1)
-        h = -(p[p > 0] * p[p > 0].log()).sum().item()
-        ents.append(h / math.log(len(p)) if len(p) > 1 else 1.0)
+    ents = [load_entropy(c) for c in counts.values()]
     return sum(ents) / len(ents)

@@ -22,7 +22,7 @@ from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
 from .nn.gated import FUNCTIONAL, moe_add
 from .nn.route import routes_checked
-from .plan import ConversionPlan, LayerPlan, build_plan
+from .planning import ConversionPlan, LayerPlan, build_plan
 from .spec import MoESpec
 
 
