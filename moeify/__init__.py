@@ -1,6 +1,7 @@
 """moeify: turn any CNN into a sparsely-gated Mixture-of-Experts CNN by torch.fx graph rewriting."""
 from .conversion import convert, moe_layers, plan, router_parameters, routing
 from .errors import ConversionError, MoeifyError, RoutingError
+from .fit import distil, fit_routers
 from .io import load, save
 from .macs import count_macs
 from .nn import execution
@@ -12,6 +13,6 @@ from .zoo import create_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "static_twin", "plan", "moe_layers", "router_parameters", "routing", "count_macs", "execution", "save", "load", "create_model",
+    "convert", "fit_routers", "distil", "static_twin", "plan", "moe_layers", "router_parameters", "routing", "count_macs", "execution", "save", "load", "create_model",
     "MoESpec", "ConversionPlan", "ConversionError", "MoeifyError", "RoutingError",
 ]

@@ -43,33 +43,92 @@ def _summary(dense_macs: float, moe_macs: float, n_layers: int) -> None:
 
 @app.command()
 def convert(
-    model: Annotated[str, typer.Argument(help="resnet18, timm:NAME, torchvision:NAME or FILE.py:FUNCTION")],
+    model: Annotated[str, typer.Argument(help="resnet18, timm:NAME, torchvision:NAME, FILE.py:FUNCTION, or a dense model file (.moe)")],
     experts: Annotated[int, typer.Option(help="Experts (channel groups) per MoE layer.")] = 4,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts kept per sample [default: experts/2].")] = None,
     scope: Annotated[str, typer.Option(help="hidden | branches | paper")] = "hidden",
     router: Annotated[str, typer.Option(help="layer | global")] = "layer",
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Trained dense weights: a .moe file or a state_dict .pt.")] = None,
+    calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Dataset whose training images (no labels) cluster the experts and fit the routers.")] = None,
+    calibration_size: Annotated[int, typer.Option("--calibration-size", help="Calibration images (a seeded subset).")] = 5000,
+    distil_steps: Annotated[int, typer.Option("--distil-steps", help="Then distil the MoE from the dense model for this many steps.")] = 0,
+    root: Annotated[Optional[str], typer.Option(help="Dataset folder for --calibrate.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Save the MoE model here (.moe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
 ) -> None:
     """Print the conversion plan, convert, and report the MAC saving (optionally save)."""
     import torch
 
-    from . import convert as convert_model, count_macs, create_model, moe_layers, save
+    from . import convert as convert_model, count_macs, moe_layers, save
     from .spec import MoESpec
 
     spec = MoESpec(experts=experts, top_k=top_k, scope=scope, router=router)
     if out and os.path.exists(out) and not force:
         raise MoeifyError(f"{out} already exists; choose another --out or pass --force to overwrite it")
-    dense = create_model(model, num_classes=num_classes, input_size=_size(input_size)).eval()
-    moe = convert_model(dense, spec=spec)
+    if distil_steps and not calibrate:
+        raise MoeifyError("--distil-steps needs --calibrate DATASET (the images to distil on)")
+    dense = _dense(model, weights, num_classes, _size(input_size))
+    calibration = _calibration_images(calibrate, root, calibration_size) if calibrate else None
+    moe = convert_model(dense, spec=spec, calibration=calibration)
+    if distil_steps:
+        from .fit import distil
+
+        distil(moe, dense, calibration, steps=distil_steps)
+    moe.eval()
     console.print(moe.moeify_plan)
     x = torch.rand(2, *dense.moeify_input_size)
     _summary(count_macs(dense, x), count_macs(moe, x), len(moe_layers(moe)))
     if out:
         save(moe, out)
         console.print(f"saved to {out}")
+
+
+def _dense(model: str, weights: str | None, num_classes: int | None, size: tuple[int, ...] | None):
+    """The dense model to convert: built by name (with --weights loaded) or read from a .moe file."""
+    from . import create_model, io
+
+    if model.endswith(".moe"):
+        if weights:
+            raise MoeifyError(f"{model} holds its weights already; drop --weights")
+        dense = io.load(model)
+        if io.read_info(model).get("kind") != "dense":
+            raise MoeifyError(f"{model} is not a dense model (it is {io.read_info(model).get('kind')}); convert a dense one")
+        return dense.eval()
+    dense = create_model(model, num_classes=num_classes, input_size=size).eval()
+    if weights:
+        why = io.load_weights(dense, weights) if weights.endswith(".moe") else _load_state_dict(dense, weights)
+        if why:
+            raise MoeifyError(f"--weights {weights} does not fit {model} ({why}); pass the weights of this model")
+    return dense
+
+
+def _load_state_dict(model, path: str) -> str | None:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise MoeifyError(f"--weights {path}: cannot read it as a state_dict ({str(e).splitlines()[0]})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state.get("state_dict", state), strict=False)
+    except RuntimeError as e:
+        return next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+    return f"{len(missing)} missing, {len(unexpected)} unexpected tensors" if missing or unexpected else None
+
+
+def _calibration_images(dataset: str, root: str | None, n: int):
+    """A seeded subset of ``dataset``'s training images, floats in [0, 1]."""
+    import torch
+
+    from .data import load_data, to_float
+
+    if n < 1:
+        raise MoeifyError(f"--calibration-size must be at least 1, got {n}")
+    data = load_data(dataset, root, val_size=1000, seed=0)
+    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return to_float(torch.stack([data.train[i][0] for i in idx]))
 
 
 @app.command()

@@ -70,12 +70,15 @@ def plan(model: nn.Module, experts: int | None = None, top_k: int | None = None,
 
 
 def convert(model: nn.Module, experts: int | None = None, top_k: int | None = None, example_inputs=None, *,
-            spec: MoESpec | None = None, **spec_kw) -> fx.GraphModule:
+            spec: MoESpec | None = None, calibration=None, **spec_kw) -> fx.GraphModule:
     """A new MoE-CNN module built from ``model`` (left untouched) by graph rewriting.
 
     ``experts``/``top_k`` (or ``spec=MoESpec(...)``, plus ``scope=``, ``router=``, ``layers=``,
-    ``exclude=``) say how; ``example_inputs`` gives input shapes. Raises ConversionError when no
-    layer can be converted or the model cannot be traced.
+    ``exclude=``) say how; ``example_inputs`` gives input shapes. ``calibration`` (a tensor of
+    inputs, or an iterable of input batches; no labels) makes each expert a cluster of channels
+    that matter together and fits the routers to the trained model (see experts.py, fit.py);
+    without it, experts are contiguous channel ranges and routers are fresh. Raises
+    ConversionError when no layer can be converted or the model cannot be traced.
     """
     spec = _spec(experts, top_k, spec, **spec_kw)
     inputs = _inputs(model, example_inputs)
@@ -86,11 +89,52 @@ def convert(model: nn.Module, experts: int | None = None, top_k: int | None = No
         raise ConversionError(f"no layer of {p.model_name} can be converted"
                               + (f" ({'; '.join(reasons)})" if reasons else " (it has no conv or linear layer)")
                               + "; try another scope (--scope branches) or a number of experts that divides the channels")
+    batches = None if calibration is None else _calibration(calibration, inputs[0])
+    if batches is not None:
+        stats = _cluster(gm, p, batches)
+        interiors = {n.target for lp in p.layers for n in interior(lp.group, gm).nodes if n.op == "call_module"}
     rewrite(gm, p, inputs)
+    if batches is not None:
+        _fit(gm, stats, batches, interiors)
     gm.train(model.training)
     gm.moeify_info = rebuild_info("moe", model, spec, inputs)
     gm.moeify_plan = p
     return gm
+
+
+def _calibration(calibration, example: torch.Tensor) -> list[torch.Tensor]:
+    from .experts import calibration_batches
+
+    return calibration_batches(calibration, example)
+
+
+def _cluster(gm: fx.GraphModule, p: ConversionPlan, batches: list[torch.Tensor]) -> dict:
+    """Permute each permutable layer's channels into clustered experts (in place, exact); returns
+    the calibration statistics in the new channel order, for fitting the routers."""
+    from .experts import choose_experts, permutable, permute, record
+
+    stats = record(gm, p, batches)
+    for lp in p.layers:
+        why = permutable(gm, lp)
+        if why:
+            lp.experts_by = f"contiguous ({why})"
+            continue
+        perm, share, base = choose_experts(stats[lp.name], lp)
+        if perm != sorted(perm):
+            permute(gm, lp, perm)
+            stats[lp.name].importance = stats[lp.name].importance[:, perm]
+        lp.experts_by = f"cluster ({share:.0%} vs {base:.0%})" if perm != sorted(perm) else f"contiguous ({base:.0%})"
+    return stats
+
+
+def _fit(gm: fx.GraphModule, stats: dict, batches: list[torch.Tensor], interiors: set[str]) -> None:
+    """Fit the routers to the calibration targets, then re-estimate the BatchNorm statistics that
+    routing changed (all but the groups' interiors, whose inputs it does not change)."""
+    from .fit import fit_layer_routers, recalibrate_norms
+
+    fit_layer_routers(gm, stats)
+    if any(m.top_k < m.experts for m in moe_layers(gm).values()):  # with every expert on nothing changed
+        recalibrate_norms(gm, batches, interiors)
 
 
 def rebuild_info(kind: str, model: nn.Module, spec: MoESpec, inputs: Sequence[torch.Tensor]) -> dict:

@@ -82,6 +82,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         if not info.get("source"):
             raise MoeifyError(f"{path} holds a user backbone; pass model=<a fresh instance of it> to load()")
         model = zoo.rebuild(info["source"], info.get("model_kwargs", {}))
+        model.moeify_input_size = tuple(info["input_shape"])  # the size it was saved with, not the default
     kind = info.get("kind", "moe")
     example = torch.zeros(1, *info["input_shape"])
     if kind == "moe":

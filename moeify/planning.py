@@ -37,6 +37,9 @@ class LayerPlan:
     """Whether the layer's tensors may hold only the selected channels between producer and
     consumer (every interior op allows it); else they stay full width, unselected channels zero."""
     pack_blocker: str | None = None
+    experts_by: str = "contiguous"
+    """How channels were split into experts: contiguous ranges, or "cluster" (calibrated conversion,
+    with the share of importance the top-K experts capture, clustered vs contiguous)."""
     group: ChannelGroup | None = field(default=None, repr=False)
 
 
@@ -69,7 +72,8 @@ class ConversionPlan:
             t.add_column(col, justify=just)
         for lp in self.layers:
             gates = ", ".join(lp.consumers + [f"{a} (add)" for a in lp.add_gates]) or "-"
-            t.add_row(lp.name, str(lp.channels), f"{lp.top_k}/{lp.experts}", "-> " + gates,
+            by = "" if lp.experts_by == "contiguous" else f" {lp.experts_by}"
+            t.add_row(lp.name, str(lp.channels), f"{lp.top_k}/{lp.experts}{by}", "-> " + gates,
                       "yes" if lp.packed else f"no: {lp.pack_blocker}", _fmt(lp.dense_macs), _fmt(lp.moe_macs))
         t.add_section()
         t.add_row("total (all layers)", "", "", "", "", _fmt(self.dense_macs), _fmt(self.moe_macs))

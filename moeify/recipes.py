@@ -36,6 +36,8 @@ class MoECfg:
     router: str = "layer"
     layers: list | None = None
     exclude: list = field(default_factory=list)
+    experts_by: str = "contiguous"  # cluster: from train.init's dense weights, clustered experts + fitted routers
+    calibration_size: int = 5000  # training images (labels unused) that cluster the experts
 
 
 @dataclass
@@ -132,6 +134,7 @@ CHOICES = {
     "advmoe.order": ("routers-first", "experts-first"),
     "moe.scope": ("hidden", "branches", "paper"),
     "moe.router": ("layer", "global"),
+    "moe.experts_by": ("contiguous", "cluster"),
 }
 
 
@@ -266,3 +269,6 @@ def check(r: Recipe, source: str) -> None:
             raise MoeifyError(f"{source}: {key} must be >= 1, got {v}")
     if r.attack.eps < 0:
         raise MoeifyError(f"{source}: attack.eps must be >= 0, got {r.attack.eps}")
+    if r.moe.experts_by == "cluster" and (r.model.kind != "moe" or not t.init):
+        raise MoeifyError(f"{source}: moe.experts_by cluster converts trained dense weights; set model.kind moe and "
+                          "train.init to a dense model file")

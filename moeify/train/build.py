@@ -15,7 +15,8 @@ from ..zoo import create_model, resolve
 
 
 def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
-    """The model a recipe trains, with random weights (``train.init`` is loaded by the loop)."""
+    """The model a recipe trains, with random weights (``train.init`` is loaded by the trainer), or
+    with ``moe.experts_by: cluster`` converted from ``train.init``'s trained dense weights."""
     channels = recipe.data.channels or data.size[0]
     normalize = {"mean": list(data.mean), "std": list(data.std), "channels": channels}
     kwargs = dict(recipe.model.kwargs)
@@ -35,7 +36,18 @@ def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     example = torch.zeros(2, *size)
     if recipe.model.kind == "s-dense":
         return static_twin(dense, spec=spec, example_inputs=example)
+    if m.experts_by == "cluster":  # trained dense weights in, experts clustered and routers fitted to them
+        load_init(dense, recipe.train.init)
+        return convert(dense.eval(), spec=spec, example_inputs=example, calibration=_calibration(data, m.calibration_size))
     return convert(dense, spec=spec, example_inputs=example)
+
+
+def _calibration(data: DataBundle, n: int) -> torch.Tensor:
+    """A seeded subset of the training images (labels unused)."""
+    from ..data import to_float
+
+    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return to_float(torch.stack([data.train[i][0] for i in idx]))
 
 
 def load_init(model: nn.Module, path: str) -> None:

@@ -60,7 +60,7 @@ class Trainer:
     # ---- set-up ----
     def _build_model(self) -> None:
         model = build_model(self.recipe, self.data)
-        if self.t.init:
+        if self.t.init and self.recipe.moe.experts_by != "cluster":  # (cluster: the dense weights were converted)
             load_init(model, self.t.init)
         self.model = model.to(self.acc.device, memory_format=self.fmt)
         self.routers, self.experts = split_parameters(self.model)
