@@ -120,15 +120,11 @@ def _load_state_dict(model, path: str) -> str | None:
 
 def _calibration_images(dataset: str, root: str | None, n: int):
     """A seeded subset of ``dataset``'s training images, floats in [0, 1]."""
-    import torch
-
-    from .data import load_data, to_float
+    from .data import calibration_images, load_data
 
     if n < 1:
         raise MoeifyError(f"--calibration-size must be at least 1, got {n}")
-    data = load_data(dataset, root, val_size=1000, seed=0)
-    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    return to_float(torch.stack([data.train[i][0] for i in idx]))
+    return calibration_images(load_data(dataset, root, val_size=1000, seed=0), n)
 
 
 @app.command()

@@ -173,6 +173,13 @@ def as_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
+def calibration_images(data: DataBundle, n: int) -> torch.Tensor:
+    """A seeded subset of ``n`` training images as floats in [0, 1] (labels unused): what a
+    calibrated conversion clusters experts and fits routers on."""
+    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    return to_float(torch.stack([data.train[i][0] for i in idx]))
+
+
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, vectorised over the batch."""
     b, _, h, w = x.shape

@@ -16,7 +16,7 @@ import torch
 
 import moeify
 from moeify.attacks import AttackConfig
-from moeify.data import as_tensors, load_data, to_float
+from moeify.data import as_tensors, calibration_images, load_data
 from moeify.evaluate import EvalConfig, _pgd_all, _predict
 from moeify.fit import distil
 
@@ -35,8 +35,7 @@ def main() -> None:
     dense = moeify.load(path)
     eps = moeify.io.read_info(path)["extra"]["recipe"]["attack"]["eps"]
     data = load_data("fashion-mnist", val_size=1000, seed=0)
-    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:5000].tolist()
-    calib = to_float(torch.stack([data.train[i][0] for i in idx]))
+    calib = calibration_images(data, 5000)
     xt, yt = as_tensors(data.test)
     cfg = EvalConfig(eps=eps, pgd_steps=20, batch_size=500)
 

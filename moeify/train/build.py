@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import io
 from ..conversion import convert, is_router
-from ..data import DataBundle
+from ..data import DataBundle, calibration_images
 from ..errors import MoeifyError
 from ..recipes import Recipe
 from ..spec import MoESpec
@@ -38,16 +38,8 @@ def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
         return static_twin(dense, spec=spec, example_inputs=example)
     if m.experts_by == "cluster":  # trained dense weights in, experts clustered and routers fitted to them
         load_init(dense, recipe.train.init)
-        return convert(dense.eval(), spec=spec, example_inputs=example, calibration=_calibration(data, m.calibration_size))
+        return convert(dense.eval(), spec=spec, example_inputs=example, calibration=calibration_images(data, m.calibration_size))
     return convert(dense, spec=spec, example_inputs=example)
-
-
-def _calibration(data: DataBundle, n: int) -> torch.Tensor:
-    """A seeded subset of the training images (labels unused)."""
-    from ..data import to_float
-
-    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    return to_float(torch.stack([data.train[i][0] for i in idx]))
 
 
 def load_init(model: nn.Module, path: str) -> None:
