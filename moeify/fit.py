@@ -31,10 +31,17 @@ def expert_targets(importance: torch.Tensor, experts: int, top_k: int) -> torch.
     return torch.zeros(s, experts).scatter_(1, top, 1.0 / top_k)
 
 
+SPREAD = 0.03
+"""Mean per-sample standard deviation of a fitted router's scores. Fitting leaves them large (a
+confident softmax) and the choice only needs their order: scaled down to this spread (the order
+kept), the straight-through gates stay trainable, and distillation from a fitted start ends as well
+as from fresh routers instead of a point and a half below (docs/results.md)."""
+
+
 def fit_router(proj: nn.Linear, features: torch.Tensor, targets: torch.Tensor, iters: int = 50) -> float:
     """Fit a router's linear layer to soft targets (softmax regression with a small L2 penalty, full
-    batch, L-BFGS on standardised inputs); returns the share of samples whose top-K choice equals
-    the target set."""
+    batch, L-BFGS on standardised inputs), scaled to ``SPREAD``; returns the share of samples whose
+    top-K choice equals the target set."""
     dev, dtype = proj.weight.device, proj.weight.dtype
     x, t = features.to(dev, torch.float32), targets.to(dev, torch.float32)
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -51,6 +58,8 @@ def fit_router(proj: nn.Linear, features: torch.Tensor, targets: torch.Tensor, i
     with torch.enable_grad():  # also when converting under no_grad
         opt.step(closure)
     with torch.no_grad():
+        scale = SPREAD / (z @ w.T + b).std(1).mean().clamp_min(1e-12)
+        w, b = w * scale, b * scale
         proj.weight.copy_((w / sd).to(dtype))
         proj.bias.copy_((b - (w / sd) @ mu).to(dtype))
         k = int(round(1 / t.max().item()))
