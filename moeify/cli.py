@@ -303,7 +303,7 @@ def evaluate(
         return
     console.print(table(rep, f"{req.model_file}: {rep['kind']} {rep['model']} on {rep['dataset']} "
                              f"({rep['n_examples']} test images)"))
-    console.print(f"wrote {out_dir / 'report.json'} and its plots")
+    console.print(f"report: {out_dir / 'report.json'} (and its plots)")
 
 
 def _items(text: str) -> tuple[str, ...]:
