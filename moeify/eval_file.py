@@ -92,8 +92,9 @@ def _fingerprint(req: EvalRequest, cfg: EvalConfig, path: Path, n: int, world: i
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     keep = ("eps", "norm", "attacks", "pgd_steps", "pgd_restarts", "batch_size", "square_queries", "autoattack",
             "sweep", "seed")
+    fields = {k: getattr(cfg, k) for k in keep}
     return {"model_sha256": digest, "dataset": req.dataset, "n": n, "processes": world,
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items() if k in keep}}
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
 
 def _open_parts(folder: Path, fingerprint: dict, resume: bool, main: bool, wait: Callable[[], None]) -> None:

@@ -40,10 +40,9 @@ def reference(tmp_path_factory):
 
 def _start(out, resume=False):
     cmd = [sys.executable, "-m", "moeify", "robustify", "--out", str(out)]
-    for item in [] if resume else ["--recipe", "quickstart"] + [v for item in RUN for v in ("--set", item)]:
-        cmd.append(item)
+    cmd += ["--resume"] if resume else ["--recipe", "quickstart"] + [v for item in RUN for v in ("--set", item)]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=env)
 
 
