@@ -50,7 +50,7 @@ def convert(
     router: Annotated[str, typer.Option(help="layer | global")] = "layer",
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes")] = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Trained dense weights: a .moe file or a state_dict .pt.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Trained dense weights: a .moe/.safetensors file or a state_dict .pt/.pth.")] = None,
     calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Dataset whose training images (no labels) cluster the experts and fit the routers.")] = None,
     calibration_size: Annotated[int, typer.Option("--calibration-size", help="Calibration images (a seeded subset).")] = 5000,
     distil_steps: Annotated[int, typer.Option("--distil-steps", help="Then distil the MoE from the dense model for this many steps.")] = 0,
@@ -92,30 +92,15 @@ def _dense(model: str, weights: str | None, num_classes: int | None, size: tuple
     if model.endswith(".moe"):
         if weights:
             raise MoeifyError(f"{model} holds its weights already; drop --weights")
-        dense = io.load(model)
-        if io.read_info(model).get("kind") != "dense":
-            raise MoeifyError(f"{model} is not a dense model (it is {io.read_info(model).get('kind')}); convert a dense one")
-        return dense.eval()
+        kind = io.read_info(model).get("kind")
+        if kind != "dense":
+            raise MoeifyError(f"{model} is not a dense model (it is {kind}); convert a dense one")
+        return io.load(model).eval()
     dense = create_model(model, num_classes=num_classes, input_size=size).eval()
-    if weights:
-        why = io.load_weights(dense, weights) if weights.endswith(".moe") else _load_state_dict(dense, weights)
-        if why:
-            raise MoeifyError(f"--weights {weights} does not fit {model} ({why}); pass the weights of this model")
+    why = io.load_weights(dense, weights) if weights else None
+    if why:
+        raise MoeifyError(f"--weights {weights} does not fit {model} ({why}); pass the weights of this model")
     return dense
-
-
-def _load_state_dict(model, path: str) -> str | None:
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise MoeifyError(f"--weights {path}: cannot read it as a state_dict ({str(e).splitlines()[0]})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state.get("state_dict", state), strict=False)
-    except RuntimeError as e:
-        return next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-    return f"{len(missing)} missing, {len(unexpected)} unexpected tensors" if missing or unexpected else None
 
 
 def _calibration_images(dataset: str, root: str | None, n: int):

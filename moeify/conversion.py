@@ -17,6 +17,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
+from .experts import calibration_batches, choose_experts, permutable, permute, record
+from .fit import fit_layer_routers, recalibrate_norms
 from .graph import analyze, infer_shapes, trace
 from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
@@ -89,7 +91,7 @@ def convert(model: nn.Module, experts: int | None = None, top_k: int | None = No
         raise ConversionError(f"no layer of {p.model_name} can be converted"
                               + (f" ({'; '.join(reasons)})" if reasons else " (it has no conv or linear layer)")
                               + "; try another scope (--scope branches) or a number of experts that divides the channels")
-    batches = None if calibration is None else _calibration(calibration, inputs[0])
+    batches = None if calibration is None else calibration_batches(calibration, inputs[0])
     if batches is not None:
         stats = _cluster(gm, p, batches)
         interiors = {n.target for lp in p.layers for n in interior(lp.group, gm).nodes if n.op == "call_module"}
@@ -102,17 +104,9 @@ def convert(model: nn.Module, experts: int | None = None, top_k: int | None = No
     return gm
 
 
-def _calibration(calibration, example: torch.Tensor) -> list[torch.Tensor]:
-    from .experts import calibration_batches
-
-    return calibration_batches(calibration, example)
-
-
 def _cluster(gm: fx.GraphModule, p: ConversionPlan, batches: list[torch.Tensor]) -> dict:
     """Permute each permutable layer's channels into clustered experts (in place, exact); returns
     the calibration statistics in the new channel order, for fitting the routers."""
-    from .experts import choose_experts, permutable, permute, record
-
     stats = record(gm, p, batches)
     for lp in p.layers:
         why = permutable(gm, lp)
@@ -130,8 +124,6 @@ def _cluster(gm: fx.GraphModule, p: ConversionPlan, batches: list[torch.Tensor])
 def _fit(gm: fx.GraphModule, stats: dict, batches: list[torch.Tensor], interiors: set[str]) -> None:
     """Fit the routers to the calibration targets, then re-estimate the BatchNorm statistics that
     routing changed (all but the groups' interiors, whose inputs it does not change)."""
-    from .fit import fit_layer_routers, recalibrate_norms
-
     fit_layer_routers(gm, stats)
     if any(m.top_k < m.experts for m in moe_layers(gm).values()):  # with every expert on nothing changed
         recalibrate_norms(gm, batches, interiors)

@@ -20,6 +20,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
+from .graph.interior import interior
+from .nn.channelwise import routable
 from .planning import ConversionPlan, LayerPlan
 
 Calibration = torch.Tensor | Iterable[torch.Tensor]
@@ -62,23 +64,14 @@ def permutable(gm: fx.GraphModule, lp: LayerPlan) -> str | None:
                 return f"{role} {u.node.target} is not a plain conv or linear layer"
     for node in _interior_modules(gm, lp):
         m = gm.get_submodule(node.target)
-        if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
-            if not _per_channel(m):
-                return f"{node.target} has parameters moeify cannot permute"
+        stateful = any(True for _ in m.parameters()) or any(True for _ in m.buffers())
+        if stateful and not routable(m):  # what can follow a route holds one value per channel
+            return f"{node.target} has parameters moeify cannot permute"
     return None
 
 
 def _interior_modules(gm: fx.GraphModule, lp: LayerPlan) -> list[fx.Node]:
-    from .graph.interior import interior
-
     return [n for n in interior(lp.group, gm).nodes if n.op == "call_module"]
-
-
-def _per_channel(m: nn.Module) -> bool:
-    """Every parameter and buffer of ``m`` holds one value per channel (BatchNorm, depthwise conv)."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return not any(True for c in m.children() for _ in list(c.parameters()) + list(c.buffers()))
-    return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels == m.out_channels
 
 
 def record(gm: fx.GraphModule, plan: ConversionPlan, batches: list[torch.Tensor]) -> dict[str, LayerStats]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ kept), the straight-through gates stay trainable, and distillation from a fitted
 as from fresh routers instead of a point and a half below (docs/results.md)."""
 
 
-def fit_router(proj: nn.Linear, features: torch.Tensor, targets: torch.Tensor, iters: int = 50) -> float:
+def fit_router(proj: nn.Linear, features: torch.Tensor, targets: torch.Tensor, top_k: int, iters: int = 50) -> float:
     """Fit a router's linear layer to soft targets (softmax regression with a small L2 penalty, full
     batch, L-BFGS on standardised inputs), scaled to ``SPREAD``; returns the share of samples whose
     top-K choice equals the target set."""
@@ -62,9 +61,8 @@ def fit_router(proj: nn.Linear, features: torch.Tensor, targets: torch.Tensor, i
         w, b = w * scale, b * scale
         proj.weight.copy_((w / sd).to(dtype))
         proj.bias.copy_((b - (w / sd) @ mu).to(dtype))
-        k = int(round(1 / t.max().item()))
-        chosen = (z @ w.T + b).topk(k, 1).indices.sort(1).values
-        wanted = t.topk(k, 1).indices.sort(1).values
+        chosen = (z @ w.T + b).topk(top_k, 1).indices.sort(1).values
+        wanted = t.topk(top_k, 1).indices.sort(1).values
         return float((chosen == wanted).all(1).float().mean())
 
 
@@ -76,8 +74,8 @@ def fit_layer_routers(moe: nn.Module, stats: dict[str, LayerStats]) -> dict[str,
         if layer.router is None or name not in stats:
             continue
         st = stats[name]
-        out[name] = fit_router(layer.router.proj, st.router_inputs, expert_targets(st.importance, layer.experts,
-                                                                                    layer.top_k))
+        targets = expert_targets(st.importance, layer.experts, layer.top_k)
+        out[name] = fit_router(layer.router.proj, st.router_inputs, targets, layer.top_k)
     return out
 
 
@@ -115,7 +113,7 @@ def distil(moe: nn.Module, teacher: nn.Module, calibration: Calibration, steps: 
         raise MoeifyError(f"update must be all or routers, not {update!r}")
     if steps < 1:
         raise MoeifyError(f"steps must be >= 1, got {steps}")
-    example = next(iter(_examples(calibration)))
+    example = torch.zeros(1, *moe.moeify_info["input_shape"])
     batches = [b for big in calibration_batches(calibration, example) for b in big.split(batch_size)]
     routers = [m for m in moe.modules() if isinstance(m, (LayerRouter, GlobalRouter))]
     params = [p for r in routers for p in r.parameters()] if update == "routers" else \
@@ -142,12 +140,6 @@ def fit_routers(moe: nn.Module, calibration: Calibration, teacher: nn.Module, st
                 lr: float = 0.01) -> list[float]:
     """More router fitting after conversion: only the routers learn to match the teacher's logits."""
     return distil(moe, teacher, calibration, steps=steps, lr=lr, update="routers")
-
-
-def _examples(calibration: Calibration) -> Iterable[torch.Tensor]:
-    if isinstance(calibration, torch.Tensor):
-        return [calibration[:1]]
-    return (b[0] if isinstance(b, (tuple, list)) else b for b in calibration)
 
 
 def _distil_step(moe, teacher, x, opt, attack, gen) -> float:

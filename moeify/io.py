@@ -40,16 +40,29 @@ def save(moe: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> 
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> str | None:
-    """Load a safetensors file into ``model`` in place; None when every tensor fits, else why not
-    (the first size mismatch, or how many tensors are missing and unexpected)."""
+    """Load weights into ``model`` in place — a safetensors / .moe file, or a torch state_dict file
+    (.pt, .pth, .bin; {"state_dict": ...} too); None when every tensor fits, else why not (the first
+    size mismatch, or how many tensors are missing and unexpected)."""
+    path = os.fspath(path)
     try:
-        missing, unexpected = load_model(model, os.fspath(path), strict=False)
+        if path.endswith((".pt", ".pth", ".bin")):
+            state = _state_dict(path)
+            missing, unexpected = model.load_state_dict(state.get("state_dict", state), strict=False)
+        else:
+            missing, unexpected = load_model(model, path, strict=False)
     except RuntimeError as e:  # shape mismatches
         return next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
     if missing or unexpected:
         return (f"{len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
                 f"{(list(missing) + list(unexpected))[0]}")
     return None
+
+
+def _state_dict(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise MoeifyError(f"{path}: cannot read it as a state_dict ({str(e).splitlines()[0]})") from None
 
 
 def read_info(path: str | os.PathLike) -> dict:

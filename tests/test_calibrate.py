@@ -138,3 +138,19 @@ def test_a_recipe_starts_an_moe_from_trained_dense_weights(tmp_path):
         assert _rel(moe(x), dense(x)) <= 1e-4
     with pytest.raises(moeify.MoeifyError, match="experts_by cluster converts trained dense weights"):
         load_recipe("quickstart", ["moe.experts_by=cluster"])
+
+
+def test_calibration_may_be_an_iterator_of_batches_for_conversion_and_distillation():
+    """A generator of batches, or of (inputs, labels) pairs as a DataLoader gives, serves conversion and
+    distillation, and is read whole."""
+    torch.manual_seed(0)
+    dense = moeify.create_model("cifar_resnet_small", num_classes=10, in_chans=1, width=8, stem_stride=2,
+                                input_size=(1, 28, 28)).eval()
+    x = torch.rand(24, 1, 28, 28)
+    moe = moeify.convert(dense, experts=2, top_k=1, calibration=(b for b in x.split(8)))
+    seen = []
+    losses = moeify.distil(moe, dense, ((seen.append(len(b)) or b, None) for b in x.split(8)), steps=3, batch_size=8)
+    assert seen == [8, 8, 8]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    with pytest.raises(moeify.MoeifyError, match="update must be all or routers"):
+        moeify.distil(moe, dense, x, steps=1, update="experts")
