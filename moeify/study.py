@@ -24,9 +24,9 @@ from . import io
 from .bench import interleaved, machine
 from .data import as_tensors, load_data
 from .errors import MoeifyError
-from .lock import folder_lock
 from .eval_file import EvalRequest, evaluate_file
 from .evaluate import AA_ATTACKS
+from .lock import folder_lock
 from .recipes import Recipe, apply_overrides, build_config, check, find_recipe
 
 STUDY_DIRS = (Path(__file__).resolve().parent.parent / "studies",)
