@@ -138,11 +138,11 @@ class _RoutedFirst:
 
 
 class _Noisy:
-    """Mixed into a router's linear layer by ``spread_routing``: its scores plus the layer's noise.
-    A class, not a forward hook, so the MoE does not pay hooks' slower module call."""
+    """Mixed into a router by ``spread_routing``: its scores plus the router's noise. A class, not a
+    forward hook, so the MoE does not pay hooks' slower module call."""
 
-    def forward(self, x):
-        out = super().forward(x)
+    def scores(self, *args, **kwargs):
+        out = super().scores(*args, **kwargs)
         return out + self.__dict__["_moeify_noise"](out)
 
 
@@ -164,8 +164,8 @@ def spread_routing(moe: nn.Module, seed: int = 0) -> list:
     position, expert) only: made once per batch shape where the scores are (no host copy, one add
     per router call), so the model still compiles as one graph and every strategy and every call
     sees the same routes. Returns one handle per router; ``handle.remove()`` restores it."""
-    routers = [m.router.proj for m in moe_layers(moe).values() if m.router is not None]
-    routers += [m.proj for m in moe.modules() if isinstance(m, GlobalRouter)]
+    routers = [m.router for m in moe_layers(moe).values() if m.router is not None]
+    routers += [m for m in moe.modules() if isinstance(m, GlobalRouter)]
     handles = []
     for i, r in enumerate(routers):
         handles.append(_Unspread(r, type(r).__mro__[2] if isinstance(r, _Noisy) else type(r)))

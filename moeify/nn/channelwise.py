@@ -58,7 +58,7 @@ def _update_running(bn, mean: torch.Tensor, var: torch.Tensor, count: torch.Tens
         bn.running_var.mul_(1 - f).add_(f * unbiased.detach())
 
 
-def _sliced(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -> tuple:
+def sliced_bn(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -> tuple:
     """(running mean, running var, weight, bias) of the selected experts' channels: views, kept
     with the layer under no_grad or inference so a forward does not re-slice them."""
     ts = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
@@ -77,7 +77,7 @@ def bn_selection(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, experts: 
                   use_batch: bool, factor: float) -> torch.Tensor:
     """BatchNorm of packed ``x`` whose samples all selected ``experts``: sliced parameters."""
     if bn.running_mean is None or not (use_batch and bn.training):
-        rm, rv, w, b = _sliced(bn, experts, per)
+        rm, rv, w, b = sliced_bn(bn, experts, per)
         return F.batch_norm(x, rm, rv, w, b, use_batch, factor, bn.eps)
     w, b = (None if t is None else take(t, 0, experts, per) for t in (bn.weight, bn.bias))
     # update copies, then write them back: autograd never saves a tensor a later pass modifies

@@ -50,12 +50,20 @@ class MoEGatedMixin:
         return None  # custom forward (weight standardisation, dynamic padding...) or grouped: masked
 
     def _moe_kernel(self) -> Kernel | None:
-        kind = self.__dict__.get("_moe_sparse_kind", "")
+        """The layer's Kernel, made once and remade only when its weight or bias is replaced."""
+        d = self.__dict__
+        kind = d.get("_moe_sparse_kind", "")
         if kind == "":  # decided once per module
-            kind = self.__dict__["_moe_sparse_kind"] = self._moe_kind()
-        if kind == "linear":
-            return Kernel(self.weight, self.bias, _linear, linear=True)
-        return None if kind is None else Kernel(self.weight, self.bias, self._moe_conv)
+            kind = d["_moe_sparse_kind"] = self._moe_kind()
+        if kind is None:
+            return None
+        params = self._parameters
+        w, b = params["weight"], params.get("bias")
+        k = d.get("_moe_kernel_obj")
+        if k is None or k.weight is not w or k.bias is not b:
+            k = d["_moe_kernel_obj"] = Kernel(w, b, _linear, linear=True) if kind == "linear" else \
+                Kernel(w, b, self._moe_conv)
+        return k
 
     def _moe_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
         if groups == 1:

@@ -106,6 +106,24 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
     return cached(w, key, lambda: _slice_copy(w, in_sel, per_in, out_sel, per_out))
 
 
+def kernel_slices(kernel, in_sel: list[int] | None, per_in: int, out_sel: list[int] | None,
+                  per_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of a Kernel restricted to a selection, for calls autograd does not record:
+    made once and kept with the weight (see ``weight_slice``)."""
+    w, b = kernel.weight, kernel.bias
+    if torch.compiler.is_compiling():
+        return _slice_copy(w, in_sel, per_in, out_sel, per_out), \
+            None if b is None or out_sel is None else take(b, 0, out_sel, per_out)
+    key = ("kernel", w._version, None if b is None else b._version, None if in_sel is None else tuple(in_sel),
+           None if out_sel is None else tuple(out_sel))
+
+    def make() -> tuple[torch.Tensor, torch.Tensor | None]:
+        bs = b if b is None or out_sel is None else take(b, 0, out_sel, per_out).contiguous()
+        return _slice_copy(w, in_sel, per_in, out_sel, per_out), bs
+
+    return cached((w,) if b is None else (w, b), key, make)
+
+
 def _slice_copy(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel: list[int] | None,
                 per_out: int) -> torch.Tensor:
     """The selection, contiguous in w's memory format, copied once: a channels-last weight is
@@ -274,7 +292,7 @@ def scatter_add_channels(stream: torch.Tensor, y: torch.Tensor, route: Route, cd
     return moved.scatter_add(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
 
 
-def _shared_selection(route: Route, by_pattern: bool) -> list[int] | None:
+def shared_selection(route: Route, by_pattern: bool) -> list[int] | None:
     """The experts every sample selected, when ``by_pattern`` allows reading the batch's routing
     patterns back (a host read) and there is one; else None (per-sample indexing)."""
     if not by_pattern:
@@ -289,7 +307,7 @@ def unpack(y: torch.Tensor, route: Route, channels: int, cdim: int, by_pattern: 
     cdim = cdim % y.ndim
     per = channels // route.experts
     y = times_gates(y, route, None, per, cdim)
-    shared = _shared_selection(route, by_pattern)
+    shared = shared_selection(route, by_pattern)
     if shared is not None:
         return place(y, channels, cdim, shared, per)
     return scatter_channels(y, route, channels, cdim)
@@ -298,7 +316,7 @@ def unpack(y: torch.Tensor, route: Route, channels: int, cdim: int, by_pattern: 
 def pack(y: torch.Tensor, route: Route, cdim: int, by_pattern: bool = True) -> torch.Tensor:
     """Packed tensor from full-width ``y``: each sample's selected channels, in slot order."""
     cdim = cdim % y.ndim
-    shared = _shared_selection(route, by_pattern)
+    shared = shared_selection(route, by_pattern)
     if shared is not None:
         return take(y, cdim, shared, y.shape[cdim] // route.experts)
     return gather_channels(y, route, cdim)
@@ -323,12 +341,11 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = Tr
     route = branch.route
     per = branch.channels // route.experts
     y = times_gates(branch.y, route, None, per, cdim).to(stream.dtype)
-    experts = _shared_selection(route, by_pattern)
+    experts = shared_selection(route, by_pattern)
     if experts is not None:
-        if runs(experts):
-            start, width = experts[0] * per, len(experts) * per
-            parts = [stream.narrow(cdim, 0, start), stream.narrow(cdim, start, width) + y,
-                     stream.narrow(cdim, start + width, stream.shape[cdim] - start - width)]
-            return torch.cat([p for p in parts if p.shape[cdim]], dim=cdim)
+        if runs(experts):  # a copy of the stream, the branch added to its slice in place
+            out = stream.clone()
+            out.narrow(cdim, experts[0] * per, len(experts) * per).add_(y)
+            return out
         return stream.index_add(cdim, expert_channels(experts, per, y.device), y)
     return scatter_add_channels(stream, y, route, cdim)

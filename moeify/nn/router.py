@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .executors import current_executor
+from .packing import take
 from .route import Route, select_top_k
 
 
@@ -16,11 +18,18 @@ class LayerRouter(nn.Module):
         self.experts, self.top_k, self.cdim = experts, top_k, cdim
         self.proj = nn.Linear(in_features, experts)
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, experts: list[int] | None = None) -> torch.Tensor:
+        """Scores [B, N] from the layer's input ``x`` (channels on ``cdim``), or from its selected
+        channels only: ``experts``, the experts every sample of a packed ``x`` selected (then only
+        their columns of the linear layer are used; the others would multiply zeros)."""
         cdim = self.cdim % x.ndim
         dims = [d for d in range(1, x.ndim) if d != cdim]
         h = x.mean(dims) if dims else x
-        return self.proj(h)
+        params = self._modules["proj"]._parameters
+        w = params["weight"]
+        if experts is not None:
+            w = take(w, 1, experts, h.shape[1] // len(experts))
+        return F.linear(h, w, params["bias"])
 
     def forward(self, x: torch.Tensor) -> Route:
         return select_top_k(self.scores(x), self.top_k)

@@ -16,9 +16,9 @@ from torch import nn
 
 from ..kernel import Kernel
 from ..channelwise import per_sample_batch_norm, per_sample_depthwise
-from ..packing import PackedBranch, add_packed, pack, unpack
+from ..packing import PackedBranch, add_packed, pack, shared_selection, unpack
 from ..route import Route, select_top_k
-from ..rowgroups import as_tensor
+from ..rowgroups import RowGroups, as_tensor
 
 
 class Executor:
@@ -52,9 +52,13 @@ class Executor:
         if in_route is None:
             scores = router.scores(x_)
         elif in_route.packed:
-            cdim = router.cdim % x_.ndim
-            h = self.pool(x, [d for d in range(1, x_.ndim) if d != cdim])
-            scores = router.proj(self.unpack(h, in_route, in_route.experts * h.shape[1] // in_route.top_k, 1))
+            shared = shared_selection(in_route, self.reads_patterns)
+            if shared is not None and not in_route.needs_grad and not isinstance(x, RowGroups):
+                scores = router.scores(x_, shared)
+            else:
+                cdim = router.cdim % x_.ndim
+                h = self.pool(x, [d for d in range(1, x_.ndim) if d != cdim])
+                scores = router.scores(self.unpack(h, in_route, in_route.experts * h.shape[1] // in_route.top_k, 1))
         else:
             scores = router.scores(in_route.apply(x_, router.cdim))
         r = select_top_k(scores, layer.top_k, self.defers_check(scores.device))

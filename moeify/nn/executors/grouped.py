@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..channelwise import bn_selection, bn_state, per_sample_batch_norm, per_sample_depthwise, selection_depthwise
-from ..packing import merge_rows, place, split_rows, take, times_gates, weight_slice
+from ..channelwise import (bn_selection, bn_state, per_sample_batch_norm, per_sample_depthwise, selection_depthwise,
+                           sliced_bn)
+from ..packing import kernel_slices, merge_rows, place, split_rows, take, times_gates, weight_slice
 from ..route import Route, pattern_groups
 from ..rowgroups import RowGroups, as_tensor, parts_for, routed_parts, subsplit
 from .base import Executor, Kernel
@@ -96,6 +98,33 @@ def sparse_apply(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Route | N
     return merge_rows(outs, [rows for _, rows in groups])
 
 
+def _records(x: torch.Tensor, kernel: Kernel, in_route: Route | None, out_route: Route | None) -> bool:
+    """Whether autograd records this call (then the general path, with differentiable slices and gates)."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or kernel.weight.requires_grad or any(r is not None and r.needs_grad
+                                                                 for r in (in_route, out_route))
+
+
+def one_selection(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Route | None, out_route: Route | None,
+                  experts: list[int]) -> torch.Tensor:
+    """``sparse_apply`` for a batch that shares one selection, when autograd does not record: the
+    selection's weight and bias slices from one cache lookup, one kernel call."""
+    weight = kernel.weight
+    k_in = in_route.top_k if in_route is not None else 0
+    per_in = weight.shape[1] // in_route.experts if in_route is not None else 0
+    per_out = weight.shape[0] // out_route.experts if out_route is not None else 0
+    sel_in = experts[:k_in] if in_route is not None else None
+    sel_out = experts[k_in:] if out_route is not None else None
+    if in_route is not None and not in_route.packed:
+        x = take(x, cdim % x.ndim, sel_in, per_in)
+    w, b = kernel_slices(kernel, sel_in, per_in, sel_out, per_out)
+    y = kernel.run(x, w, b)
+    if out_route is not None and not out_route.packed:
+        y = place(y, weight.shape[0], cdim % y.ndim, sel_out, per_out)
+    return y
+
+
 def _separate(x: RowGroups) -> bool:
     """Can batch statistics be taken per part? Only when no two parts share an expert (then a
     channel's samples are exactly one part's) and every part has more than one value per channel."""
@@ -122,16 +151,23 @@ class Grouped(Executor):
     def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
                  c_in: int, in_route: Route | None, out_route: Route | None) -> torch.Tensor:
         groups = _groups(in_route, out_route) if kernel is not None else None
+        if groups is not None and len(groups) == 1 and groups[0][1] is None and not isinstance(x, RowGroups) \
+                and not _records(x, kernel, in_route, out_route):
+            return one_selection(x, kernel, cdim, in_route, out_route, groups[0][0])
         if groups is not None and len(groups) <= max_groups(as_tensor(x).device):
             return sparse_apply(x, kernel, cdim, in_route, out_route, groups)
         return self.masked_contract(x, full, cdim, c_in, in_route, out_route)
 
     def batch_norm(self, bn: nn.modules.batchnorm._BatchNorm, x, route: Route) -> torch.Tensor:
         per = bn.num_features // route.experts
+        groups = route.groups() if route.packed else None
+        if groups is not None and len(groups) == 1 and groups[0][1] is None and not bn.training \
+                and bn.running_mean is not None:  # inference on one selection: sliced statistics
+            rm, rv, w, b = sliced_bn(bn, groups[0][0], per)
+            return F.batch_norm(as_tensor(x), rm, rv, w, b, False, 0.0, bn.eps)
         state = bn_state(bn)
         if not route.packed:
             return per_sample_batch_norm(bn, as_tensor(x), route, state)
-        groups = route.groups()
         if len(groups) == 1 and groups[0][1] is None:
             return bn_selection(bn, as_tensor(x), groups[0][0], per, *state)
         split = routed_parts(x, route.idx)
