@@ -75,14 +75,17 @@ def convert(model: nn.Module, experts: int | None = None, top_k: int | None = No
             spec: MoESpec | None = None, calibration=None, **spec_kw) -> fx.GraphModule:
     """A new MoE-CNN module built from ``model`` (left untouched) by graph rewriting.
 
-    ``experts``/``top_k`` (or ``spec=MoESpec(...)``, plus ``scope=``, ``router=``, ``layers=``,
-    ``exclude=``) say how; ``example_inputs`` gives input shapes. ``calibration`` (a tensor of
+    ``experts``/``top_k`` (or ``spec=MoESpec(...)``, plus ``scope=``, ``router=``, ``router_norm=``,
+    ``layers=``, ``exclude=``) say how; ``example_inputs`` gives input shapes. ``calibration`` (a tensor of
     inputs, or an iterable of input batches; no labels) makes each expert a cluster of channels
     that matter together and fits the routers to the trained model (see experts.py, fit.py);
     without it, experts are contiguous channel ranges and routers are fresh. Raises
     ConversionError when no layer can be converted or the model cannot be traced.
     """
     spec = _spec(experts, top_k, spec, **spec_kw)
+    if calibration is not None and spec.router_norm:
+        raise ConversionError("calibration= fits plain routers to the trained model; convert with "
+                              "router_norm=False (moe.router_norm: false) when calibrating")
     inputs = _inputs(model, example_inputs)
     work = copy.deepcopy(model)
     gm, p = _analyse(work, inputs, spec)
@@ -154,7 +157,7 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
     for i, (lp, inner) in enumerate(zip(p.layers, interiors)):
         owner.update({u.node: i for u in lp.group.producers})
         owner.update({n: i for n in inner.nodes})
-    routes = [_insert_router(gm, lp, shared, p.dense_macs) for lp in p.layers]
+    routes = [_insert_router(gm, lp, shared, p.dense_macs, p.spec.router_norm) for lp in p.layers]
     for lp, inner, route in zip(p.layers, interiors, routes):
         x = route.args[0]
         if shared is None and x in owner:
@@ -168,7 +171,8 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
     gm.recompile()
 
 
-def _insert_router(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None, dense_macs: int) -> fx.Node:
+def _insert_router(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None, dense_macs: int,
+                   norm: bool = False) -> fx.Node:
     graph, prim = gm.graph, lp.group.primary
     x = prim.node.args[0]
     key = "moeify_layers." + lp.name.replace(".", "_")
@@ -176,7 +180,7 @@ def _insert_router(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None, de
     if shared is None:
         cdim = prim.info.cdim_in
         in_features = x.meta["tensor_meta"].shape[cdim]
-        router = LayerRouter(in_features, lp.experts, lp.top_k, cdim)
+        router = LayerRouter(in_features, lp.experts, lp.top_k, cdim, norm=norm)
     layer = MoELayer(lp.name, lp.channels, lp.experts, lp.top_k, lp.producers, lp.consumers, router, packed=lp.packed)
     layer.model_macs = float(dense_macs)
     gm.add_submodule(key, layer)

@@ -259,7 +259,8 @@ def _adaptive(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
 
 
 def _dissection(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
-    """Routing flip rate under PGD, RA-E, expert load (clean and adversarial), per-expert accuracy."""
+    """Routing flip rate under PGD, RA-E, expert load (clean and adversarial), routing used (the
+    accuracy lost when images swap routes), per-expert accuracy."""
     layers = moe_layers(model)
     names, experts = list(layers), [layer.experts for layer in layers.values()]
     clean_routes = _all_routes(model, x, cfg.batch_size)
@@ -272,6 +273,7 @@ def _dissection(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
         out["ra_e"] = ra_e(model, x, y, cfg)
         out["load_adversarial"] = load_stats([cfg.gather(r) for r in adv_routes], experts)
     out["load_clean"] = load_stats([cfg.gather(r) for r in clean_routes], experts)
+    out.update(routing_used(model, x, y, cfg, clean_routes))
     out["layers"] = names
     per_expert = {}
     for e in range(experts[0]):
@@ -369,6 +371,23 @@ def ra_e(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) ->
         with routing_policy(Fixed(routes)):
             right.append(_predict(model, xa, len(a)) == b)
     return cfg.mean(torch.cat(right))
+
+
+def routing_used(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
+                 routes: torch.Tensor | None = None) -> dict:
+    """How much the model's accuracy depends on each image's own routes: clean accuracy with every
+    image given the clean routes of the next image in the set, in every layer (a model whose
+    routing is dead, or that has one expert, loses nothing). ``routes``: [layers, samples, K], the
+    clean routes when already taken. {"swapped_acc", "routing_used": clean minus swapped}."""
+    routes = _all_routes(model, x, cfg.batch_size) if routes is None else routes
+    other = routes.roll(-1, dims=1)
+    right = []
+    for i, (a, b) in enumerate(_batches(x, y, cfg.batch_size)):
+        sl = slice(i * cfg.batch_size, i * cfg.batch_size + len(a))
+        with routing_policy(Fixed(list(other[:, sl]))):
+            right.append(_predict(model, a, len(a)) == b)
+    swapped = cfg.mean(torch.cat(right))
+    return {"swapped_acc": swapped, "routing_used": cfg.mean(_predict(model, x, cfg.batch_size) == y) - swapped}
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> float:

@@ -34,6 +34,8 @@ class MoECfg:
     top_k: int | None = None
     scope: str = "paper"
     router: str = "layer"
+    router_norm: bool | None = None  # layer routers standardise their pooled input, no bias (keeps routing live);
+    # false = the paper's router; default (null): on, except for routers fitted to a dense model (experts_by: cluster)
     layers: list | None = None
     exclude: list = field(default_factory=list)
     experts_by: str = "contiguous"  # cluster: from train.init's dense weights, clustered experts + fitted routers
@@ -76,6 +78,9 @@ class TrainCfg:
     warmup_epochs: int = 0
     beta: float = 6.0  # TRADES
     balance: float = 0.0  # weight of a load-balancing loss on the routers (0 = off, as in the paper)
+    z_loss: float = 0.0  # weight of the router z-loss (mean squared log-sum-exp of router scores; 0 = off)
+    router_noise: float = 0.0  # std of noise added to router scores when choosing experts in training, annealed to 0
+    soft_warmup: float = 0.0  # share of the training steps run with soft routing (every expert, softmax-weighted)
     update: str = "all"  # all | routers | experts
     init: str | None = None  # a .moe file to start from (same model)
     seed: int = 0

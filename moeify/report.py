@@ -10,7 +10,8 @@ ROWS = (("clean_acc", "clean (SA)"), ("pgd_acc", "PGD (worst of PGD-k and 2x ste
         ("autoattack_acc", "AutoAttack standard"), ("square_acc", "Square (gradient-free)"),
         ("adaptive_acc", "MoE-adaptive (worst case per sample)"), ("worst_case_acc", "worst case over all attacks"),
         ("ra_r", "RA-R: attack on the routers only"), ("ra_e", "RA-E: routes frozen to the clean routes"),
-        ("flip_rate", "routing flip rate under PGD"))
+        ("flip_rate", "routing flip rate under PGD"),
+        ("routing_used", "routing used: clean accuracy lost when images swap routes"))
 
 
 def table(rep: dict, title: str) -> Table:
@@ -69,16 +70,40 @@ def _plots(rep: dict, out: Path) -> list[Path]:
         fig.savefig(files[-1], dpi=120)
         plt.close(fig)
     if "load_clean" in rep:
-        panels = [("clean", rep["load_clean"])] + ([("adversarial", rep["load_adversarial"])] if "load_adversarial" in rep else [])
-        fig, axes = plt.subplots(1, len(panels), figsize=(3 + 2.5 * len(panels), 0.4 * len(rep["layers"]) + 1.5), squeeze=False)
-        for ax, (name, loads) in zip(axes[0], panels):
-            im = ax.imshow([x["load"] for x in loads], vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            ax.set_title(f"expert load, {name}")
-            ax.set_xlabel("expert")
-            ax.set_yticks(range(len(rep["layers"])))
-            ax.set_yticklabels(rep["layers"], fontsize=6)
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-        files.append(out / "expert_load.png")
-        fig.savefig(files[-1], dpi=120)
-        plt.close(fig)
+        files.append(_load_plot(rep, out / "expert_load.png", plt))
     return files
+
+
+def _load_plot(rep: dict, path: Path, plt) -> Path:
+    """expert_load.png: one row per MoE layer (its full name), one column per expert, the share of
+    inputs routed there written in each cell; clean and adversarial inputs side by side."""
+    panels = [("clean", rep["load_clean"])] + ([("adversarial", rep["load_adversarial"])]
+                                               if "load_adversarial" in rep else [])
+    names = rep["layers"]
+    experts = max(len(x["load"]) for x in rep["load_clean"])
+    label_w = 0.07 * max(len(n) for n in names) + 0.3  # inches of layer names on the left
+    panel_w = 0.55 * experts + 0.6
+    height = 0.32 * len(names) + 1.4
+    fig, axes = plt.subplots(1, len(panels), figsize=(label_w + 0.3 + panel_w * len(panels) + 1.0, height), squeeze=False,
+                             sharey=True)
+    for ax, (name, loads) in zip(axes[0], panels):
+        grid = [x["load"] + [0.0] * (experts - len(x["load"])) for x in loads]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for r, row in enumerate(grid):
+            for e, v in enumerate(row):
+                ax.text(e, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+        ax.set_title(f"{name} inputs", fontsize=9)
+        ax.set_xticks(range(experts))
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=7)
+    axes[0][0].set_ylabel("MoE layer")
+    width = fig.get_figwidth()
+    left, right, bottom, top = (label_w + 0.3) / width, 1 - 1.0 / width, 0.6 / height, 1 - 0.55 / height
+    fig.subplots_adjust(left=left, right=right, wspace=0.12, top=top, bottom=bottom)
+    cax = fig.add_axes((right + 0.2 / width, bottom, 0.15 / width, top - bottom))
+    fig.colorbar(im, cax=cax).set_label("share of inputs")
+    fig.suptitle("expert load per MoE layer", fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

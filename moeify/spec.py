@@ -21,6 +21,10 @@ class MoESpec:
         ``paper`` (the AdvMoE layer set: ``branches`` without the first conv).
     router: ``layer`` (one router per MoE layer, on that layer's input) or ``global``
         (one router on the image shared by every layer, as in the released AdvMoE code).
+    router_norm: layer routers standardise their pooled input with running statistics before
+        the linear layer (off: the paper's router). Pooled CNN features share a large mean across
+        images, so an unnormalised router's scores move together for every input and collapse
+        onto one expert; standardised, they follow what differs between images.
     layers: optional glob patterns of producer names to convert (others stay dense).
     exclude: glob patterns of producer names to keep dense.
     """
@@ -29,6 +33,7 @@ class MoESpec:
     top_k: int | None = None
     scope: str = "hidden"
     router: str = "layer"
+    router_norm: bool = False
     layers: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
@@ -47,6 +52,8 @@ class MoESpec:
             raise ConversionError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.router not in ROUTERS:
             raise ConversionError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if not isinstance(self.router_norm, bool):
+            raise ConversionError(f"router_norm must be true or false, got {self.router_norm!r}")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -59,7 +66,7 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoESpec":
-        known = {"experts", "top_k", "scope", "router", "layers", "exclude"}
+        known = {"experts", "top_k", "scope", "router", "router_norm", "layers", "exclude"}
         unknown = set(d) - known
         if unknown:
             raise ConversionError(f"unknown MoE spec key(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")

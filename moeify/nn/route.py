@@ -170,16 +170,20 @@ def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
-def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False) -> Route:
+def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, noise: float = 0.0) -> Route:
     """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
     (or what an active routing policy decides, see policy.py). A NaN/inf chosen score raises now,
-    or, with ``defer_check``, in ``routes_checked`` at the end of the model call."""
+    or, with ``defer_check``, in ``routes_checked`` at the end of the model call. ``noise``: the
+    std of Gaussian noise added to the scores for the choice only (exploration in training; the
+    gates' gradient is the clean scores')."""
     policy = current_policy()
     if policy is not None:
         decided = policy.route(scores, top_k)
         if decided is not None:
             return Route(decided[0], decided[1], scores.shape[-1])
     detached = scores.detach()
+    if noise:
+        detached = detached + noise * torch.randn_like(detached)
     if top_k == 1:  # the choice and its score in one op (a NaN is always the maximum)
         chosen, idx = detached.max(dim=-1, keepdim=True)  # ties: the first maximum
     else:

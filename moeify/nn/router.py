@@ -10,13 +10,30 @@ from .packing import take
 from .route import Route, select_top_k
 
 
-class LayerRouter(nn.Module):
-    """The paper's router: global average pool of the layer's input, a linear layer to N scores."""
+NORM_MOMENTUM = 0.1  # running-statistics update of a standardising router, as BatchNorm's default
+NORM_EPS = 1e-5
 
-    def __init__(self, in_features: int, experts: int, top_k: int, cdim: int = 1) -> None:
+
+class LayerRouter(nn.Module):
+    """The paper's router: global average pool of the layer's input, a linear layer to N scores.
+
+    With ``norm``, the pooled input is standardised per channel with running statistics (updated
+    in training mode, without a gradient; used as they are in eval) and the linear layer has no
+    bias: every expert's score then has mean zero over the inputs, so no expert can be preferred
+    by all of them at once (the way unnormalised routers collapse, docs/results.md), and the
+    scores follow how an image differs from the others. The statistics are those of the
+    full-width pooled vector the layer sees (zeros where an earlier MoE layer dropped channels),
+    so every execution strategy computes the same scores.
+    """
+
+    def __init__(self, in_features: int, experts: int, top_k: int, cdim: int = 1, norm: bool = False) -> None:
         super().__init__()
-        self.experts, self.top_k, self.cdim = experts, top_k, cdim
-        self.proj = nn.Linear(in_features, experts)
+        self.experts, self.top_k, self.cdim, self.norm = experts, top_k, cdim, norm
+        self.proj = nn.Linear(in_features, experts, bias=not norm)
+        if norm:
+            self.register_buffer("in_mean", torch.zeros(in_features))
+            self.register_buffer("in_var", torch.ones(in_features))
+            self.register_buffer("in_batches", torch.zeros((), dtype=torch.long))
 
     def scores(self, x: torch.Tensor, experts: list[int] | None = None) -> torch.Tensor:
         """Scores [B, N] from the layer's input ``x`` (channels on ``cdim``), or from its selected
@@ -25,14 +42,45 @@ class LayerRouter(nn.Module):
         cdim = self.cdim % x.ndim
         dims = [d for d in range(1, x.ndim) if d != cdim]
         h = x.mean(dims) if dims else x
-        params = self._modules["proj"]._parameters
-        w = params["weight"]
+        if self.norm:
+            return self._standardised(h, experts)
+        if experts is None:
+            return self.proj(h)
+        proj = self.proj
+        return F.linear(h, take(proj.weight, 1, experts, h.shape[1] // len(experts)), proj.bias)
+
+    def _standardised(self, h: torch.Tensor, experts: list[int] | None) -> torch.Tensor:
+        """W (h - mean) / std over the full-width pooled vector: F.linear(h, W / std) - (W / std)
+        mean, with h (and W's columns) restricted to ``experts`` when given."""
+        if self.training:
+            self._update_stats(h, experts)
+        # copies: a later training pass (TRADES runs two) updates the buffers in place
+        w = self.proj.weight * torch.rsqrt(self.in_var.clone() + NORM_EPS)
+        bias = -(w @ self.in_mean.clone())
         if experts is not None:
             w = take(w, 1, experts, h.shape[1] // len(experts))
-        return F.linear(h, w, params["bias"])
+        return F.linear(h, w, bias)
+
+    def _update_stats(self, h: torch.Tensor, experts: list[int] | None) -> None:
+        with torch.no_grad():
+            full = h.detach().float()
+            if experts is not None:
+                per = h.shape[1] // len(experts)
+                full = h.new_zeros(h.shape[0], self.in_mean.numel()).float()
+                full.index_copy_(1, torch.cat([torch.arange(e * per, (e + 1) * per, device=h.device) for e in experts]),
+                                 h.detach().float())
+            # the first batches are averaged in, then a moving average (BatchNorm's momentum)
+            f = torch.clamp(1.0 / (self.in_batches.float() + 1.0), min=NORM_MOMENTUM)
+            mean, var = full.mean(0), full.var(0, unbiased=False) if len(full) > 1 else torch.zeros_like(full[0])
+            self.in_mean.mul_(1 - f).add_(f * mean.to(self.in_mean))
+            self.in_var.mul_(1 - f).add_(f * var.to(self.in_var))
+            self.in_batches.add_(1)
 
     def forward(self, x: torch.Tensor) -> Route:
         return select_top_k(self.scores(x), self.top_k)
+
+    def extra_repr(self) -> str:
+        return "standardised input" if self.norm else ""
 
 
 class GlobalRouter(nn.Module):
@@ -74,6 +122,7 @@ class MoELayer(nn.Module):
         self.producers, self.consumers = list(producers), list(consumers)
         self.router = router
         self.packed = packed
+        self.noise = 0.0  # std of the noise on the scores when choosing experts in training (exploration)
         self.model_macs = 0.0  # the whole dense model's MACs per sample (set by convert; auto reads it)
 
     def forward(self, x, in_route: Route | None = None) -> Route:

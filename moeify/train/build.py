@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import io
 from ..conversion import convert, is_router
+from ..nn import LayerRouter
 from ..data import DataBundle, calibration_images
 from ..errors import MoeifyError
 from ..recipes import Recipe
@@ -31,7 +32,8 @@ def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     if recipe.model.kind == "dense":
         return dense
     m = recipe.moe
-    spec = MoESpec(experts=m.experts, top_k=m.top_k, scope=m.scope, router=m.router,
+    norm = m.router_norm if m.router_norm is not None else m.experts_by != "cluster"
+    spec = MoESpec(experts=m.experts, top_k=m.top_k, scope=m.scope, router=m.router, router_norm=norm,
                    layers=tuple(m.layers) if m.layers else None, exclude=tuple(m.exclude))
     example = torch.zeros(2, *size)
     if recipe.model.kind == "s-dense":
@@ -52,12 +54,13 @@ def load_init(model: nn.Module, path: str) -> None:
 
 
 def hold_frozen_norms(model: nn.Module, update: str) -> None:
-    """Put the BatchNorm layers of the part not being trained in eval mode, so its running statistics
-    stay as they were: with ``update`` routers (or experts) the other part is then unchanged as a function."""
+    """Put the BatchNorm layers (and standardising routers) of the part not being trained in eval
+    mode, so their running statistics stay as they were: with ``update`` routers (or experts) the
+    other part is then unchanged as a function."""
     if update == "all":
         return
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and is_router(name + ".") == (update == "experts"):
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, LayerRouter)) and is_router(name + ".") == (update == "experts"):
             m.eval()
 
 

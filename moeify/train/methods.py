@@ -27,19 +27,28 @@ def balance_loss(rec: Recorder) -> torch.Tensor | float:
     return torch.stack(terms).mean() if terms else 0.0
 
 
+def z_loss(rec: Recorder) -> torch.Tensor | float:
+    """ST-MoE's router z-loss, averaged over the recorded router calls: the mean squared
+    log-sum-exp of the scores, which keeps them small (a router cannot become arbitrarily sure)."""
+    terms = [torch.logsumexp(s.float(), -1).pow(2).mean() for s in rec.scores]
+    return torch.stack(terms).mean() if terms else 0.0
+
+
 def robust_loss(model: nn.Module, attacked: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, beta: float,
                 attack: AttackConfig, autocast: Callable, x_adv: torch.Tensor | None = None,
-                gen: torch.Generator | None = None, balance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                gen: torch.Generator | None = None, balance: float = 0.0,
+                zloss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, logits used for the accuracy, the adversarial batch): ``kind`` standard | at | trades.
 
     ``attacked`` is the unwrapped model the attack differentiates (no DDP hooks, fp32). ``balance``
-    adds that weight of ``balance_loss`` over the training forwards (not the attack's).
+    and ``zloss`` add those weights of ``balance_loss`` and ``z_loss`` over the training forwards
+    (not the attack's).
     """
-    if balance:
+    if balance or zloss:
         x_adv = _attack(attacked, x, y, kind, attack, x_adv, gen)
         with routing_policy(Recorder()) as rec:
             loss, logits, x_adv = robust_loss(model, attacked, x, y, kind, beta, attack, autocast, x_adv, gen)
-        return loss + balance * balance_loss(rec), logits, x_adv
+        return loss + balance * balance_loss(rec) + zloss * z_loss(rec), logits, x_adv
     if kind == "standard":
         with autocast():
             logits = model(x)

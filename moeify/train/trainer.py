@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader
 
 from .. import io
 from ..attacks import AttackConfig
+from ..conversion import moe_layers
+from ..nn import execution
+from ..nn.policy import Soft, routing_policy
 from ..data import augment, load_data, to_float
 from ..errors import MoeifyError, RoutingError
 from ..macs import count_macs
@@ -32,7 +35,7 @@ from .methods import robust_loss
 from .sampler import EpochSampler
 from .schedule import lr_lambda
 from .summary import checksums, print_summary, write_csv
-from .validate import evaluate_robust, expert_load
+from .validate import collapse_warning, evaluate_robust, expert_load
 
 
 class Trainer:
@@ -131,16 +134,16 @@ class Trainer:
 
     def router_step(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None):
         """Update the routers only, on the robust loss (plus ``train.balance``): (loss, logits, x_adv)."""
-        return self._part_step(self.routers, self.opt_r, "router", x, y, x_adv, self.t.balance)
+        return self._part_step(self.routers, self.opt_r, "router", x, y, x_adv, self.t.balance, self.t.z_loss)
 
     def expert_step(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None = None):
         """Update everything but the routers, on the robust loss: (loss, logits, x_adv)."""
-        return self._part_step(self.experts, self.opt_e, "expert", x, y, x_adv, 0.0)
+        return self._part_step(self.experts, self.opt_e, "expert", x, y, x_adv, 0.0, 0.0)
 
     def _joint_step(self, kind: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.acc.accumulate(self.model):  # gradient accumulation and DDP's no-sync between micro-steps
             loss, logits, _ = robust_loss(self.fwd, self.attacked, x, y, kind, self.t.beta, self.attack,
-                                          self._autocast, gen=self.gen, balance=self.t.balance)
+                                          self._autocast, gen=self.gen, balance=self.t.balance, zloss=self.t.z_loss)
             self._check_finite(loss, "training")
             self._backward(loss, None)
             if self.train_experts:
@@ -150,10 +153,10 @@ class Trainer:
             self._zero_grad()
         return loss, logits
 
-    def _part_step(self, params, opt, name: str, x, y, x_adv, balance: float):
+    def _part_step(self, params, opt, name: str, x, y, x_adv, balance: float, zloss: float):
         kind = "trades" if self.recipe.advmoe.loss == "trades" else "at"
         loss, logits, x_adv = robust_loss(self.fwd, self.attacked, x, y, kind, self.t.beta, self.attack,
-                                          self._autocast, x_adv=x_adv, gen=self.gen, balance=balance)
+                                          self._autocast, x_adv=x_adv, gen=self.gen, balance=balance, zloss=zloss)
         self._check_finite(loss, name)
         self._backward(loss, params)
         self._update(opt)
@@ -227,8 +230,10 @@ class Trainer:
                 if i >= self.steps:
                     break
                 x = self._batch(x)
+                self._set_router_noise((epoch - 1) * self.steps + i)
                 try:
-                    loss, logits = step(x, y)
+                    with self._routing((epoch - 1) * self.steps + i):
+                        loss, logits = step(x, y)
                 except RoutingError as e:
                     raise self._failure(f"a router produced non-finite scores ({e})") from None
                 for sched, on in ((self.sched_e, self.train_experts), (self.sched_r, self.train_routers)):
@@ -239,6 +244,24 @@ class Trainer:
                 sums["n"] += len(y)
                 advance(f"loss {sums['loss'] / sums['n']:.3f} acc {sums['correct'] / sums['n']:.1%}")
         return sums, time.time() - start
+
+    def _set_router_noise(self, step: int) -> None:
+        """``train.router_noise`` annealed linearly to 0 over the run, on every MoE layer."""
+        if self.t.router_noise:
+            scale = self.t.router_noise * max(0.0, 1.0 - step / max(1, self.t.epochs * self.steps))
+            for layer in moe_layers(self.raw).values():
+                layer.noise = scale
+
+    def _routing(self, step: int):
+        """Soft routing (every expert, weighted by K x the router's softmax; masked execution) for
+        the first ``train.soft_warmup`` share of the run's steps, so every expert trains on every
+        input before hard top-K routing starts; hard routing afterwards."""
+        if step < self.t.soft_warmup * self.t.epochs * self.steps and moe_layers(self.raw):
+            stack = contextlib.ExitStack()
+            stack.enter_context(routing_policy(Soft()))
+            stack.enter_context(execution("masked"))
+            return stack
+        return contextlib.nullcontext()
 
     def _batch(self, x: torch.Tensor) -> torch.Tensor:
         x = to_float(x)
@@ -263,7 +286,10 @@ class Trainer:
         n = max(1, sums["n"])
         row = {"epoch": epoch, "train_loss": sums["loss"] / n, "train_acc": sums["correct"] / n,
                "val_clean": val["clean"], "val_robust": val["robust"], "lr": self.sched_e.get_last_lr()[0],
-               "train_s": round(train_s, 1), "val_s": round(val["seconds"], 1), "load_balance": load}
+               "train_s": round(train_s, 1), "val_s": round(val["seconds"], 1),
+               "load_balance": None if load is None else load["entropy"],
+               "load_min": None if load is None else load["min_entropy"],
+               "expert_load": None if load is None else load["layers"]}
         self.progress.epoch = epoch
         self.progress.history.append(row)
         with ckpt.writing(self.out):
@@ -275,11 +301,14 @@ class Trainer:
             if self.main:
                 write_csv(self.out / "metrics.csv", self.progress.history)
         if self.main:
-            lb = "-" if load is None else f"{load:.2f}"
+            lb = "-" if load is None else " ".join(f"{v['entropy']:.2f}" for v in load["layers"].values())
             self.console.print(
                 f"epoch {epoch}/{self.t.epochs}  loss {row['train_loss']:.3f}  train acc {row['train_acc']:.1%}  "
                 f"val clean {val['clean']:.1%}  val PGD-{ev.val_pgd_steps} {val['robust']:.1%}  lr {row['lr']:.4f}  "
-                f"load balance {lb}  {train_s:.0f}s + {val['seconds']:.0f}s")
+                f"expert-load entropy per layer {lb}  {train_s:.0f}s + {val['seconds']:.0f}s")
+            warning = collapse_warning(load)
+            if warning:
+                self.console.print(warning, style="yellow", markup=False)
             self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch)
 
     def finish(self) -> dict:
@@ -302,6 +331,7 @@ class Trainer:
             "best_val_robust": self.progress.best_val_robust, "eval_seconds": res["seconds"],
             "history": self.progress.history, "processes": self.acc.num_processes,
             "weights_checksum_per_process": checksums(self.raw, self.acc),
+            "expert_load_test": expert_load(self.raw, test, ev.batch_size, self.acc, self.fmt),
         }
         if self.main:
             with ckpt.writing(self.out):

@@ -1,0 +1,186 @@
+"""Routers that route: what each remedy for collapse changes, on tiny models, and the routing
+health a run and an evaluation report (collapse warning, expert load per layer, routing used)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moeify
+from moeify.evaluate import EvalConfig, load_entropy, routing_used
+from moeify.nn import LayerRouter
+from moeify.nn.policy import Recorder, routing_policy
+from moeify.train.methods import balance_loss
+from moeify.train.validate import COLLAPSED, collapse_warning
+from moeify.zoo import create_model
+
+
+def _moe(router_norm=False, experts=2, top_k=1, scope="hidden"):
+    torch.manual_seed(0)
+    m = create_model("cifar_resnet_small", num_classes=10, in_chans=1, width=8, stem_stride=2)
+    return moeify.convert(m, experts=experts, top_k=top_k, scope=scope, example_inputs=torch.rand(2, 1, 28, 28),
+                          router_norm=router_norm)
+
+
+def _x(n=32, seed=1):
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def _entropies(moe, x):
+    with torch.no_grad():
+        routes = moeify.routing(moe.eval(), x)
+    return [load_entropy(torch.bincount(r.flatten(), minlength=2)) for r in routes.values()]
+
+
+def test_standardised_router_ignores_what_every_input_shares():
+    """A shared offset of the pooled features (the mean every image has) moves an unnormalised
+    router's scores for all inputs alike; a standardising router (no bias), once it has seen the
+    inputs, gives every expert a mean score of zero and scores how each input differs."""
+    torch.manual_seed(0)
+    r = LayerRouter(6, 2, 1, norm=True)
+    assert r.proj.bias is None
+    h = torch.randn(64, 6, 4, 4) * 0.05 + 3.0  # small differences on a large shared mean
+    r.train()
+    for _ in range(30):
+        r.scores(h)
+    r.eval()
+    s = r.scores(h)
+    assert s.mean(0).abs().max() < 0.2 * s.std(0).min()
+    plain = LayerRouter(6, 2, 1)
+    with torch.no_grad():
+        plain.proj.weight.copy_(r.proj.weight)
+        plain.proj.bias.zero_()
+    sp = plain.scores(h)
+    assert (sp[:, 1] - sp[:, 0]).mean().abs() > 5 * (sp[:, 1] - sp[:, 0]).std()  # one offset for all
+
+
+def test_standardised_routers_split_inputs_from_the_first_batches():
+    moe = _moe(router_norm=True).eval()
+    for layer in moeify.moe_layers(moe).values():
+        layer.router.train()  # the routers take their statistics; BatchNorm stays as in eval
+    with torch.no_grad():
+        moe(_x(64))
+    assert min(_entropies(moe, _x(64, seed=5))) > 0.8
+
+
+@pytest.mark.parametrize("mode", ["grouped", "static"])
+def test_standardised_routers_run_alike_in_every_strategy(mode):
+    """Scores, running statistics and gradients of standardising routers are the same whichever
+    strategy executes the layer (packed inputs included: paper scope), in training and eval."""
+    moe = _moe(router_norm=True, scope="paper")
+    other = copy.deepcopy(moe)
+    x, y = _x(16), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for model, ex in ((moe, "masked"), (other, mode)):
+        model.train()
+        with moeify.execution(ex):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            model.eval()
+            with torch.no_grad():
+                outs.append((model(x), {k: v.clone() for k, v in model.state_dict().items() if "in_" in k},
+                             {n: p.grad.clone() for n, p in model.named_parameters() if "moeify_layers" in n}))
+    (a, sa, ga), (b, sb, gb) = outs
+    assert sa and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    for k in sa:
+        assert torch.allclose(sa[k].float(), sb[k].float(), rtol=1e-5, atol=1e-6), k
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_balance_loss_raises_entropy_from_a_collapsed_start():
+    moe = _moe()
+    with torch.no_grad():
+        for layer in moeify.moe_layers(moe).values():
+            layer.router.proj.bias.copy_(torch.tensor([2.0, 0.0]))
+    x = _x(64)
+    assert max(_entropies(moe, x)) < COLLAPSED
+    opt = torch.optim.SGD(moeify.router_parameters(moe), lr=0.1)
+    moe.train()
+    for _ in range(100):
+        with routing_policy(Recorder()) as rec:
+            moe(x)
+        opt.zero_grad()
+        balance_loss(rec).backward()
+        opt.step()
+    assert min(_entropies(moe, x)) > 0.9
+
+
+def test_a_collapsing_layer_is_named_in_one_warning_line():
+    load = {"entropy": 0.5, "min_entropy": 0.0, "layers": {"a.conv": {"load": [1.0, 0.0], "entropy": 0.0},
+                                                            "b.conv": {"load": [0.5, 0.5], "entropy": 1.0}}}
+    line = collapse_warning(load)
+    assert "\n" not in line and "a.conv 0.00" in line and "b.conv" not in line and "1 of 2" in line
+    assert collapse_warning({**load, "layers": {"b.conv": load["layers"]["b.conv"]}}) is None
+    assert collapse_warning(None) is None
+
+
+def test_routing_used_is_zero_with_one_expert_and_counts_route_swaps():
+    x, y = _x(24), torch.randint(0, 10, (24,), generator=torch.Generator().manual_seed(3))
+    cfg = EvalConfig(eps=0.1, batch_size=10)
+    assert routing_used(_moe(experts=1, top_k=1).eval(), x, y, cfg)["routing_used"] == 0.0
+    moe = _moe().eval()
+    with torch.no_grad():
+        for layer in moeify.moe_layers(moe).values():
+            layer.router.proj.weight.mul_(50)  # routes differ between images
+    with torch.no_grad():
+        base = moe(x).argmax(1) == y
+    out = routing_used(moe, x, y, cfg)
+    assert out["routing_used"] == pytest.approx(base.float().mean().item() - out["swapped_acc"])
+
+
+def test_router_noise_explores_in_training_only_and_strategies_still_agree():
+    moe = _moe()
+    with torch.no_grad():
+        for layer in moeify.moe_layers(moe).values():
+            layer.router.proj.bias.copy_(torch.tensor([5.0, 0.0]))  # collapsed: expert 0 always
+            layer.noise = 10.0
+    x = _x(64)
+    moe.train()
+    with torch.no_grad(), routing_policy(Recorder()) as rec:
+        moe(x)
+    assert all(0 < int(c.sum()) < len(c) for c in rec.choices)  # noise sends some inputs to expert 1
+    moe.eval()
+    with torch.no_grad():
+        routes = moeify.routing(moe, x)
+        ref = moe(x)
+        with moeify.execution("grouped"):
+            assert torch.allclose(moe(x), ref, rtol=1e-5, atol=1e-6)
+    assert all(int(r.sum()) == 0 for r in routes.values())  # no noise in eval
+
+
+def test_z_loss_shrinks_router_scores():
+    from moeify.train.methods import z_loss
+    moe = _moe()
+    x = _x(32)
+    opt = torch.optim.SGD(moeify.router_parameters(moe), lr=0.1)
+    sizes = []
+    for _ in range(20):
+        with routing_policy(Recorder()) as rec:
+            moe(x)
+        loss = z_loss(rec)
+        sizes.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert sizes[-1] < 0.5 * sizes[0]
+
+
+def test_soft_warmup_routing_trains_every_expert_on_every_input():
+    """What ``train.soft_warmup`` runs: with soft routing every expert's weights get a gradient
+    from every input, even where hard routing sends all inputs to one expert."""
+    from moeify.nn.policy import Soft
+    moe = _moe()
+    with torch.no_grad():
+        for layer in moeify.moe_layers(moe).values():
+            layer.router.proj.bias.copy_(torch.tensor([5.0, 0.0]))  # hard routing: expert 0 only
+    x, y = _x(16), torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(4))
+    layer = next(iter(moeify.moe_layers(moe).values()))
+    conv = moe.get_submodule(layer.producers[0])
+    per = conv.out_channels // 2
+    for soft, expert1_learns in ((False, False), (True, True)):
+        moe.zero_grad()
+        with routing_policy(Soft()) if soft else routing_policy(Recorder()), moeify.execution("masked"):
+            F.cross_entropy(moe.train()(x), y).backward()
+        assert (conv.weight.grad[per:].abs().sum() > 0) == expert1_learns
+        assert conv.weight.grad[:per].abs().sum() > 0
