@@ -273,7 +273,7 @@ def _dissection(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
         out["ra_e"] = ra_e(model, x, y, cfg)
         out["load_adversarial"] = load_stats([cfg.gather(r) for r in adv_routes], experts)
     out["load_clean"] = load_stats([cfg.gather(r) for r in clean_routes], experts)
-    out.update(routing_used(model, x, y, cfg, clean_routes))
+    out.update(routing_used(model, x, y, cfg, clean_routes, earlier["clean"].correct if "clean" in earlier else None))
     out["layers"] = names
     per_expert = {}
     for e in range(experts[0]):
@@ -374,12 +374,14 @@ def ra_e(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) ->
 
 
 def routing_used(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
-                 routes: torch.Tensor | None = None) -> dict:
+                 routes: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> dict:
     """How much the model's accuracy depends on each image's own routes: clean accuracy with every
     image given the clean routes of the next image in the set, in every layer (a model whose
-    routing is dead, or that has one expert, loses nothing). ``routes``: [layers, samples, K], the
-    clean routes when already taken. {"swapped_acc", "routing_used": clean minus swapped}."""
+    routing is dead, or that has one expert, loses nothing). ``routes`` ([layers, samples, K]) and
+    ``clean`` (per-sample correctness): when already taken. {"swapped_acc", "routing_used": clean
+    minus swapped}."""
     routes = _all_routes(model, x, cfg.batch_size) if routes is None else routes
+    clean = _predict(model, x, cfg.batch_size) == y if clean is None else clean
     other = routes.roll(-1, dims=1)
     right = []
     for i, (a, b) in enumerate(_batches(x, y, cfg.batch_size)):
@@ -387,7 +389,7 @@ def routing_used(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalCo
         with routing_policy(Fixed(list(other[:, sl]))):
             right.append(_predict(model, a, len(a)) == b)
     swapped = cfg.mean(torch.cat(right))
-    return {"swapped_acc": swapped, "routing_used": cfg.mean(_predict(model, x, cfg.batch_size) == y) - swapped}
+    return {"swapped_acc": swapped, "routing_used": cfg.mean(clean) - swapped}
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> float:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .executors import current_executor
-from .packing import take
+from .packing import expert_channels, take
 from .route import Route, select_top_k
 
 
@@ -62,17 +62,16 @@ class LayerRouter(nn.Module):
         return F.linear(h, w, bias)
 
     def _update_stats(self, h: torch.Tensor, experts: list[int] | None) -> None:
+        """Fold the batch's per-channel mean and variance of the full-width pooled vector into the
+        running statistics: averaged over the first batches, then BatchNorm's moving average."""
         with torch.no_grad():
             full = h.detach().float()
-            if experts is not None:
-                per = h.shape[1] // len(experts)
-                full = h.new_zeros(h.shape[0], self.in_mean.numel()).float()
-                full.index_copy_(1, torch.cat([torch.arange(e * per, (e + 1) * per, device=h.device) for e in experts]),
-                                 h.detach().float())
-            # the first batches are averaged in, then a moving average (BatchNorm's momentum)
+            if experts is not None:  # the selected channels in place, zeros elsewhere
+                ch = expert_channels(experts, h.shape[1] // len(experts), h.device)
+                full = full.new_zeros(h.shape[0], self.in_mean.numel()).index_copy_(1, ch, full)
+            var = full.var(0, unbiased=False) if len(full) > 1 else torch.zeros_like(full[0])
             f = torch.clamp(1.0 / (self.in_batches.float() + 1.0), min=NORM_MOMENTUM)
-            mean, var = full.mean(0), full.var(0, unbiased=False) if len(full) > 1 else torch.zeros_like(full[0])
-            self.in_mean.mul_(1 - f).add_(f * mean.to(self.in_mean))
+            self.in_mean.mul_(1 - f).add_(f * full.mean(0).to(self.in_mean))
             self.in_var.mul_(1 - f).add_(f * var.to(self.in_var))
             self.in_batches.add_(1)
 
