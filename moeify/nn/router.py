@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .executors import current_executor
-from .packing import expert_channels, take
+from .packing import cached, expert_channels, take
 from .route import Route, select_top_k
 
 
@@ -54,12 +54,24 @@ class LayerRouter(nn.Module):
         mean, with h (and W's columns) restricted to ``experts`` when given."""
         if self.training:
             self._update_stats(h, experts)
-        # copies: a later training pass (TRADES runs two) updates the buffers in place
-        w = self.proj.weight * torch.rsqrt(self.in_var.clone() + NORM_EPS)
-        bias = -(w @ self.in_mean.clone())
+        w, bias = self._folded()
         if experts is not None:
             w = take(w, 1, experts, h.shape[1] // len(experts))
         return F.linear(h, w, bias)
+
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W / std, -(W / std) mean): the statistics folded into the linear layer. Made once and
+        kept while weight and statistics are unchanged when nothing is trained; otherwise from
+        copies of the statistics (a later training pass, TRADES runs two, updates them in place)."""
+        w, mean, var = self.proj.weight, self.in_mean, self.in_var
+
+        def fold(m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            ws = w * torch.rsqrt(v + NORM_EPS)
+            return ws, -(ws @ m)
+
+        if self.training or (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            return fold(mean.clone(), var.clone())
+        return cached((w, mean, var), ("folded", w._version, mean._version, var._version), lambda: fold(mean, var))
 
     def _update_stats(self, h: torch.Tensor, experts: list[int] | None) -> None:
         """Fold the batch's per-channel mean and variance of the full-width pooled vector into the
