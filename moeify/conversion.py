@@ -93,7 +93,8 @@ def convert(model: nn.Module, experts: int | None = None, top_k: int | None = No
         reasons = sorted({d.reason.split(" (")[0].split(";")[0] for d in p.dense})[:4]
         raise ConversionError(f"no layer of {p.model_name} can be converted"
                               + (f" ({'; '.join(reasons)})" if reasons else " (it has no conv or linear layer)")
-                              + "; try another scope (--scope branches) or a number of experts that divides the channels")
+                              + ("; scope auto tried hidden and branches: try" if spec.scope == "auto" else
+                                 "; try another scope (--scope branches) or") + " a number of experts that divides the channels")
     batches = None if calibration is None else calibration_batches(calibration, inputs[0])
     if batches is not None:
         stats = _cluster(gm, p, batches)

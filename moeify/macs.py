@@ -20,9 +20,16 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> float:
     was = model.training
     model.eval()
     mode = "grouped" if current_execution() == "auto" else current_execution()
+    # no parameter needs a gradient while counting: torch's module tracker (inside FlopCounterMode)
+    # fails on a parameter passed straight into a submodule under no_grad (CaiT's, PiT's class tokens)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.no_grad(), execution(mode), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was)
     return counter.get_total_flops() / 2 / x.shape[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 from rich.console import Console
@@ -62,10 +62,18 @@ class ConversionPlan:
     dense_macs: int
     moe_macs: int
     model_name: str = "model"
+    scope: str = ""
+    """The scope the layers were chosen with (the spec's, or what ``auto`` resolved to)."""
+    scope_reason: str = ""
+    """Why ``auto`` chose that scope (empty for an explicit scope)."""
+
+    def __post_init__(self) -> None:
+        self.scope = self.scope or self.spec.scope
 
     def table(self) -> Table:
+        scope = self.scope if self.scope == self.spec.scope else f"{self.spec.scope} -> {self.scope}"
         t = Table(title=f"moeify plan: {self.model_name} -> {len(self.layers)} MoE layers "
-                        f"(experts={self.spec.experts}, top_k={self.spec.top_k}, scope={self.spec.scope}, "
+                        f"(experts={self.spec.experts}, top_k={self.spec.top_k}, scope={scope}, "
                         f"router={self.spec.router})")
         for col, just in (("layer", "left"), ("channels", "right"), ("experts", "right"),
                           ("gates", "left"), ("packed", "left"), ("dense MACs", "right"), ("MoE MACs", "right")):
@@ -79,6 +87,8 @@ class ConversionPlan:
         t.add_row("total (all layers)", "", "", "", "", _fmt(self.dense_macs), _fmt(self.moe_macs))
         t.caption = ("packed: between producer and consumer only the selected channels are kept (grouped and "
                      "static execution); the execution strategy is chosen per call, see moeify.execution")
+        if self.scope_reason:
+            t.caption = f"scope {self.spec.scope}: {self.scope_reason}\n{t.caption}"
         return t
 
     def dense_table(self) -> Table:
@@ -176,9 +186,38 @@ def _group_reason(g: ChannelGroup, spec: MoESpec) -> str | None:
     return None
 
 
+AUTO_SAVING = 0.95
+"""Scope ``auto`` keeps ``hidden`` when its MoE layers leave at most this share of the dense
+model's MACs (a real saving); otherwise it takes ``branches`` if that saves more."""
+
+
 def build_plan(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec,
                model_name: str = "model") -> ConversionPlan:
-    """Decide, per channel group, MoE layer or dense (with the reason), and count MACs."""
+    """Decide, per channel group, MoE layer or dense (with the reason), and count MACs. Scope
+    ``auto`` plans ``hidden`` first (residual streams untouched) and falls back to ``branches``
+    when the hidden scope finds no real saving; the plan records which and why."""
+    if spec.scope != "auto":
+        return _plan_scope(gm, groups, spec, model_name)
+    hidden = _plan_scope(gm, groups, replace(spec, scope="hidden"), model_name)
+    share = hidden.moe_macs / max(hidden.dense_macs, 1)
+    if hidden.layers and share <= AUTO_SAVING:
+        return _resolved(hidden, spec, f"hidden, whose {len(hidden.layers)} MoE layers run {share:.0%} of the "
+                                       "dense MACs without touching a residual stream")
+    branches = _plan_scope(gm, groups, replace(spec, scope="branches"), model_name)
+    found = f"runs {share:.0%} of the dense MACs" if hidden.layers else "finds no MoE layer"
+    if branches.layers and (not hidden.layers or branches.moe_macs < hidden.moe_macs):
+        return _resolved(branches, spec, f"branches (residual-branch outputs gated too): the hidden scope "
+                                         f"{found}, branches runs {branches.moe_macs / max(branches.dense_macs, 1):.0%}")
+    return _resolved(hidden, spec, f"hidden: it {found} and branches saves no more")
+
+
+def _resolved(p: ConversionPlan, spec: MoESpec, why: str) -> ConversionPlan:
+    """Plan ``p`` (made with a concrete scope) presented as the ``auto`` spec's plan."""
+    return replace(p, spec=spec, scope=p.spec.scope, scope_reason=f"chose {why}")
+
+
+def _plan_scope(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec, model_name: str) -> ConversionPlan:
+    """The plan under one concrete scope."""
     layers: list[LayerPlan] = []
     dense: list[DenseEntry] = []
     for g in groups:

@@ -137,7 +137,7 @@ CHOICES = {
     "advmoe.loss": ("trades", "ce"),
     "advmoe.router_schedule": ("cosine", "step", "constant"),
     "advmoe.order": ("routers-first", "experts-first"),
-    "moe.scope": ("hidden", "branches", "paper"),
+    "moe.scope": ("auto", "hidden", "branches", "paper"),
     "moe.router": ("layer", "global"),
     "moe.experts_by": ("contiguous", "cluster"),
 }

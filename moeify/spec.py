@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import ConversionError
 
-SCOPES = ("hidden", "branches", "paper")
+SCOPES = ("auto", "hidden", "branches", "paper")
 ROUTERS = ("layer", "global")
 
 
@@ -18,7 +18,8 @@ class MoESpec:
     top_k: K, experts kept per sample (default N // 2, the paper's ratio 0.5).
     scope: which channel groups become MoE: ``hidden`` (never touch a residual stream),
         ``branches`` (also residual-branch outputs that are only added into the stream),
-        ``paper`` (the AdvMoE layer set: ``branches`` without the first conv).
+        ``paper`` (the AdvMoE layer set: ``branches`` without the first conv), or ``auto`` (the
+        default: ``hidden`` where it saves MACs, else ``branches``; the plan says which and why).
     router: ``layer`` (one router per MoE layer, on that layer's input) or ``global``
         (one router on the image shared by every layer, as in the released AdvMoE code).
     router_norm: layer routers standardise their pooled input with running statistics before
@@ -31,7 +32,7 @@ class MoESpec:
 
     experts: int
     top_k: int | None = None
-    scope: str = "hidden"
+    scope: str = "auto"
     router: str = "layer"
     router_norm: bool = False
     layers: tuple[str, ...] | None = None

@@ -106,6 +106,51 @@ class PreActResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1))
 
 
+class ResidualOnly(nn.Module):
+    """RepVGG-style: every conv output is added into the residual stream, so there is no hidden
+    channel group at all (scope auto must pick branches)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(2))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(2))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for conv, bn in zip(self.convs, self.bns):
+            x = F.relu(x + bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class TinyViT(nn.Module):
+    """A vision transformer: patch-embedding conv, a class token concatenated along the token dim,
+    pre-norm attention and MLP blocks (fc1 -> GELU -> fc2 on the last dim, tokens as an extra dim)
+    added to the token stream, the class token's features to the head."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 32, depth: int = 2, patch: int = 4, image: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.1)
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(dim), "attn": nn.MultiheadAttention(dim, 2, batch_first=True),
+            "norm2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
+        }) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for b in self.blocks:
+            h = b["norm1"](x)
+            x = x + b["attn"](h, h, h, need_weights=False)[0]
+            x = x + b["fc2"](F.gelu(b["fc1"](b["norm2"](x))))
+        return self.head(self.norm(x)[:, 0])
+
+
 class DataDependent(nn.Module):
     """Not traceable: Python control flow on a tensor value."""
 

@@ -2,8 +2,11 @@
 import torch
 
 import moeify
+from moeify.bench import spread_routing
 from conftest import randomize
-from models import PreActDense, PreActResNet, Zoo
+import pytest
+
+from models import PreActDense, PreActResNet, ResidualOnly, TinyViT, Zoo
 
 
 def _plan(model, scope="hidden", experts=2):
@@ -102,3 +105,54 @@ def test_non_persistent_buffers_stay_out_of_the_converted_state_dict(monkeypatch
         keys = set(moe.state_dict())
         assert not {"mean", "std"} & keys
         assert {k for k in keys if "router" not in k} == set(dense.state_dict())
+
+
+def test_scope_auto_keeps_hidden_where_it_saves_else_takes_branches():
+    x = torch.rand(2, 3, 16, 16)
+    p = moeify.plan(PreActResNet(), experts=2, example_inputs=x)  # auto is the default
+    assert p.spec.scope == "auto" and p.scope == "hidden" and "hidden" in p.scope_reason
+    assert [lp.name for lp in p.layers] == [lp.name for lp in _plan(PreActResNet()).layers]
+    q = moeify.plan(ResidualOnly(), experts=2, example_inputs=x)
+    assert q.scope == "branches" and "finds no MoE layer" in q.scope_reason
+    assert [lp.name for lp in q.layers] == ["convs.0", "convs.1"]
+    assert "scope=auto -> branches" in str(q) and "chose branches" in str(q)
+    with pytest.raises(moeify.ConversionError, match="try another scope"):  # explicit scopes keep their meaning
+        moeify.convert(ResidualOnly(), experts=2, example_inputs=x, scope="hidden")
+    model = randomize(ResidualOnly()).eval()
+    with torch.no_grad():
+        assert torch.allclose(moeify.convert(model, experts=2, top_k=2, example_inputs=x).eval()(x), model(x),
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_transformer_mlp_blocks_convert_with_tokens_as_an_extra_dim():
+    """fc1 -> GELU -> fc2 on the last dim is a hidden group although the token stream before it
+    (after the class token's cat) tracks no channels; attention's qkv stays dense."""
+    x = torch.rand(4, 3, 16, 16)
+    model = TinyViT().eval()
+    p = moeify.plan(model, experts=4, top_k=2, example_inputs=x)
+    assert p.scope == "hidden"
+    assert [(lp.name, lp.consumers) for lp in p.layers] == [("blocks.0.fc1", ["blocks.0.fc2"]),
+                                                            ("blocks.1.fc1", ["blocks.1.fc2"])]
+    assert all(lp.packed for lp in p.layers)
+    with torch.no_grad():
+        ref = model(x)
+        full = moeify.convert(model, experts=4, top_k=4, example_inputs=x).eval()
+        assert torch.allclose(full(x), ref, rtol=1e-5, atol=1e-6)
+    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x)
+    spread_routing(moe)
+    assert moeify.count_macs(moe, x) < 0.8 * moeify.count_macs(model, x)
+    for train in (False, True):
+        moe.train(train)
+        out = {}
+        for mode in ("masked", "grouped", "static"):
+            xi = x.clone().requires_grad_()
+            with moeify.execution(mode):
+                y = moe(xi)
+            y.square().sum().backward()
+            out[mode] = (y.detach(), xi.grad, moe.get_submodule("blocks.0.fc1").weight.grad.clone())
+            moe.zero_grad()
+        for mode in ("grouped", "static"):
+            for a, b in zip(out[mode], out["masked"]):
+                assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), mode
+    routes = {moeify.routing(moe.eval(), x)[name][:, 0].unique().numel() for name in moeify.moe_layers(moe)}
+    assert max(routes) > 1  # samples really take different experts

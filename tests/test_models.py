@@ -13,9 +13,14 @@ TORCHVISION = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "ef
 TIMM = ["resnet18", "resnet50d", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_large_100", "regnetx_002",
         "regnety_004", "convnext_atto", "densenet121", "dpn68", "ghostnet_100", "vgg11_bn", "tf_efficientnet_b0",
         "res2net50_14w_8s", "cspresnet50", "repvgg_a0", "inception_v3"]
-# repvgg has no hidden channels at all (every conv output is summed into the stream): branches scope
-SCOPE = {"timm:repvgg_a0": "branches"}
-CASES = [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
+# transformers, made small: their MLP blocks (fc1 -> act -> fc2 on the last dim) are the MoE layers
+TRANSFORMERS = {"vit_tiny_patch16_224": dict(depth=2, img_size=64),
+                "swin_tiny_patch4_window7_224": dict(depths=(1, 1, 1, 1), img_size=64, window_size=2),
+                "beit_base_patch16_224": dict(depth=2, img_size=64, embed_dim=96, num_heads=2)}
+KWARGS = {f"timm:{n}": kw for n, kw in TRANSFORMERS.items()}
+# repvgg has no hidden channels at all (every conv output is summed into the stream): scope auto
+# (the default) takes branches there
+CASES = [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM] + list(KWARGS)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,15 +29,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name", CASES)
 def test_model_converts_exactly(name):
-    model = randomize(moeify.create_model(name)).eval()
+    model = randomize(moeify.create_model(name, **KWARGS.get(name, {}))).eval()
     side = 96 if "inception" in name else 64
     x = torch.rand(2, 3, side, side)
-    scope = SCOPE.get(name, "hidden")
     with torch.no_grad():
         ref = model(x)
-        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x, scope=scope).eval()
+        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x).eval()
         assert _rel(full(x), ref) <= 1e-4
-        moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, scope=scope).eval()
+        moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x).eval()
         assert len(moeify.moe_layers(moe)) >= 1
         sparse = moe(x)
         with moeify.execution("masked"):

@@ -203,7 +203,10 @@ class _Analysis:
         nd = len(shape)
         cdim = info.cdim_in % nd
         if x is not None and (not isinstance(x, Chan) or x.cdim != cdim):
-            return self.barrier(node, f"{info.what} over a non-channel dim", shape)
+            # the tracked channels are on another dim (tokens of a transformer, after a barrier):
+            # they end here, but the layer still makes new channels on its own dim
+            self.sink(x, f"channels reach {info.what} over a non-channel dim ({node.name})")
+            x = None
         self._sink_rest(node, info.what)
         if x is not None:
             self.consumers.append((node, x.ids, info))
