@@ -151,6 +151,28 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
+class StdConvNet(nn.Module):
+    """Weight-standardised convs (timm's StdConv2d / ScaledStdConv2d and their Same-padding forms, as
+    in NF-Nets and BiT), whose own forward computes the weight they convolve with, as producers and
+    consumers of hidden groups."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+        self.stem = StdConv2d(3, 16, 3, padding=1)
+        self.a = ScaledStdConv2d(16, 32, 3, padding=1)
+        self.b = StdConv2dSame(32, 32, 3, stride=2)
+        self.c = ScaledStdConv2dSame(32, 16, 3)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.a(x))
+        x = F.gelu(self.b(x))
+        return self.head(self.c(x).mean((2, 3)))
+
+
 class DataDependent(nn.Module):
     """Not traceable: Python control flow on a tensor value."""
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel import Kernel
-from .packing import PackedBranch
+from .kernel import WEIGHT_RULES, Kernel
+from .packing import PackedBranch, cached
 from .route import Route
 
 def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = False):
@@ -44,10 +44,12 @@ class MoEGatedMixin:
         base = type(self).__mro__[2]
         if isinstance(self, nn.Linear) and base.forward is nn.Linear.forward:
             return "linear"
-        if isinstance(self, nn.modules.conv._ConvNd) and self.groups == 1 and not self.transposed and \
-                base.forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
-            return "conv"
-        return None  # custom forward (weight standardisation, dynamic padding...) or grouped: masked
+        if isinstance(self, nn.modules.conv._ConvNd) and self.groups == 1 and not self.transposed:
+            if base.forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+                return "conv"
+            if base in WEIGHT_RULES:
+                return "computed"  # its forward computes the weight (standardisation): slice that
+        return None  # another custom forward (dynamic padding...) or grouped: masked
 
     def _moe_kernel(self) -> Kernel | None:
         """The layer's Kernel, made once and remade only when its weight or bias is replaced."""
@@ -59,11 +61,29 @@ class MoEGatedMixin:
             return None
         params = self._parameters
         w, b = params["weight"], params.get("bias")
+        if kind == "computed":
+            return self._computed_kernel(b)
         k = d.get("_moe_kernel_obj")
         if k is None or k.weight is not w or k.bias is not b:
             k = d["_moe_kernel_obj"] = Kernel(w, b, _linear, linear=True) if kind == "linear" else \
                 Kernel(w, b, self._moe_conv)
         return k
+
+    def _computed_kernel(self, b: torch.Tensor | None) -> Kernel:
+        """The Kernel of a conv whose forward computes its weight (``kernel.WEIGHT_RULES``): that
+        weight, made as its forward makes it (kept while its parameters are unchanged when nothing
+        is trained), and the forward's input padding before each conv."""
+        rule = WEIGHT_RULES[type(self).__mro__[2]]
+        params = rule.params(self)
+        if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
+            w = rule.weight(self)
+        else:
+            w = cached(params, ("computed weight",) + tuple(p._version for p in params), lambda: rule.weight(self))
+
+        def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+            return self._moe_conv(rule.pad(self, x), w, b, groups)
+
+        return Kernel(w, b, run)
 
     def _moe_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
         if groups == 1:
