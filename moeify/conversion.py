@@ -57,7 +57,7 @@ def _analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: MoESpec) 
     was = model.training
     model.eval()  # trace the inference graph; modules keep following .training at run time
     try:
-        gm = trace(model)
+        gm = trace(model, len(inputs))
     finally:
         model.train(was)
     infer_shapes(gm, inputs)

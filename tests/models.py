@@ -173,6 +173,23 @@ class StdConvNet(nn.Module):
         return self.head(self.c(x).mean((2, 3)))
 
 
+class OptionalMask(nn.Module):
+    """A forward argument with a default the model branches on (``if mask is not None``), as in
+    Hiera: traced at its default, the call the converted model gets."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x, mask: torch.Tensor | None = None, scale: float = 1.0):
+        h = F.relu(self.a(x))
+        if mask is not None:
+            h = h * mask
+        return self.head(self.b(h).mean((2, 3))) * scale
+
+
 class DataDependent(nn.Module):
     """Not traceable: Python control flow on a tensor value."""
 

@@ -6,7 +6,7 @@ from moeify.bench import spread_routing
 from conftest import randomize
 import pytest
 
-from models import PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
+from models import OptionalMask, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
 
 
 def _plan(model, scope="hidden", experts=2):
@@ -177,3 +177,12 @@ def test_weight_standardised_convs_run_sparse_on_their_computed_weight():
     spread_routing(moe)
     assert moeify.count_macs(moe, x) < 0.6 * moeify.count_macs(model, x)  # sliced, not masked
     _strategies_agree(moe, x, [moe.get_submodule("b").weight, moe.get_submodule("a").gain], rtol=1e-9)
+
+
+def test_forward_arguments_with_defaults_are_traced_at_their_defaults():
+    x = torch.rand(2, 3, 8, 8)
+    model = OptionalMask().eval()
+    with torch.no_grad():
+        moe = moeify.convert(model, experts=2, top_k=2, example_inputs=x).eval()
+        assert torch.allclose(moe(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [lp.name for lp in moe.moeify_plan.layers] == ["a", "b"]

@@ -6,6 +6,7 @@ modules timm marks as not traceable, plus stochastic-depth modules whose behavio
 """
 from __future__ import annotations
 
+import inspect
 import traceback
 
 import torch
@@ -65,11 +66,25 @@ def _where(exc: BaseException) -> str:
     return ""
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (in its current mode) into a GraphModule sharing its submodules."""
+def _defaults(model: nn.Module, n_inputs: int) -> dict:
+    """The forward's arguments after the first ``n_inputs`` that have default values."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {p.name: p.default for p in positional[n_inputs:] if p.default is not p.empty}
+
+
+def trace(model: nn.Module, n_inputs: int = 1) -> fx.GraphModule:
+    """Symbolically trace ``model`` (in its current mode) into a GraphModule sharing its submodules.
+
+    The forward's arguments beyond the ``n_inputs`` example inputs that have defaults (``mask=None``,
+    flags) are traced at those defaults, the call the converted model will get, so a branch on
+    them (``if mask is not None``) follows it instead of treating the default as given."""
     tracer = MoeifyTracer()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults(model, n_inputs) or None)
     except Exception as e:  # fx raises many types; all mean "not traceable"
         where = _where(e)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
