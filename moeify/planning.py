@@ -196,8 +196,13 @@ def build_plan(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec,
     """Decide, per channel group, MoE layer or dense (with the reason), and count MACs. Scope
     ``auto`` plans ``hidden`` first (residual streams untouched) and falls back to ``branches``
     when the hidden scope finds no real saving; the plan records which and why."""
-    if spec.scope != "auto":
-        return _plan_scope(gm, groups, spec, model_name)
+    plan = _plan_scope(gm, groups, spec, model_name) if spec.scope != "auto" else _plan_auto(gm, groups, spec, model_name)
+    _check_named_layers(spec, plan.layers, plan.dense)
+    return plan
+
+
+def _plan_auto(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec, model_name: str) -> ConversionPlan:
+    """Scope ``auto``: the hidden plan where it saves, else the branches plan where that saves more."""
     hidden = _plan_scope(gm, groups, replace(spec, scope="hidden"), model_name)
     share = hidden.moe_macs / max(hidden.dense_macs, 1)
     if hidden.layers and share <= AUTO_SAVING:
@@ -250,7 +255,6 @@ def _plan_scope(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec, m
                     dense.append(DenseEntry(lp.name, lp.channels,
                                             f"the other operand of {a} ({keep.name}) is gated; this one stays dense"))
     layers = [lp for lp in layers if id(lp) not in drop]
-    _check_named_layers(spec, layers, dense)
     _count(gm, layers, spec)
     dense_macs = sum(node_macs(n, gm) for n in gm.graph.nodes if _is_contraction(n, gm))
     moe_total = _moe_total(gm, layers, spec)

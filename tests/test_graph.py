@@ -116,6 +116,8 @@ def test_scope_auto_keeps_hidden_where_it_saves_else_takes_branches():
     assert q.scope == "branches" and "finds no MoE layer" in q.scope_reason
     assert [lp.name for lp in q.layers] == ["convs.0", "convs.1"]
     assert "scope=auto -> branches" in str(q) and "chose branches" in str(q)
+    named = moeify.plan(ResidualOnly(), experts=2, example_inputs=x, layers=["convs.0"])  # named, not hidden
+    assert named.scope == "branches" and [lp.name for lp in named.layers] == ["convs.0"]
     with pytest.raises(moeify.ConversionError, match="try another scope"):  # explicit scopes keep their meaning
         moeify.convert(ResidualOnly(), experts=2, example_inputs=x, scope="hidden")
     model = randomize(ResidualOnly()).eval()
