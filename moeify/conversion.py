@@ -19,7 +19,7 @@ from torch import nn
 from .errors import ConversionError
 from .experts import calibration_batches, choose_experts, permutable, permute, record
 from .fit import fit_layer_routers, recalibrate_norms
-from .graph import analyze, infer_shapes, trace
+from .graph import analyze, forward_defaults, infer_shapes, trace
 from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
 from .nn.gated import FUNCTIONAL, moe_add
@@ -54,14 +54,33 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: MoESpec) -> tuple[fx.GraphModule, ConversionPlan]:
+    gm = _traced(model, inputs)
+    return gm, build_plan(gm, analyze(gm), spec, _model_name(model))
+
+
+def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """The shape-annotated inference graph of ``model`` (modules keep following ``.training`` at
+    run time). Optional forward arguments stay arguments; where the default call cannot run on
+    that graph (a branch such as ``if mask is not None`` traced as taken, as in Hiera), they are
+    traced at their defaults instead, the call the example inputs make."""
     was = model.training
-    model.eval()  # trace the inference graph; modules keep following .training at run time
+    model.eval()
     try:
-        gm = trace(model, len(inputs))
+        gm = trace(model)
+        try:
+            infer_shapes(gm, inputs)
+        except ConversionError as first:
+            defaults = forward_defaults(model, len(inputs))
+            if not defaults:
+                raise
+            gm = trace(model, defaults)
+            try:
+                infer_shapes(gm, inputs)
+            except ConversionError:
+                raise first from None
+        return gm
     finally:
         model.train(was)
-    infer_shapes(gm, inputs)
-    return gm, build_plan(gm, analyze(gm), spec, _model_name(model))
 
 
 def plan(model: nn.Module, experts: int | None = None, top_k: int | None = None, example_inputs=None, *,

@@ -66,25 +66,22 @@ def _where(exc: BaseException) -> str:
     return ""
 
 
-def _defaults(model: nn.Module, n_inputs: int) -> dict:
+def forward_defaults(model: nn.Module, n_inputs: int) -> dict:
     """The forward's arguments after the first ``n_inputs`` that have default values."""
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return {p.name: p.default for p in positional[n_inputs:] if p.default is not p.empty}
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {p.name: p.default for p in named[n_inputs:] if p.default is not p.empty}
 
 
-def trace(model: nn.Module, n_inputs: int = 1) -> fx.GraphModule:
-    """Symbolically trace ``model`` (in its current mode) into a GraphModule sharing its submodules.
-
-    The forward's arguments beyond the ``n_inputs`` example inputs that have defaults (``mask=None``,
-    flags) are traced at those defaults, the call the converted model will get, so a branch on
-    them (``if mask is not None``) follows it instead of treating the default as given."""
+def trace(model: nn.Module, concrete: dict | None = None) -> fx.GraphModule:
+    """Symbolically trace ``model`` (in its current mode) into a GraphModule sharing its submodules;
+    forward arguments in ``concrete`` are traced at those values (fx ``concrete_args``)."""
     tracer = MoeifyTracer()
     try:
-        graph = tracer.trace(model, concrete_args=_defaults(model, n_inputs) or None)
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises many types; all mean "not traceable"
         where = _where(e)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
