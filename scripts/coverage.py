@@ -113,6 +113,10 @@ def check(family: str, name: str) -> Row:
         return Row(family, name, "error", seconds=time.perf_counter() - start, reason=f"{type(e).__name__}: {msg}"[:300])
 
 
+def _num(v: float, fmt: str) -> str:
+    return "" if v != v else format(v, fmt)  # NaN: not measured
+
+
 def markdown(rows: list[Row]) -> str:
     done = sum(r.status == "converted" for r in rows)
     lines = [
@@ -128,11 +132,9 @@ def markdown(rows: list[Row]) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        def f(v, fmt):
-            return "" if v != v else format(v, fmt)
         reason = r.reason.replace("|", "/").replace("\n", " ")
-        lines.append(f"| {r.family} | {r.model} | {r.status} | {r.scope} | {r.layers or ''} | {f(r.mac_ratio, '.0%')} | "
-                     f"{f(r.full_err, '.1e')} | {f(r.strategy_err, '.1e')} | {r.seconds:.1f} | {reason} |")
+        lines.append(f"| {r.family} | {r.model} | {r.status} | {r.scope} | {r.layers or ''} | {_num(r.mac_ratio, '.0%')} | "
+                     f"{_num(r.full_err, '.1e')} | {_num(r.strategy_err, '.1e')} | {r.seconds:.1f} | {reason} |")
     return "\n".join(lines) + "\n"
 
 

@@ -62,28 +62,28 @@ class MoEGatedMixin:
         params = self._parameters
         w, b = params["weight"], params.get("bias")
         if kind == "computed":
-            return self._computed_kernel(b)
+            w = self._computed_weight()
         k = d.get("_moe_kernel_obj")
         if k is None or k.weight is not w or k.bias is not b:
-            k = d["_moe_kernel_obj"] = Kernel(w, b, _linear, linear=True) if kind == "linear" else \
-                Kernel(w, b, self._moe_conv)
+            run = {"linear": _linear, "conv": self._moe_conv, "computed": self._moe_computed_conv}[kind]
+            k = Kernel(w, b, run, linear=kind == "linear")
+            if w.is_leaf:  # a weight computed under autograd is made anew each call: not kept
+                d["_moe_kernel_obj"] = k
         return k
 
-    def _computed_kernel(self, b: torch.Tensor | None) -> Kernel:
-        """The Kernel of a conv whose forward computes its weight (``kernel.WEIGHT_RULES``): that
-        weight, made as its forward makes it (kept while its parameters are unchanged when nothing
-        is trained), and the forward's input padding before each conv."""
+    def _computed_weight(self) -> torch.Tensor:
+        """The weight a conv's own forward computes (``kernel.WEIGHT_RULES``: standardisation),
+        made as its forward makes it; kept while its parameters are unchanged when nothing is trained."""
         rule = WEIGHT_RULES[type(self).__mro__[2]]
         params = rule.params(self)
         if (torch.is_grad_enabled() and any(p.requires_grad for p in params)) or torch.compiler.is_compiling():
-            w = rule.weight(self)
-        else:
-            w = cached(params, ("computed weight",) + tuple(p._version for p in params), lambda: rule.weight(self))
+            return rule.weight(self)
+        return cached(params, ("computed weight",) + tuple(p._version for p in params), lambda: rule.weight(self))
 
-        def run(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
-            return self._moe_conv(rule.pad(self, x), w, b, groups)
-
-        return Kernel(w, b, run)
+    def _moe_computed_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                           groups: int = 1) -> torch.Tensor:
+        """``_moe_conv`` after the input padding the conv's own forward applies (Same padding)."""
+        return self._moe_conv(WEIGHT_RULES[type(self).__mro__[2]].pad(self, x), w, b, groups)
 
     def _moe_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
         if groups == 1:
