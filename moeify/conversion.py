@@ -20,6 +20,7 @@ from .errors import ConversionError
 from .experts import calibration_batches, choose_experts, permutable, permute, record
 from .fit import fit_layer_routers, recalibrate_norms
 from .graph import analyze, forward_defaults, infer_shapes, trace
+from .graph.copies import split_copies
 from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
 from .nn.gated import FUNCTIONAL, moe_add
@@ -62,7 +63,8 @@ def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModul
     """The shape-annotated inference graph of ``model`` (modules keep following ``.training`` at
     run time). Optional forward arguments stay arguments; where the default call cannot run on
     that graph (a branch such as ``if mask is not None`` traced as taken, as in Hiera), they are
-    traced at their defaults instead, the call the example inputs make."""
+    traced at their defaults instead, the call the example inputs make. A producer that repeats a
+    group's channels (a gated MLP's first layer) is cut into one contraction per copy (copies.py)."""
     was = model.training
     model.eval()
     try:
@@ -78,6 +80,8 @@ def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModul
                 infer_shapes(gm, inputs)
             except ConversionError:
                 raise first from None
+        if split_copies(gm, analyze(gm)):
+            infer_shapes(gm, inputs)
         return gm
     finally:
         model.train(was)

@@ -173,6 +173,35 @@ class StdConvNet(nn.Module):
         return self.head(self.c(x).mean((2, 3)))
 
 
+class GatedMLPs(nn.Module):
+    """Gated MLPs whose first layer makes two copies of one group's channels: a GLU conv block
+    (``chunk(2)``, one half through SiLU times the other, as timm's GluMlp) and a MambaOut-style
+    token block on the last dim (``split`` into gate, identity part and a part through a
+    depthwise conv, the last two concatenated again), each added to its stream."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, hidden: int = 32, conv: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.glu_in = nn.Conv2d(dim, 2 * hidden, 1)
+        self.glu_out = nn.Conv2d(hidden, dim, 1)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.dw = nn.Conv2d(conv, conv, 3, padding=1, groups=conv)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.split = (hidden, hidden - conv, conv)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        a, b = self.glu_in(x).chunk(2, dim=1)
+        x = x + self.glu_out(F.silu(a) * b)
+        x = x.permute(0, 2, 3, 1)
+        g, i, c = torch.split(self.fc1(self.norm(x)), self.split, dim=-1)
+        c = self.dw(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x + self.fc2(F.gelu(g) * torch.cat((i, c), dim=-1))
+        return self.head(x.mean((1, 2)))
+
+
 class OptionalMask(nn.Module):
     """A forward argument with a default the model branches on (``if mask is not None``), as in
     Hiera: traced at its default, the call the converted model gets."""

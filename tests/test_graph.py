@@ -6,7 +6,7 @@ from moeify.bench import spread_routing
 from conftest import randomize
 import pytest
 
-from models import OptionalMask, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
+from models import GatedMLPs, OptionalMask, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
 
 
 def _plan(model, scope="hidden", experts=2):
@@ -188,3 +188,23 @@ def test_forward_arguments_with_defaults_are_traced_at_their_defaults():
         moe = moeify.convert(model, experts=2, top_k=2, example_inputs=x).eval()
         assert torch.allclose(moe(x), model(x), rtol=1e-5, atol=1e-6)
     assert [lp.name for lp in moe.moeify_plan.layers] == ["a", "b"]
+
+
+def test_gated_mlps_gate_both_copies_of_their_channels():
+    """A first layer whose output is two copies of one group's channels (GLU's chunk, MambaOut's
+    split) becomes one producer per copy, on its slice of the weight: one selection gates both
+    copies, the parameters and their keys are unchanged, and every strategy equals masked."""
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    model = GatedMLPs().double().eval()
+    p = moeify.plan(model, experts=4, top_k=2, example_inputs=x)
+    assert [(lp.name, lp.producers, lp.consumers) for lp in p.layers] == [
+        ("glu_in", ["glu_in", "glu_in[32:64]"], ["glu_out"]), ("fc1", ["fc1", "fc1[32:64]"], ["fc2"])]
+    with torch.no_grad():
+        full = moeify.convert(model, experts=4, top_k=4, example_inputs=x).double().eval()
+        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x).double()
+    assert set(moe.state_dict()) - {k for k in moe.state_dict() if k.startswith("moeify_layers.")} == \
+        set(model.state_dict())
+    spread_routing(moe)
+    assert moeify.count_macs(moe, x) < 0.75 * moeify.count_macs(model, x)
+    _strategies_agree(moe, x, [moe.get_submodule("fc1").weight, moe.get_submodule("glu_in").bias], rtol=1e-9)

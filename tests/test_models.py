@@ -12,7 +12,7 @@ TORCHVISION = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "ef
                "vgg11_bn", "wide_resnet50_2"]
 TIMM = ["resnet18", "resnet50d", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_large_100", "regnetx_002",
         "regnety_004", "convnext_atto", "densenet121", "dpn68", "ghostnet_100", "vgg11_bn", "tf_efficientnet_b0",
-        "res2net50_14w_8s", "cspresnet50", "repvgg_a0", "inception_v3", "test_nfnet"]
+        "res2net50_14w_8s", "cspresnet50", "repvgg_a0", "inception_v3", "test_nfnet", "test_mambaout"]
 # transformers, made small: their MLP blocks (fc1 -> act -> fc2 on the last dim) are the MoE layers
 TRANSFORMERS = {"vit_tiny_patch16_224": dict(depth=2, img_size=64),
                 "swin_tiny_patch4_window7_224": dict(depths=(1, 1, 1, 1), img_size=64, window_size=2),

@@ -77,6 +77,8 @@ class ChannelGroup:
 
 
 def _name(node: fx.Node) -> str:
+    if "moeify_name" in node.meta:  # a node a pass made for part of a layer (copies.py)
+        return node.meta["moeify_name"]
     return str(node.target) if node.op == "call_module" else node.name
 
 

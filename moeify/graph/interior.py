@@ -31,15 +31,19 @@ def _tensor_meta(node: fx.Node):
     return node.meta.get("tensor_meta")
 
 
-def _why_not(node: fx.Node, gm: fx.GraphModule, inside: set[fx.Node]) -> tuple[str | None, bool]:
+def _why_not(node: fx.Node, gm: fx.GraphModule, inside: set[fx.Node], channels: int) -> tuple[str | None, bool]:
     """(reason the node cannot see packed channels or None, whether it must follow the route)."""
     meta = _tensor_meta(node)
+    info = classify(node, gm)
+    if info.kind is Kind.SPLIT:
+        return f"{node.name} splits the channels at fixed sizes", False
     if meta is None or not hasattr(meta, "shape"):
         return f"{node.name} reads the channel count", False
-    info = classify(node, gm)
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if routable(m):
+            if meta.shape[1] != channels:  # e.g. a depthwise conv on one piece of a split group
+                return f"{node.target} sees part of the group's channels", False
             return None, True
         if info.kind is Kind.CHANNELWISE and next(m.parameters(recurse=True), None) is None:
             return None, False
@@ -78,7 +82,7 @@ def interior(group: ChannelGroup, gm: fx.GraphModule) -> Interior:
     for node in gm.graph.nodes:
         if node in found:
             out.nodes.append(node)
-            why, routed = _why_not(node, gm, inside)
+            why, routed = _why_not(node, gm, inside, group.channels)
             if routed:
                 out.routed.append(node)
             if why and out.blocker is None:
