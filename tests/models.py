@@ -202,6 +202,27 @@ class GatedMLPs(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
+class GhostBlock(nn.Module):
+    """GhostNet's module: a conv's output concatenated with a depthwise "cheap" copy of it, read
+    whole (both copies of every channel) by the next conv."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, hidden: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.primary = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.cheap = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.cheap_bn = nn.BatchNorm2d(hidden)
+        self.out = nn.Conv2d(2 * hidden, dim, 1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        p = F.relu(self.bn(self.primary(x)))
+        g = torch.cat([p, F.relu(self.cheap_bn(self.cheap(p)))], dim=1)
+        return self.head((x + self.out(g)).mean((2, 3)))
+
+
 class OptionalMask(nn.Module):
     """A forward argument with a default the model branches on (``if mask is not None``), as in
     Hiera: traced at its default, the call the converted model gets."""

@@ -6,7 +6,7 @@ from moeify.bench import spread_routing
 from conftest import randomize
 import pytest
 
-from models import GatedMLPs, OptionalMask, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
+from models import GatedMLPs, GhostBlock, OptionalMask, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
 
 
 def _plan(model, scope="hidden", experts=2):
@@ -208,3 +208,19 @@ def test_gated_mlps_gate_both_copies_of_their_channels():
     spread_routing(moe)
     assert moeify.count_macs(moe, x) < 0.75 * moeify.count_macs(model, x)
     _strategies_agree(moe, x, [moe.get_submodule("fc1").weight, moe.get_submodule("glu_in").bias], rtol=1e-9)
+
+
+def test_a_conv_reading_two_copies_of_a_group_is_cut_per_copy():
+    """GhostNet's cat of a conv's output and its depthwise copy: the next conv becomes one
+    contraction per copy, summed, and the first conv's channels become an MoE layer."""
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    model = randomize(GhostBlock()).double().eval()
+    p = moeify.plan(model, experts=4, top_k=2, example_inputs=x)
+    assert [(lp.name, lp.consumers) for lp in p.layers] == [("primary", ["out", "out[:, 8:16]"])]
+    with torch.no_grad():
+        full = moeify.convert(model, experts=4, top_k=4, example_inputs=x).double().eval()
+        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x).double()
+    spread_routing(moe)
+    assert moeify.count_macs(moe, x) < 0.8 * moeify.count_macs(model, x)
+    _strategies_agree(moe, x, [moe.get_submodule("out").weight, moe.get_submodule("cheap").weight], rtol=1e-9)

@@ -1,4 +1,4 @@
-"""Producers whose output holds a group's channels more than once, cut into one contraction per copy.
+"""Layers whose output or input holds a group's channels more than once, cut into one contraction per copy.
 
 A gated MLP's first layer (timm's GluMlp, MambaOut's gated block) makes ``2 H`` channels, splits
 them, and multiplies one half (through an activation) by the other: both halves are the same
@@ -25,12 +25,18 @@ _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def split_copies(gm: fx.GraphModule, groups: list[ChannelGroup]) -> bool:
-    """Rewrite every producer that repeats a group's channels and feeds a channel split into one
-    contraction per copy; returns whether the graph changed (then shapes must be inferred again)."""
+    """Rewrite every producer that repeats a group's channels and feeds a channel split, and every
+    consumer that reads them repeated, into one contraction per copy (only in groups that nothing
+    else keeps dense); returns whether the graph changed (then shapes must be inferred again)."""
     changed = False
     for g in groups:
+        if any("repeats channels" not in b and "mixed with others" not in b for b in g.blockers()):
+            continue  # something else keeps this group dense: leave its layers whole
         for u in g.producers:
             if len(np.unique(u.roots)) < len(u.roots) and _rewrite(gm, u.node, u.roots):
+                changed = True
+        for u in g.consumers:
+            if len(np.unique(u.roots)) < len(u.roots) and _cut_consumer(gm, u.node, u.roots):
                 changed = True
     if changed:
         gm.graph.lint()
@@ -135,5 +141,35 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, roots: np.ndarray) -> bool:
         item.replace_all_uses_with(pieces[item.args[1]])
         graph.erase_node(item)
     graph.erase_node(split)
+    graph.erase_node(node)
+    return True
+
+
+def _cut_consumer(gm: fx.GraphModule, node: fx.Node, roots: np.ndarray) -> bool:
+    parts = _plain(gm, node)
+    if parts is None:
+        return False
+    runs = _runs(roots, [1] * len(roots))
+    if len(runs) < 2:
+        return False
+    fn, x, weight, bias, rest = parts
+    name = str(node.target) if node.op == "call_module" else node.name
+    lead = (Ellipsis,) if fn is F.linear else (slice(None),)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        weight = graph.get_attr(weight) if isinstance(weight, str) else weight
+        bias = graph.get_attr(bias) if isinstance(bias, str) else bias
+        total = None
+        for k, run in enumerate(runs):
+            cols = slice(run[0], run[-1] + 1)
+            xs = graph.call_function(operator.getitem, (x, lead + (cols,)))
+            ws = graph.call_function(operator.getitem, (weight, (slice(None), cols)))
+            y = graph.call_function(fn, (xs, ws, bias if k == 0 else None, *rest))
+            y.meta["moeify_name"] = name if k == 0 else f"{name}[:, {cols.start}:{cols.stop}]"
+            if total is not None:
+                y = graph.call_function(operator.add, (total, y))
+                y.meta["moeify_parts"] = True
+            total = y
+    node.replace_all_uses_with(total)
     graph.erase_node(node)
     return True

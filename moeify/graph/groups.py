@@ -258,7 +258,8 @@ class _Analysis:
         return Chan(sa.ids, sa.cdim)
 
     def _add(self, node, info, shape):
-        return self._binary(node, info, shape, is_add=True)
+        # partial contractions summed into one layer's output (copies.py) share their channels
+        return self._binary(node, info, shape, is_add=not node.meta.get("moeify_parts"))
 
     def _mul(self, node, info, shape):
         return self._binary(node, info, shape, is_add=False)

@@ -42,8 +42,8 @@ def _why_not(node: fx.Node, gm: fx.GraphModule, inside: set[fx.Node], channels: 
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if routable(m):
-            if meta.shape[1] != channels:  # e.g. a depthwise conv on one piece of a split group
-                return f"{node.target} sees part of the group's channels", False
+            if meta.shape[1] != channels:  # a depthwise conv on a piece or on copies of the channels
+                return f"{node.target} sees {meta.shape[1]} channels, not the group's {channels}", False
             return None, True
         if info.kind is Kind.CHANNELWISE and next(m.parameters(recurse=True), None) is None:
             return None, False
