@@ -248,11 +248,11 @@ def _macs(models: dict[str, nn.Module], x: torch.Tensor, mode: str, device: str)
 
 
 def sweep(name: str, batches: list[int], experts: tuple[int, ...] = (2, 4, 8), scope: str = "hidden",
-          **kw) -> list[BenchRow]:
+          cuts: str = "copies", **kw) -> list[BenchRow]:
     """``compare`` for each number of experts at K/N = 1/2."""
     rows: list[BenchRow] = []
     for n in experts:
-        rows += compare(name, MoESpec(experts=n, top_k=n // 2, scope=scope), batches, **kw)
+        rows += compare(name, MoESpec(experts=n, top_k=n // 2, scope=scope, cuts=cuts), batches, **kw)
     return rows
 
 

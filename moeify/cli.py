@@ -47,6 +47,7 @@ def convert(
     experts: Annotated[int, typer.Option(help="Experts (channel groups) per MoE layer.")] = 4,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts kept per sample [default: experts/2].")] = None,
     scope: Annotated[str, typer.Option(help="auto | hidden | branches | paper")] = "auto",
+    cuts: Annotated[str, typer.Option(help="copies | all: which layers sharing channels among groups are cut into parts")] = "copies",
     router: Annotated[str, typer.Option(help="layer | global")] = "layer",
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes")] = None,
@@ -64,7 +65,7 @@ def convert(
     from . import convert as convert_model, count_macs, moe_layers, save
     from .spec import MoESpec
 
-    spec = MoESpec(experts=experts, top_k=top_k, scope=scope, router=router)
+    spec = MoESpec(experts=experts, top_k=top_k, scope=scope, router=router, cuts=cuts)
     if out and os.path.exists(out) and not force:
         raise MoeifyError(f"{out} already exists; choose another --out or pass --force to overwrite it")
     if distil_steps and not calibrate:
@@ -136,6 +137,7 @@ def bench(
     experts: Annotated[int, typer.Option()] = 2,
     top_k: Annotated[Optional[int], typer.Option("--top-k")] = None,
     scope: Annotated[str, typer.Option(help="auto | hidden | branches | paper")] = "auto",
+    cuts: Annotated[str, typer.Option(help="copies | all (see convert)")] = "copies",
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16",
     repeats: Annotated[int, typer.Option()] = 10,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -174,9 +176,9 @@ def bench(
               model_kwargs=_kwargs(model_kwargs))
     if sweep:
         conv_s = None
-        rows = run_sweep(model, batches, scope=scope, **kw)
+        rows = run_sweep(model, batches, scope=scope, cuts=cuts, **kw)
     else:
-        spec = MoESpec(experts=experts, top_k=top_k, scope=scope)
+        spec = MoESpec(experts=experts, top_k=top_k, scope=scope, cuts=cuts)
         conv_s = convert_seconds(model, spec, input_size=size, model_kwargs=kw["model_kwargs"])
         rows = compare(model, spec, batches, **kw)
     title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}"

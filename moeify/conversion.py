@@ -20,7 +20,7 @@ from .errors import ConversionError
 from .experts import calibration_batches, choose_experts, permutable, permute, record
 from .fit import fit_layer_routers, recalibrate_norms
 from .graph import analyze, forward_defaults, infer_shapes, trace
-from .graph.copies import split_copies
+from .graph.cuts import cut_layers
 from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
 from .nn.gated import FUNCTIONAL, moe_add
@@ -55,16 +55,16 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: MoESpec) -> tuple[fx.GraphModule, ConversionPlan]:
-    gm = _traced(model, inputs)
+    gm = _traced(model, inputs, spec.cuts)
     return gm, build_plan(gm, analyze(gm), spec, _model_name(model))
 
 
-def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...], cuts: str = "copies") -> fx.GraphModule:
     """The shape-annotated inference graph of ``model`` (modules keep following ``.training`` at
     run time). Optional forward arguments stay arguments; where the default call cannot run on
     that graph (a branch such as ``if mask is not None`` traced as taken, as in Hiera), they are
-    traced at their defaults instead, the call the example inputs make. A producer that repeats a
-    group's channels (a gated MLP's first layer) is cut into one contraction per copy (copies.py)."""
+    traced at their defaults instead, the call the example inputs make. Layers whose channels are
+    shared out among groups or copies are cut into parts as ``cuts`` says (graph/cuts.py)."""
     was = model.training
     model.eval()
     try:
@@ -80,7 +80,9 @@ def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModul
                 infer_shapes(gm, inputs)
             except ConversionError:
                 raise first from None
-        if split_copies(gm, analyze(gm)):
+        for _ in range(3):  # a cut can make a neighbouring group's sharing visible
+            if not cut_layers(gm, analyze(gm), cuts):
+                break
             infer_shapes(gm, inputs)
         return gm
     finally:

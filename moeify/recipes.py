@@ -33,6 +33,7 @@ class MoECfg:
     experts: int = 2
     top_k: int | None = None
     scope: str = "paper"
+    cuts: str = "copies"  # all: also cut layers that share sub-ranges or several groups (fewer MACs, more small convs)
     router: str = "layer"
     router_norm: bool | None = None  # layer routers standardise their pooled input, no bias (keeps routing live);
     # false = the paper's router; default (null): on, except for routers fitted to a dense model (experts_by: cluster)
@@ -138,6 +139,7 @@ CHOICES = {
     "advmoe.router_schedule": ("cosine", "step", "constant"),
     "advmoe.order": ("routers-first", "experts-first"),
     "moe.scope": ("auto", "hidden", "branches", "paper"),
+    "moe.cuts": ("copies", "all"),
     "moe.router": ("layer", "global"),
     "moe.experts_by": ("contiguous", "cluster"),
 }

@@ -8,6 +8,7 @@ from .errors import ConversionError
 
 SCOPES = ("auto", "hidden", "branches", "paper")
 ROUTERS = ("layer", "global")
+CUTS = ("copies", "all")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class MoESpec:
         the linear layer (off: the paper's router). Pooled CNN features share a large mean across
         images, so an unnormalised router's scores move together for every input and collapse
         onto one expert; standardised, they follow what differs between images.
+    cuts: which layers whose channels are shared out are cut into parts (graph/cuts.py):
+        ``copies`` (the default: a layer writing or reading one group's channels twice, as in
+        gated MLPs and GhostNet) or ``all`` (also layers whose output is split among several
+        consumers, or that read several groups at once: fewer MACs, but on the CPU more, smaller
+        contractions that can run slower than the dense layer; docs/coverage.md).
     layers: optional glob patterns of producer names to convert (others stay dense).
     exclude: glob patterns of producer names to keep dense.
     """
@@ -35,6 +41,7 @@ class MoESpec:
     scope: str = "auto"
     router: str = "layer"
     router_norm: bool = False
+    cuts: str = "copies"
     layers: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
@@ -53,6 +60,8 @@ class MoESpec:
             raise ConversionError(f"unknown scope {self.scope!r}; choose one of {', '.join(SCOPES)}")
         if self.router not in ROUTERS:
             raise ConversionError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.cuts not in CUTS:
+            raise ConversionError(f"unknown cuts {self.cuts!r}; choose one of {', '.join(CUTS)}")
         if not isinstance(self.router_norm, bool):
             raise ConversionError(f"router_norm must be true or false, got {self.router_norm!r}")
         if self.layers is not None:
@@ -67,7 +76,7 @@ class MoESpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoESpec":
-        known = {"experts", "top_k", "scope", "router", "router_norm", "layers", "exclude"}
+        known = {"experts", "top_k", "scope", "router", "router_norm", "cuts", "layers", "exclude"}
         unknown = set(d) - known
         if unknown:
             raise ConversionError(f"unknown MoE spec key(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")

@@ -1,7 +1,7 @@
 """Conversion coverage across timm: one model per model family, converted at the default scope.
 
 Usage: python scripts/coverage.py [--families a,b,...] [--json OUT.json] [--md docs/coverage.md]
-                                  [--timeout SECONDS]
+                                  [--timeout SECONDS] [--cuts copies|all]
 
 Per timm family (a module of timm.models) with a Conv2d, its smallest model (fewest parameters
 among up to 25 name-ranked candidates, built on the meta device) is built with random weights at
@@ -76,8 +76,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def check(family: str, name: str) -> Row:
-    """Convert one model and check it; never raises."""
+def check(family: str, name: str, cuts: str = "copies") -> Row:
+    """Convert one model (``cuts`` as ``MoESpec.cuts``) and check it; never raises."""
     torch.manual_seed(0)
     start = time.perf_counter()
     try:
@@ -85,10 +85,10 @@ def check(family: str, name: str) -> Row:
         x = torch.rand(2, *model.moeify_input_size)
         with torch.no_grad():
             ref = model(x)
-            plan = moeify.plan(model, experts=2, top_k=1, example_inputs=x)
-            full = moeify.convert(model, experts=2, top_k=2, example_inputs=x).eval()
+            plan = moeify.plan(model, experts=2, top_k=1, example_inputs=x, cuts=cuts)
+            full = moeify.convert(model, experts=2, top_k=2, example_inputs=x, cuts=cuts).eval()
             full_err = _rel(full(x), ref)
-            moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x).eval()
+            moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, cuts=cuts).eval()
             spread_routing(moe)
             grouped = moe(x)
             with moeify.execution("masked"):
@@ -154,7 +154,7 @@ def main() -> None:
             continue
         signal.alarm(timeout)
         try:
-            row = check(family, name)
+            row = check(family, name, opt.get("--cuts", "copies"))
         finally:
             signal.alarm(0)
         rows.append(row)

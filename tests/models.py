@@ -223,6 +223,26 @@ class GhostBlock(nn.Module):
         return self.head((x + self.out(g)).mean((2, 3)))
 
 
+class SplitConvs(nn.Module):
+    """A conv's output split between two convs (after BatchNorm and ReLU), whose outputs are
+    concatenated and read whole by a 1x1 conv (Res2Net / Inception style)."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, dim, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(dim)
+        self.b = nn.Conv2d(dim // 2, dim, 3, padding=1)
+        self.c = nn.Conv2d(dim // 2, dim, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2 * dim)
+        self.d = nn.Conv2d(2 * dim, dim, 1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x1, x2 = F.relu(self.bn_a(self.a(x))).chunk(2, dim=1)
+        y = F.relu(self.bn(torch.cat([self.b(x1), self.c(x2)], dim=1)))
+        return self.head(self.d(y).mean((2, 3)))
+
+
 class OptionalMask(nn.Module):
     """A forward argument with a default the model branches on (``if mask is not None``), as in
     Hiera: traced at its default, the call the converted model gets."""

@@ -74,6 +74,7 @@ def test_save_load_round_trip_named_and_user(tmp_path):
     (dict(experts=0), "experts must be"),
     (dict(experts=2, top_k=3), "cannot exceed"),
     (dict(experts=2, scope="everything"), "unknown scope"),
+    (dict(experts=2, cuts="some"), "unknown cuts"),
     (dict(experts=3, layers=("blocks.0.conv1",)), "cannot be split into 3"),
     (dict(experts=2, layers=("nope",)), "no convertible channel group"),
 ])

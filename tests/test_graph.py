@@ -6,7 +6,7 @@ from moeify.bench import spread_routing
 from conftest import randomize
 import pytest
 
-from models import GatedMLPs, GhostBlock, OptionalMask, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
+from models import GatedMLPs, GhostBlock, OptionalMask, SplitConvs, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
 
 
 def _plan(model, scope="hidden", experts=2):
@@ -36,9 +36,29 @@ def test_grouped_conv_needs_aligned_experts():
 
 
 def test_preactivation_dense_connectivity():
-    p = _plan(PreActDense())
-    assert [lp.name for lp in p.layers] == ["layers.0.conv1", "layers.1.conv1", "layers.2.conv1"]
-    assert "mixed" in _dense_reason(p, "stem")  # stem and every conv2 are concatenated into one stream
+    """The stem and every conv2 are concatenated into one tensor that later convs read whole. By
+    default they stay dense; with ``cuts="all"`` each such reader is cut into one part per group it
+    reads (summed), so those groups convert too, exactly."""
+    default = _plan(PreActDense())
+    assert [lp.name for lp in default.layers] == ["layers.0.conv1", "layers.1.conv1", "layers.2.conv1"]
+    assert "mixed" in _dense_reason(default, "stem")
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    model = randomize(PreActDense()).double().eval()
+    p = moeify.plan(model, experts=2, example_inputs=x, scope="hidden", cuts="all")
+    by_name = {lp.name: lp for lp in p.layers}
+    assert list(by_name) == ["stem", "layers.0.conv1", "layers.0.conv2", "layers.1.conv1", "layers.1.conv2",
+                             "layers.2.conv1", "layers.2.conv2"]
+    assert by_name["layers.0.conv2"].consumers == ["layers.1.conv1[:, 16:24]", "layers.2.conv1[:, 16:24]",
+                                                   "fc[:, 16:24]"]
+    assert by_name["layers.2.conv1"].producers == ["layers.2.conv1", "layers.2.conv1[:, 16:24]",
+                                                   "layers.2.conv1[:, 24:32]"]
+    assert by_name["layers.2.conv1"].packed  # the parts' sum is inside the group
+    with torch.no_grad():
+        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x, scope="hidden", cuts="all").double()
+        assert torch.allclose(full.eval()(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, scope="hidden", cuts="all").double()
+    spread_routing(moe)
+    _strategies_agree(moe, x, [moe.get_submodule("stem").weight, moe.get_submodule("fc").weight], rtol=1e-9)
 
 
 def test_scopes_on_preact_resnet():
@@ -224,3 +244,22 @@ def test_a_conv_reading_two_copies_of_a_group_is_cut_per_copy():
     spread_routing(moe)
     assert moeify.count_macs(moe, x) < 0.8 * moeify.count_macs(model, x)
     _strategies_agree(moe, x, [moe.get_submodule("out").weight, moe.get_submodule("cheap").weight], rtol=1e-9)
+
+
+def test_a_split_feeding_several_convs_and_a_cat_feeding_one():
+    """With ``cuts="all"``, a layer whose output is split between two convs is cut into one part
+    per piece (each its own MoE layer and router); the 1x1 conv reading both convs' outputs
+    concatenated is cut into one part per group, summed."""
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    model = randomize(SplitConvs()).double().eval()
+    assert [lp.name for lp in moeify.plan(model, experts=2, top_k=1, example_inputs=x).layers] == ["d"]  # default
+    p = moeify.plan(model, experts=2, top_k=1, example_inputs=x, cuts="all")
+    assert [(lp.name, lp.consumers) for lp in p.layers] == [
+        ("a", ["b"]), ("a[8:16]", ["c"]), ("b", ["d"]), ("c", ["d[:, 16:32]"]), ("d", ["head"])]
+    with torch.no_grad():
+        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x, cuts="all").double().eval()
+        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, cuts="all").double()
+    spread_routing(moe)
+    assert moeify.count_macs(moe, x) < 0.6 * moeify.count_macs(model, x)
+    _strategies_agree(moe, x, [moe.get_submodule("a").weight, moe.get_submodule("d").weight], rtol=1e-9)

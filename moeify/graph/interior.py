@@ -50,6 +50,8 @@ def _why_not(node: fx.Node, gm: fx.GraphModule, inside: set[fx.Node], channels: 
         return f"{node.target} has per-channel state", False
     if info.kind is Kind.CHANNELWISE:
         return (f"{node.name} is a functional batch norm", False) if node.target is F.batch_norm else (None, False)
+    if info.kind is Kind.ADD and node.meta.get("moeify_parts"):
+        return None, False  # the parts of one cut layer summed: both operands are the group's
     if info.kind in (Kind.REDUCE,):
         return None, False
     if info.kind is Kind.RESHAPE and len(meta.shape) == 2:

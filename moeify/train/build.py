@@ -33,7 +33,7 @@ def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
         return dense
     m = recipe.moe
     norm = m.router_norm if m.router_norm is not None else m.experts_by != "cluster"
-    spec = MoESpec(experts=m.experts, top_k=m.top_k, scope=m.scope, router=m.router, router_norm=norm,
+    spec = MoESpec(experts=m.experts, top_k=m.top_k, scope=m.scope, cuts=m.cuts, router=m.router, router_norm=norm,
                    layers=tuple(m.layers) if m.layers else None, exclude=tuple(m.exclude))
     example = torch.zeros(2, *size)
     if recipe.model.kind == "s-dense":
