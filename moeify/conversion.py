@@ -19,7 +19,7 @@ from torch import nn
 from .errors import ConversionError
 from .experts import calibration_batches, choose_experts, permutable, permute, record
 from .fit import fit_layer_routers, recalibrate_norms
-from .graph import analyze, forward_defaults, infer_shapes, trace
+from .graph import ChannelGroup, analyze, forward_defaults, infer_shapes, trace
 from .graph.cuts import cut_layers
 from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
@@ -55,12 +55,13 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: MoESpec) -> tuple[fx.GraphModule, ConversionPlan]:
-    gm = _traced(model, inputs, spec.cuts)
-    return gm, build_plan(gm, analyze(gm), spec, _model_name(model))
+    gm, groups = _traced(model, inputs, spec.cuts)
+    return gm, build_plan(gm, groups, spec, _model_name(model))
 
 
-def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...], cuts: str = "copies") -> fx.GraphModule:
-    """The shape-annotated inference graph of ``model`` (modules keep following ``.training`` at
+def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...],
+            cuts: str = "copies") -> tuple[fx.GraphModule, list[ChannelGroup]]:
+    """The shape-annotated inference graph of ``model`` and its channel groups (modules keep following ``.training`` at
     run time). Optional forward arguments stay arguments; where the default call cannot run on
     that graph (a branch such as ``if mask is not None`` traced as taken, as in Hiera), they are
     traced at their defaults instead, the call the example inputs make. Layers whose channels are
@@ -80,11 +81,13 @@ def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...], cuts: str = "cop
                 infer_shapes(gm, inputs)
             except ConversionError:
                 raise first from None
+        groups = analyze(gm)
         for _ in range(3):  # a cut can make a neighbouring group's sharing visible
-            if not cut_layers(gm, analyze(gm), cuts):
+            if not cut_layers(gm, groups, cuts):
                 break
             infer_shapes(gm, inputs)
-        return gm
+            groups = analyze(gm)
+        return gm, groups
     finally:
         model.train(was)
 

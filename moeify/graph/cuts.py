@@ -50,7 +50,7 @@ def cut_layers(gm: fx.GraphModule, groups: list[ChannelGroup], policy: str = "co
             continue  # something else keeps this group dense: leave its layers whole
         plan = [(u.node, u.roots, _runs(u.roots, key.get), how)
                 for uses, key, how in ((g.producers, readers, _cut_rows), (g.consumers, writers, _cut_columns))
-                for u in uses if u.node not in cut]
+                for u in uses if u.node not in cut and (key or len(np.unique(u.roots)) < len(u.roots))]
         plan = [p for p in plan if len(p[2]) > 1]
         whole = set(g.primary.roots.tolist())
         if not plan or any(len(runs) > MAX_PARTS or _plain(gm, n) is None for n, _, runs, _ in plan) or \

@@ -106,8 +106,14 @@ class _UnionFind:
             if rx != ry:
                 self.parent[max(rx, ry)] = min(rx, ry)
 
-    def roots(self, ids: np.ndarray) -> np.ndarray:
-        return np.array([self.find(i) for i in ids.tolist()], dtype=np.int64)
+    def flat(self) -> np.ndarray:
+        """Every id's root, as an array (pointer jumping until each points at its root)."""
+        p = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            q = p[p]
+            if np.array_equal(q, p):
+                return p
+            p = q
 
 
 def _shape(meta) -> tuple[int, ...] | None:
@@ -371,22 +377,20 @@ class _Analysis:
 
     # --- groups --------------------------------------------------------------------------------
     def groups(self) -> list[ChannelGroup]:
-        find = self.uf.roots
+        root = self.uf.flat()
+        find = root.__getitem__  # ids -> their roots, vectorised
         # channels that any single op touches together form one group (a second union over roots)
         events = ([ids for _, ids, _ in self.producers] + [ids for _, ids, _ in self.consumers]
                   + [c.ids for _, c, _ in self.add_sinks] + [ids for ids, _ in self.barriers]
                   + [ids for ids, _ in self.sources])
-        blocks = _UnionFind()
-        blocks.parent = list(self.uf.parent)
-        for ids in events:
-            r = find(ids)
-            if len(r) > 1:
-                blocks.union(r[:-1], r[1:])
+        pairs = [(r[:-1], r[1:]) for r in (np.unique(find(ids)) for ids in events) if len(r) > 1]
+        block = _components(len(root), *(np.concatenate(e) if pairs else np.zeros(0, np.int64) for e in zip(*pairs))) \
+            if pairs else np.arange(len(root))
         by_root: dict[int, ChannelGroup] = {}
 
         def group_of(roots: np.ndarray) -> list[ChannelGroup]:
-            keys = {blocks.find(int(r)) for r in np.unique(roots).tolist()}
-            return [by_root.setdefault(k, ChannelGroup()) for k in sorted(keys)]
+            keys = np.unique(block[roots]).tolist()
+            return [by_root.setdefault(k, ChannelGroup()) for k in keys]
 
         for node, ids, info in self.producers:
             r = find(ids)
@@ -419,6 +423,23 @@ class _Analysis:
         order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         out.sort(key=lambda g: order[g.primary.node])
         return out
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of ids 0..n-1 joined by the edges (a[i], b[i]): each id's smallest
+    member, vectorised (hook every edge's larger root onto its smaller one, compress, repeat)."""
+    lab = np.arange(n, dtype=np.int64)
+    while True:
+        la, lb = lab[a], lab[b]
+        differ = la != lb
+        if not differ.any():
+            return lab
+        np.minimum.at(lab, np.maximum(la, lb)[differ], np.minimum(la, lb)[differ])
+        while True:
+            nxt = lab[lab]
+            if np.array_equal(nxt, lab):
+                break
+            lab = nxt
 
 
 def analyze(gm: fx.GraphModule) -> list[ChannelGroup]:
