@@ -55,6 +55,8 @@ def convert(
     calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Dataset whose training images (no labels) cluster the experts and fit the routers.")] = None,
     calibration_size: Annotated[int, typer.Option("--calibration-size", help="Calibration images (a seeded subset).")] = 5000,
     distil_steps: Annotated[int, typer.Option("--distil-steps", help="Then distil the MoE from the dense model for this many steps.")] = 0,
+    distil_batch: Annotated[int, typer.Option("--distil-batch", help="Images per distillation step.")] = 128,
+    distil_eps: Annotated[Optional[float], typer.Option("--distil-eps", help="Linf radius of the 2-step PGD inputs distilled on too; 0: clean only; default: the eps a .moe dense model was adversarially trained with, else 0.")] = None,
     root: Annotated[Optional[str], typer.Option(help="Dataset folder for --calibrate.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Save the MoE model here (.moe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
@@ -74,9 +76,14 @@ def convert(
     calibration = _calibration_images(calibrate, root, calibration_size) if calibrate else None
     moe = convert_model(dense, spec=spec, calibration=calibration)
     if distil_steps:
+        from .attacks import AttackConfig
         from .fit import distil
 
-        distil(moe, dense, calibration, steps=distil_steps)
+        eps = _trained_eps(model) if distil_eps is None else distil_eps
+        attack = AttackConfig(eps=eps, steps=2) if eps > 0 else None
+        if attack is not None:
+            console.print(f"distilling on clean and 2-step PGD inputs (eps {eps:g})")
+        distil(moe, dense, calibration, steps=distil_steps, attack=attack, batch_size=distil_batch)
     moe.eval()
     console.print(moe.moeify_plan)
     x = torch.rand(2, *dense.moeify_input_size)
@@ -84,6 +91,18 @@ def convert(
     if out:
         save(moe, out)
         console.print(f"saved to {out}")
+
+
+def _trained_eps(model: str) -> float:
+    """The attack radius a dense .moe model was adversarially trained with (0 when it was not)."""
+    from . import io
+
+    if not model.endswith(".moe"):
+        return 0.0
+    recipe = io.read_info(model).get("extra", {}).get("recipe", {})
+    if recipe.get("train", {}).get("method", "standard") == "standard":
+        return 0.0
+    return float(recipe.get("attack", {}).get("eps", 0.0))
 
 
 def _dense(model: str, weights: str | None, num_classes: int | None, size: tuple[int, ...] | None):

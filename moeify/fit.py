@@ -9,7 +9,6 @@ ones (the teacher's predictions as labels), so a robust teacher's robustness car
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -105,8 +104,10 @@ def recalibrate_norms(moe: nn.Module, batches: list[torch.Tensor], keep: set[str
 
 def distil(moe: nn.Module, teacher: nn.Module, calibration: Calibration, steps: int = 300, lr: float = 1e-3,
            update: str = "all", attack: AttackConfig | None = None, batch_size: int = 128, seed: int = 0) -> list[float]:
-    """Fine-tune ``moe`` (``update`` all | routers) to the teacher's logits on the calibration inputs;
-    returns the loss per step. With ``attack``, each step also matches on PGD inputs against the MoE."""
+    """Fine-tune ``moe`` (``update`` all | routers) to the teacher's logits on the calibration inputs,
+    in batches of ``batch_size`` reshuffled at every pass (``seed``); returns the loss per step. With
+    ``attack``, each step also matches on PGD inputs against the MoE: a robust teacher's robustness
+    needs more of them than its clean accuracy (batches of 512: docs/results.md)."""
     from rich.progress import track
 
     if update not in ("all", "routers"):
@@ -114,7 +115,7 @@ def distil(moe: nn.Module, teacher: nn.Module, calibration: Calibration, steps: 
     if steps < 1:
         raise MoeifyError(f"steps must be >= 1, got {steps}")
     example = torch.zeros(1, *moe.moeify_info["input_shape"])
-    batches = [b for big in calibration_batches(calibration, example) for b in big.split(batch_size)]
+    data = torch.cat(calibration_batches(calibration, example))
     routers = [m for m in moe.modules() if isinstance(m, (LayerRouter, GlobalRouter))]
     params = [p for r in routers for p in r.parameters()] if update == "routers" else \
         [p for p in moe.parameters() if p.requires_grad]
@@ -127,13 +128,19 @@ def distil(moe: nn.Module, teacher: nn.Module, calibration: Calibration, steps: 
     moe.train()
     losses = []
     try:
-        for _, x in track(zip(range(steps), itertools.cycle(batches)), total=steps, description="distilling",
+        for _, x in track(zip(range(steps), _shuffled(data, batch_size, g)), total=steps, description="distilling",
                           transient=True):
             losses.append(_distil_step(moe, teacher, x.to(dev), opt, attack, g))
             sched.step()
     finally:
         moe.train(was)
     return losses
+
+
+def _shuffled(data: torch.Tensor, batch_size: int, gen: torch.Generator):
+    """Batches of ``data``, reshuffled at every pass (the order follows the seed), endlessly."""
+    while True:
+        yield from data[torch.randperm(len(data), generator=gen)].split(batch_size)
 
 
 def fit_routers(moe: nn.Module, calibration: Calibration, teacher: nn.Module, steps: int = 300,

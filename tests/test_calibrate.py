@@ -107,9 +107,11 @@ def test_cli_converts_a_trained_dense_file_with_calibration_and_refuses_foreign_
                                 input_size=(1, 28, 28))
     moeify.save(dense, tmp_path / "dense.moe")
     r = run_here(capsys, "convert", str(tmp_path / "dense.moe"), "--experts", "4", "--calibrate", "fashion-mnist",
-                 "--calibration-size", "64", "--distil-steps", "2", "--out", str(tmp_path / "m.moe"))
+                 "--calibration-size", "64", "--distil-steps", "2", "--distil-batch", "32", "--distil-eps", "0.1",
+                 "--out", str(tmp_path / "m.moe"))
     assert r.returncode == 0, r.stderr
     assert "MoE layers" in r.stdout and moeify.moe_layers(moeify.load(tmp_path / "m.moe"))
+    assert "2-step PGD inputs (eps 0.1)" in r.stdout  # a robust teacher's robustness is distilled too
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
     r = run_here(capsys, "convert", "resnet18", "--weights", str(tmp_path / "other.pt"))
     assert r.returncode != 0 and "does not fit resnet18" in r.stderr and len(r.stderr.strip().splitlines()) == 1
