@@ -36,7 +36,6 @@ from .ops import Kind, classify
 
 MAX_PARTS = 4
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_SHARED = ("repeats channels", "mixed with others")
 
 
 def cut_layers(gm: fx.GraphModule, groups: list[ChannelGroup], policy: str = "copies") -> bool:
@@ -46,7 +45,7 @@ def cut_layers(gm: fx.GraphModule, groups: list[ChannelGroup], policy: str = "co
     readers, writers = _uses(groups) if policy == "all" else ({}, {})  # copies: cut where channels repeat
     cut: set[fx.Node] = set()
     for g in groups:
-        if any(not any(s in b for s in _SHARED) for b in g.blockers()):
+        if not g.only_order_blocks():
             continue  # something else keeps this group dense: leave its layers whole
         plan = [(u.node, u.roots, _runs(u.roots, key.get), how)
                 for uses, key, how in ((g.producers, readers, _cut_rows), (g.consumers, writers, _cut_columns))

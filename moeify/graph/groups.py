@@ -62,6 +62,11 @@ class ChannelGroup:
     def is_stream(self) -> bool:
         return any(s.startswith("residual stream") for s in self.sources)
 
+    def only_order_blocks(self) -> bool:
+        """Whether nothing but the order of its channels at some use (repeated, or mixed with other
+        groups' channels) keeps this group from being gated: no barrier, no opaque source."""
+        return not self.barriers and all(s.startswith("residual stream") for s in self.sources)
+
     def blockers(self) -> list[str]:
         """Reasons this group's channels cannot be gated exactly, whatever the scope."""
         out = [s for s in self.sources if not s.startswith("residual stream")]
