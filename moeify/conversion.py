@@ -61,8 +61,8 @@ def _analyse(model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: MoESpec) 
 
 def _traced(model: nn.Module, inputs: tuple[torch.Tensor, ...],
             cuts: str = "copies") -> tuple[fx.GraphModule, list[ChannelGroup]]:
-    """The shape-annotated inference graph of ``model`` and its channel groups (modules keep following ``.training`` at
-    run time). Optional forward arguments stay arguments; where the default call cannot run on
+    """The shape-annotated inference graph of ``model`` and its channel groups (modules keep
+    following ``.training`` at run time). Optional forward arguments stay arguments; where the default call cannot run on
     that graph (a branch such as ``if mask is not None`` traced as taken, as in Hiera), they are
     traced at their defaults instead, the call the example inputs make. Layers whose channels are
     shared out among groups or copies are cut into parts as ``cuts`` says (graph/cuts.py)."""

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ConversionError
-from .graph.groups import ChannelGroup, _name
+from .graph.groups import ChannelGroup, node_name
 from .graph.interior import interior
 from .graph.ops import Kind, classify
 from .spec import MoESpec
@@ -124,11 +124,6 @@ def _fmt(macs: float) -> str:
     if macs >= 1e6:
         return f"{macs / 1e6:.2f} M"
     return f"{macs / 1e3:.1f} K"
-
-
-def node_name(node: fx.Node) -> str:
-    """Qualified name of the original layer behind a node (module path, else the node name)."""
-    return _name(node)
 
 
 def node_macs(node: fx.Node, gm: fx.GraphModule) -> int:

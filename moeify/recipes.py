@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .errors import MoeifyError
+from .spec import CUTS, ROUTERS, SCOPES
 
 RECIPE_DIRS = (Path(__file__).resolve().parent.parent / "recipes",)
 
@@ -138,9 +139,9 @@ CHOICES = {
     "advmoe.loss": ("trades", "ce"),
     "advmoe.router_schedule": ("cosine", "step", "constant"),
     "advmoe.order": ("routers-first", "experts-first"),
-    "moe.scope": ("auto", "hidden", "branches", "paper"),
-    "moe.cuts": ("copies", "all"),
-    "moe.router": ("layer", "global"),
+    "moe.scope": SCOPES,
+    "moe.cuts": CUTS,
+    "moe.router": ROUTERS,
     "moe.experts_by": ("contiguous", "cluster"),
 }
 

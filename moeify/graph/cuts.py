@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .groups import ChannelGroup
+from .groups import ChannelGroup, node_name
 from .ops import Kind, classify
 
 MAX_PARTS = 4
@@ -136,10 +136,6 @@ def _split_of(node: fx.Node, gm: fx.GraphModule, cdim: int) -> tuple[fx.Node, li
     return split, [s.shape[cdim] for s in shapes]
 
 
-def _name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
-
-
 def _weight_nodes(graph: fx.Graph, weight, bias) -> tuple:
     return (graph.get_attr(weight) if isinstance(weight, str) else weight,
             graph.get_attr(bias) if isinstance(bias, str) else bias)
@@ -164,7 +160,7 @@ def _cut_rows(gm: fx.GraphModule, node: fx.Node, runs: list[range]) -> None:
             w = graph.call_function(operator.getitem, (weight, rows))
             b = graph.call_function(operator.getitem, (bias, rows)) if bias is not None else None
             y = graph.call_function(fn, (x, w, b, *rest))
-            y.meta["moeify_name"] = _name(node) if r.start == 0 else f"{_name(node)}[{r.start}:{r.stop}]"
+            y.meta["moeify_name"] = node_name(node) if r.start == 0 else f"{node_name(node)}[{r.start}:{r.stop}]"
             outs.append(y)
         if found is None:
             node.replace_all_uses_with(graph.call_function(torch.cat, (outs,), {"dim": cdim}))
@@ -209,7 +205,7 @@ def _cut_columns(gm: fx.GraphModule, node: fx.Node, runs: list[range]) -> None:
             xs = graph.call_function(operator.getitem, (x, lead + (cols,)))
             ws = graph.call_function(operator.getitem, (weight, (slice(None), cols)))
             y = graph.call_function(fn, (xs, ws, bias if k == 0 else None, *rest))
-            y.meta["moeify_name"] = _name(node) if k == 0 else f"{_name(node)}[:, {r.start}:{r.stop}]"
+            y.meta["moeify_name"] = node_name(node) if k == 0 else f"{node_name(node)}[:, {r.start}:{r.stop}]"
             if total is not None:
                 y = graph.call_function(operator.add, (total, y))
                 y.meta["moeify_parts"] = True

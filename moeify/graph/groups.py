@@ -73,16 +73,18 @@ class ChannelGroup:
         out += self.barriers
         canon = self.primary.roots
         if len(np.unique(canon)) != len(canon):
-            out.append(f"{_name(self.primary.node)} repeats channels of one group")
+            out.append(f"{node_name(self.primary.node)} repeats channels of one group")
         for role, uses in (("producer", self.producers), ("consumer", self.consumers), ("add", self.add_sinks)):
             for u in uses:
                 if not np.array_equal(u.roots, canon):
-                    out.append(f"channels are mixed with others (cat/split/slice) at {role} {_name(u.node)}")
+                    out.append(f"channels are mixed with others (cat/split/slice) at {role} {node_name(u.node)}")
         return out
 
 
-def _name(node: fx.Node) -> str:
-    if "moeify_name" in node.meta:  # a node a pass made for part of a layer (copies.py)
+def node_name(node: fx.Node) -> str:
+    """Qualified name of the original layer behind a node: the module path, the name a pass gave a
+    part of a layer (``node.meta["moeify_name"]``, cuts.py), else the node's own name."""
+    if "moeify_name" in node.meta:
         return node.meta["moeify_name"]
     return str(node.target) if node.op == "call_module" else node.name
 
@@ -269,7 +271,7 @@ class _Analysis:
         return Chan(sa.ids, sa.cdim)
 
     def _add(self, node, info, shape):
-        # partial contractions summed into one layer's output (copies.py) share their channels
+        # partial contractions summed into one layer's output (cuts.py) share their channels
         return self._binary(node, info, shape, is_add=not node.meta.get("moeify_parts"))
 
     def _mul(self, node, info, shape):
@@ -388,9 +390,10 @@ class _Analysis:
         events = ([ids for _, ids, _ in self.producers] + [ids for _, ids, _ in self.consumers]
                   + [c.ids for _, c, _ in self.add_sinks] + [ids for ids, _ in self.barriers]
                   + [ids for ids, _ in self.sources])
-        pairs = [(r[:-1], r[1:]) for r in (np.unique(find(ids)) for ids in events) if len(r) > 1]
-        block = _components(len(root), *(np.concatenate(e) if pairs else np.zeros(0, np.int64) for e in zip(*pairs))) \
-            if pairs else np.arange(len(root))
+        touched = [np.unique(find(ids)) for ids in events]
+        none = [np.zeros(0, np.int64)]
+        block = _components(len(root), np.concatenate(none + [r[:-1] for r in touched]),
+                            np.concatenate(none + [r[1:] for r in touched]))
         by_root: dict[int, ChannelGroup] = {}
 
         def group_of(roots: np.ndarray) -> list[ChannelGroup]:
