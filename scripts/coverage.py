@@ -117,6 +117,19 @@ def _num(v: float, fmt: str) -> str:
     return "" if v != v else format(v, fmt)  # NaN: not measured
 
 
+NOTES = "<!-- notes written by hand: kept when scripts/coverage.py rewrites the table above -->"
+
+
+def _notes(path: str) -> str:
+    """What follows the ``NOTES`` marker in an existing page (hand-written notes), marker included."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    return "\n" + text[text.index(NOTES):] if NOTES in text else ""
+
+
 def markdown(rows: list[Row]) -> str:
     done = sum(r.status == "converted" for r in rows)
     lines = [
@@ -163,8 +176,9 @@ def main() -> None:
         with open(opt["--json"], "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
     if "--md" in opt:
+        notes = _notes(opt["--md"])
         with open(opt["--md"], "w") as f:
-            f.write(markdown(rows))
+            f.write(markdown(rows) + notes)
     print(f"converted {sum(r.status == 'converted' for r in rows)} of {len(rows)} families")
 
 
