@@ -5,8 +5,8 @@ Usage: python scripts/calibrated_conversion.py DENSE.moe [--adversarial] [--step
 DENSE.moe: a dense Fashion-MNIST model from `moeify robustify --set model.kind=dense` (its recipe
 gives eps). Calibration: 5,000 training images (a seeded subset, labels unused). Test: clean on the
 whole test set, PGD-20 on its first 1,000 images (the same images for every row). Rows with
-distillation are run once per seed (the distillation's batch order and attack noise; the
-conversion itself is deterministic); each difference to the dense model is a paired 95% interval
+distillation are run once per seed (the seed sets the conversion's and the distillation's random
+state: fresh routers, batch order, attack noise); each difference to the dense model is a paired 95% interval
 over those images and seeds. Rows at 2/4 and 1/2 experts.
 """
 from __future__ import annotations
