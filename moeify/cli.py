@@ -24,16 +24,19 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     _DEBUG["on"] = debug
 
 
-def _size(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
+def _int_list(text: str, option: str, example: str = "0,1,2", positive: bool = False) -> list[int]:
+    """Comma-separated integers of a command-line option, or a one-line error naming it."""
     try:
-        size = tuple(int(v) for v in text.split(","))
+        values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise MoeifyError(f"--input-size must be comma-separated integers like 3,224,224, got {text!r}") from None
-    if not size or any(v < 1 for v in size):
-        raise MoeifyError(f"--input-size must be positive integers like 3,224,224, got {text!r}")
-    return size
+        raise MoeifyError(f"{option} must be comma-separated integers like {example}, got {text!r}") from None
+    if positive and any(v < 1 for v in values):
+        raise MoeifyError(f"{option} must be positive integers like {example}, got {text!r}")
+    return values
+
+
+def _size(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(_int_list(text, "--input-size", "3,224,224", positive=True))
 
 
 def _summary(dense_macs: float, moe_macs: float, n_layers: int) -> None:
@@ -186,7 +189,7 @@ def bench(
         raise MoeifyError(f"--routing must be spread or model, not {routing!r}")
     if json_out and os.path.exists(json_out):
         raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
-    batches = [int(b) for b in _size(batch)]
+    batches = _int_list(batch, "--batch", "1,16", positive=True)
     if calibrate:
         _calibrate(calibrate, batches, repeats, device, mode)
         return
@@ -354,12 +357,14 @@ def study(
     results: Annotated[Optional[str], typer.Option("--results", help="Results page to write (default: OUT/results.md).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override the base recipe for every row, e.g. --set data.train_subset=512.")] = None,
     n: Annotated[Optional[int], typer.Option("--n", help="Test images to evaluate on (default: the study file's).")] = None,
+    seeds: Annotated[Optional[str], typer.Option("--seeds", help="Training seeds, e.g. 0,1,2 (default: the study file's).")] = None,
 ) -> None:
-    """Reproduce the AdvMoE study: train and evaluate every row, time it, write the results page."""
+    """Reproduce the AdvMoE study: train and evaluate every row once per seed, time it, write the results page."""
     from .study import run_study
 
+    seed_list = _int_list(seeds, "--seeds") if seeds else None
     run_study(study_file, out or f"runs/study-{study_file.rsplit('/', 1)[-1].removesuffix('.yaml')}", results,
-              set_ or [], n, console=console, log=lambda s: err.print(s, highlight=False, markup=False))
+              set_ or [], n, console=console, log=lambda s: err.print(s, highlight=False, markup=False), seeds=seed_list)
 
 
 def main() -> None:

@@ -160,7 +160,14 @@ def evaluate_file(req: EvalRequest, out: Path, resume: bool = False, report_name
     model = io.load(path).to(acc.device)
 
     def gather(t: torch.Tensor) -> torch.Tensor:
-        return t if world == 1 else torch.cat([v for v in gather_object([t.cpu()])])
+        """Every process's per-sample values, back in the examples' order (process r holds r::world)."""
+        if world == 1:
+            return t
+        shards = gather_object([t.cpu()])
+        out = torch.empty((n,) + tuple(t.shape[1:]), dtype=t.dtype)
+        for r, shard in enumerate(shards):
+            out[r::world] = shard
+        return out
 
     cfg = EvalConfig(eps=eps, norm=norm, attacks=tuple(req.attacks), pgd_steps=req.pgd_steps,
                      pgd_restarts=req.restarts, batch_size=req.batch_size, square_queries=req.square_queries,

@@ -353,11 +353,26 @@ def _report(parts: dict[str, Part], cfg: EvalConfig, n: int) -> dict:
         rep["attacks_run"] += part.runs
         rep["flags"] += part.flags
         rep["timings_s"][name] = part.seconds
+    per_sample = {name: p.correct for name, p in parts.items() if p.correct is not None}
     if "adaptive" in parts:
-        rep["adaptive_acc"] = cfg.mean(worst_case(parts, ("adaptive", "square", "pgd", "autoattack")))
+        per_sample["adaptive"] = worst_case(parts, ("adaptive", "square", "pgd", "autoattack"))
+        rep["adaptive_acc"] = cfg.mean(per_sample["adaptive"])
     if sum(p.correct is not None for p in parts.values()) > 1:  # clean and at least one attack
-        rep["worst_case_acc"] = cfg.mean(worst_case(parts))
+        per_sample["worst_case"] = worst_case(parts)
+        rep["worst_case_acc"] = cfg.mean(per_sample["worst_case"])
+    rep["per_example"] = {k: _bits(cfg.gather(v)) for k, v in per_sample.items()}
     return rep
+
+
+def _bits(correct: torch.Tensor) -> str:
+    """Per-sample correctness as a string of 0s and 1s, in the order of the examples: what paired
+    comparisons between models (``moeify.stats``) read back with ``correct_from_bits``."""
+    return "".join("1" if c else "0" for c in correct.bool().tolist())
+
+
+def correct_from_bits(bits: str) -> torch.Tensor:
+    """The per-sample correctness a report's ``per_example`` entry holds."""
+    return torch.tensor([c == "1" for c in bits], dtype=torch.bool)
 
 
 def ra_e(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> float:

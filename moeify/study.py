@@ -25,9 +25,10 @@ from .bench import interleaved, machine
 from .data import as_tensors, load_data
 from .errors import MoeifyError
 from .eval_file import EvalRequest, evaluate_file
-from .evaluate import AA_ATTACKS
+from .evaluate import AA_ATTACKS, correct_from_bits
 from .lock import folder_lock
 from .recipes import Recipe, apply_overrides, build_config, check, find_recipe
+from .stats import paired_difference
 
 STUDY_DIRS = (Path(__file__).resolve().parent.parent / "studies",)
 MARKER = "<!-- everything above this line is written by `moeify study`; notes below it are kept -->"
@@ -48,7 +49,8 @@ class Dissection:
 
 @dataclass
 class StudyEval:
-    n: int = 1000  # a fixed, seeded subset of the test set
+    n: int = 1000  # a fixed, seeded subset of the test set: every attack
+    pgd_n: int = 0  # clean and PGD on this many (its first n are the images above); 0 = n
     attacks: list = field(default_factory=lambda: ["pgd", "autoattack", "adaptive"])
     autoattack: list = field(default_factory=list)  # a subset of AutoAttack's suite; [] = standard
     pgd_steps: int = 20
@@ -75,6 +77,8 @@ class Study:
     dissection: Dissection | None = None
     evaluate: StudyEval = field(default_factory=StudyEval)
     reference: Reference | None = None
+    seeds: list = field(default_factory=lambda: [0])  # training seeds: every row is trained once per seed
+    comparisons: list = field(default_factory=list)  # [A, B] row pairs: A minus B with paired 95% intervals
 
 
 def find_study(name_or_path: str) -> Path:
@@ -116,7 +120,18 @@ def load_study(name_or_path: str) -> tuple[Study, Path]:
                           f"standard suite), got {study.evaluate.autoattack}")
     if study.dissection and study.dissection.init not in names:
         raise MoeifyError(f"{path}: dissection.init must name a row ({', '.join(names)}), got {study.dissection.init!r}")
+    check_seeds(study.seeds, str(path))
+    for pair in study.comparisons:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in names for p in pair)):
+            raise MoeifyError(f"{path}: each comparison must be a pair of row names [A, B] ({', '.join(names)}), "
+                              f"got {pair!r}")
     return study, path
+
+
+def check_seeds(seeds, where: str) -> None:
+    if not (isinstance(seeds, list) and seeds and all(isinstance(v, int) for v in seeds)
+            and len(set(seeds)) == len(seeds)):
+        raise MoeifyError(f"{where}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
 
 
 def _slug(name: str) -> str:
@@ -143,9 +158,11 @@ def row_recipe(study: Study, source: str, overrides: list[str], name: str) -> Re
 
 @dataclass
 class Plan:
-    """What the study runs: (name, folder, overrides) for the rows, then the dissection fine-tunes."""
+    """What the study runs: (name, folder, overrides) for every row and seed (``seeds``: one folder
+    per seed, in the study's seed order), then the dissection fine-tunes (from the first seed)."""
     rows: list[tuple[str, Path, list[str]]]
     dissection: list[tuple[str, Path, list[str]]]
+    seeds: dict[str, list[Path]] = field(default_factory=dict)
 
 
 DISSECTION = (("standard routers + standard experts", None),
@@ -160,20 +177,28 @@ def _last_wins(overrides: list[str]) -> list[str]:
     return [o for o in overrides if last[o.split("=", 1)[0]] is o]
 
 
+def _seed_dir(out: Path, row: str, seed: int) -> Path:
+    return out / "rows" / _slug(row) / f"seed-{seed}"
+
+
 def make_plan(study: Study, out: Path, overrides: list[str]) -> Plan:
-    rows = [(r.name, out / "rows" / _slug(r.name), r.set + overrides) for r in study.rows]
+    """Every row once per training seed (the seed set last, so it wins), then the dissection."""
+    rows = [(r.name, _seed_dir(out, r.name, s), r.set + overrides + [f"train.seed={s}"])
+            for s in study.seeds for r in study.rows]
     cut = []
     if study.dissection:
         init = next(r for r in study.rows if r.name == study.dissection.init)
-        init_dir = out / "rows" / _slug(init.name)
+        first = [f"train.seed={study.seeds[0]}"]
+        init_dir = _seed_dir(out, init.name, study.seeds[0])
         for name, part in DISSECTION:
             if part is None:
-                cut.append((name, init_dir, init.set + overrides))
+                cut.append((name, init_dir, init.set + overrides + first))
             else:
                 cut.append((name, out / "dissection" / part,
-                            init.set + study.dissection.set + overrides
+                            init.set + study.dissection.set + overrides + first
                             + [f"train.update={part}", f"train.init={init_dir / 'model.moe'}"]))
-    return Plan([(n, d, _last_wins(o)) for n, d, o in rows], [(n, d, _last_wins(o)) for n, d, o in cut])
+    seeds = {r.name: [_seed_dir(out, r.name, s) for s in study.seeds] for r in study.rows}
+    return Plan([(n, d, _last_wins(o)) for n, d, o in rows], [(n, d, _last_wins(o)) for n, d, o in cut], seeds)
 
 
 def _train(recipe: Recipe, run: Path, log: Callable[[str], None], console) -> None:
@@ -193,9 +218,10 @@ def _eval_data(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return as_tensors(data.test)
 
 
-def _evaluate(run: Path, attacks: list[str], ev: StudyEval, log: Callable[[str], None], tag: str = "eval") -> dict:
-    """RUN/TAG.json: the row's model evaluated on the study's test subset (resumed if it was stopped)."""
-    req = EvalRequest(model_file=str(run / "model.moe"), n=ev.n, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
+def _evaluate(run: Path, attacks: list[str], ev: StudyEval, log: Callable[[str], None], tag: str = "eval",
+              n: int | None = None) -> dict:
+    """RUN/TAG.json: the row's model evaluated on the study's first ``n`` test images (resumed if stopped)."""
+    req = EvalRequest(model_file=str(run / "model.moe"), n=n or ev.n, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
                       square_queries=ev.square_queries, autoattack=tuple(ev.autoattack), batch_size=ev.batch_size)
     return evaluate_file(req, run, resume=True, report_name=f"{tag}.json", log=log, plots=False)
 
@@ -215,33 +241,38 @@ def _latency(runs: dict[str, Path], recipe: Recipe, ev: StudyEval) -> dict[str, 
 
 def run_study(name_or_path: str, out: str | Path, results: str | Path | None = None, overrides: list[str] | None = None,
               n: int | None = None, console=None, log: Callable[[str], None] = print,
-              evaluate: dict | None = None) -> dict:
+              evaluate: dict | None = None, seeds: list[int] | None = None) -> dict:
     """Run (or resume) a study into ``out``; write ``results`` (markdown). Returns the collected results.
-    ``evaluate`` overrides fields of the study file's ``evaluate`` section (e.g. lighter attacks for a dry run)."""
+    ``evaluate`` overrides fields of the study file's ``evaluate`` section (e.g. lighter attacks for a dry run);
+    ``seeds`` replaces its training seeds."""
     study, path = load_study(name_or_path)
     overrides = list(overrides or [])
-    if n is not None:
-        study.evaluate.n = n
+    if n is not None:  # every attack on these n images
+        study.evaluate.n, study.evaluate.pgd_n = n, 0
     for key, value in (evaluate or {}).items():
         if not hasattr(study.evaluate, key):
             raise MoeifyError(f"unknown evaluate setting {key!r}; known: {', '.join(vars(study.evaluate))}")
         setattr(study.evaluate, key, value)
+    if seeds is not None:
+        check_seeds(seeds, "--seeds")
+        study.seeds = list(seeds)
     out = Path(out)
     results = Path(results) if results else out / "results.md"
     kept = _kept_notes(results)
     plan = make_plan(study, out, overrides)
-    recipes = {name: row_recipe(study, str(path), sets, name) for name, _, sets in plan.rows + plan.dissection}
-    for name, _, _ in plan.dissection[1:]:
-        if recipes[name].train.method not in ("at", "trades"):
+    recipes = {run: row_recipe(study, str(path), sets, name) for name, run, sets in plan.rows + plan.dissection}
+    for name, run, _ in plan.dissection[1:]:
+        if recipes[run].train.method not in ("at", "trades"):
             raise MoeifyError(f"{path}: the dissection fine-tunes train adversarially; set train.method=at or trades "
-                              f"in dissection.set (got {recipes[name].train.method})")
+                              f"in dissection.set (got {recipes[run].train.method})")
     with folder_lock(out, "study"):
         _write(out / "study.yaml", path.read_text())
         _run_rows(plan, recipes, study.evaluate, out, log, console)
         collected = _collect(study, plan, out, recipes)
         collected["command"] = " ".join(
             ["moeify", "study", shlex.quote(str(name_or_path)), "--out", shlex.quote(str(out)), "--results",
-             shlex.quote(str(results))] + [f"--set {shlex.quote(s)}" for s in overrides] + ([f"--n {n}"] if n is not None else []))
+             shlex.quote(str(results))] + [f"--set {shlex.quote(s)}" for s in overrides]
+            + ([f"--n {n}"] if n is not None else []) + ([f"--seeds {','.join(map(str, seeds))}"] if seeds else []))
         _write(out / "results.json", json.dumps(collected, indent=2))
         results.parent.mkdir(parents=True, exist_ok=True)
         _write(results, render(study, collected) + "\n" + MARKER + "\n" + kept)
@@ -249,22 +280,25 @@ def run_study(name_or_path: str, out: str | Path, results: str | Path | None = N
     return collected
 
 
-def _run_rows(plan: Plan, recipes: dict[str, Recipe], ev: StudyEval, out: Path, log: Callable[[str], None],
+def _run_rows(plan: Plan, recipes: dict[Path, Recipe], ev: StudyEval, out: Path, log: Callable[[str], None],
               console) -> None:
-    """Train and evaluate every row and dissection fine-tune, then time the rows: each step skipped
-    when its result is already in the study folder, resumed when it was stopped."""
+    """Train and evaluate every row (every seed) and dissection fine-tune, then time the rows: each
+    step skipped when its result is already in the study folder, resumed when it was stopped."""
     for name, run, _ in plan.rows:
-        _train(recipes[name], run, log, console)
-        log(f"{name}: evaluating on {ev.n} test images ({', '.join(ev.attacks)})")
+        _train(recipes[run], run, log, console)
+        log(f"{name} ({run.name}): evaluating on {ev.n} test images ({', '.join(ev.attacks)})")
         _evaluate(run, ev.attacks, ev, log)
+        if ev.pgd_n > ev.n:
+            log(f"{name} ({run.name}): clean and PGD-{ev.pgd_steps} on {ev.pgd_n} test images")
+            _evaluate(run, ["pgd"], ev, log, tag="eval-pgd", n=ev.pgd_n)
     for name, run, _ in plan.dissection:
-        _train(recipes[name], run, log, console)
+        _train(recipes[run], run, log, console)
         log(f"{name}: evaluating (PGD-{ev.pgd_steps}, flip rate, RA-E)")
         _evaluate(run, ["pgd"], ev, log, tag="eval-dissection")
     lat_file = out / "latency.json"
     if not lat_file.is_file():
         log(f"timing every row at batch {ev.latency_batch} ({ev.latency_repeats} interleaved repeats)")
-        lat = _latency({name: run for name, run, _ in plan.rows}, recipes[plan.rows[0][0]], ev)
+        lat = _latency({name: runs[0] for name, runs in plan.seeds.items()}, recipes[plan.rows[0][1]], ev)
         _write(lat_file, json.dumps({"ms": lat, "machine": machine()}, indent=2))
 
 
@@ -286,117 +320,188 @@ def _kept_notes(results: Path) -> str:
     return text.split(MARKER, 1)[1].lstrip("\n")
 
 
-def _collect(study: Study, plan: Plan, out: Path, recipes: dict[str, Recipe]) -> dict:
+ACCURACIES = ("clean_acc", "pgd_acc", "autoattack_acc", "adaptive_acc", "worst_case_acc")
+ROUTING = ("flip_rate", "ra_r", "ra_e", "routing_used")
+METRICS = (("clean", "clean", True), ("PGD-20", "pgd", True), ("worst case", "worst_case", False))
+"""Compared metrics: (label, per_example key, read from the larger clean/PGD evaluation when there is one)."""
+
+
+def _reports(run: Path) -> tuple[dict, dict]:
+    """(all attacks, clean and PGD) reports of one trained row; the second is the first when the
+    study evaluates clean and PGD on the same images."""
+    full = json.loads((run / "eval.json").read_text())
+    wide = run / "eval-pgd.json"
+    return full, json.loads(wide.read_text()) if wide.is_file() else full
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _spread(values: list) -> float | None:
+    """Standard deviation over seeds (None with one)."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _entropy(rep: dict) -> float | None:
+    load = rep.get("load_clean")
+    return sum(x["entropy"] for x in load) / len(load) if load else None
+
+
+def _collect(study: Study, plan: Plan, out: Path, recipes: dict[Path, Recipe]) -> dict:
     lat = json.loads((out / "latency.json").read_text())
+    sets = {name: s for name, run, s in plan.rows if run == plan.seeds[name][0]}
     rows = []
-    for name, run, sets in plan.rows:
-        rep = json.loads((run / "eval.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())
-        rows.append({"name": name, "run": str(run), "set": sets, "kind": recipes[name].model.kind,
-                     "method": recipes[name].train.method, "seed": recipes[name].train.seed,
-                     "train_s": round(sum(h["train_s"] for h in metrics["history"]), 1),
-                     "latency_ms": lat["ms"][name], **{k: rep.get(k) for k in (
-                         "clean_acc", "pgd_acc", "autoattack_acc", "adaptive_acc", "worst_case_acc", "flip_rate",
-                         "ra_r", "ra_e", "macs_per_sample", "n_examples", "flags", "load_clean")}})
+    for name, runs in plan.seeds.items():
+        reps = [_reports(run) for run in runs]
+        per_seed = []
+        for run, (full, wide) in zip(runs, reps):
+            metrics = json.loads((run / "metrics.json").read_text())
+            per_seed.append({"seed": recipes[run].train.seed, "run": str(run),
+                             "train_s": round(sum(h["train_s"] for h in metrics["history"]), 1),
+                             "clean_acc": wide.get("clean_acc"), "pgd_acc": wide.get("pgd_acc"),
+                             **{k: full.get(k) for k in ACCURACIES[2:] + ROUTING},
+                             "entropy": _entropy(full), "flags": full.get("flags", [])})
+        first = recipes[runs[0]]
+        rows.append({"name": name, "runs": [str(r) for r in runs], "set": [o for o in sets[name] if not o.startswith("train.seed=")],
+                     "kind": first.model.kind, "method": first.train.method, "seeds": [p["seed"] for p in per_seed],
+                     "train_s": _mean([p["train_s"] for p in per_seed]), "latency_ms": lat["ms"][name],
+                     "macs_per_sample": reps[0][0].get("macs_per_sample"), "n_examples": reps[0][0].get("n_examples"),
+                     "pgd_n": reps[0][1].get("n_examples"),
+                     **{k: _mean([p[k] for p in per_seed]) for k in ACCURACIES + ROUTING + ("entropy",)},
+                     **{f"{k}_sd": _spread([p[k] for p in per_seed]) for k in ACCURACIES},
+                     "flags": [f"seed {p['seed']}: {f}" for p in per_seed for f in p["flags"]],
+                     "per_seed": per_seed})
     cut = []
-    for name, run, sets in plan.dissection:
+    for name, run, s in plan.dissection:
         rep = json.loads((run / "eval-dissection.json").read_text())
-        cut.append({"name": name, "run": str(run), "set": sets,
+        cut.append({"name": name, "run": str(run), "set": s,
                     **{k: rep.get(k) for k in ("clean_acc", "pgd_acc", "flip_rate", "ra_e", "n_examples", "load_clean")}})
-    r0 = recipes[plan.rows[0][0]]
-    return {"study": study.name, "rows": rows, "dissection": cut, "machine": lat["machine"],
+    r0 = recipes[plan.rows[0][1]]
+    return {"study": study.name, "rows": rows, "dissection": cut, "comparisons": _comparisons(study, plan),
+            "seeds": list(study.seeds), "machine": lat["machine"],
             "date": datetime.date.today().isoformat(), "eps": r0.attack.eps, "norm": r0.attack.norm,
             "dataset": r0.data.dataset, "model": r0.model.name, "model_kwargs": r0.model.kwargs,
             "evaluate": dataclasses.asdict(study.evaluate)}
+
+
+def _comparisons(study: Study, plan: Plan) -> list[dict]:
+    """Every [A, B] of the study file, per metric: A minus B, paired over the same images and seeds."""
+    out = []
+    for a, b in study.comparisons:
+        reps = {row: [_reports(run) for run in plan.seeds[row]] for row in (a, b)}
+        for label, key, wide in METRICS:
+            def correct(row):
+                return torch.stack([correct_from_bits(r[1 if wide else 0]["per_example"][key]) for r in reps[row]])
+            if not all(key in r[1 if wide else 0].get("per_example", {}) for row in (a, b) for r in reps[row]):
+                continue
+            d = paired_difference(correct(a), correct(b))
+            out.append({"a": a, "b": b, "metric": label, "mean": d.mean, "low": d.low, "high": d.high,
+                        "images": d.images, "seeds": d.seeds, "verdict": d.verdict})
+    return out
 
 
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
-def _se(p: float, n: int) -> float:
-    """Standard error (points) of an accuracy p measured on n examples."""
-    return 100 * (p * (1 - p) / max(n, 1)) ** 0.5
+def _pm(r: dict, key: str) -> str:
+    """Mean over seeds (%), with the standard deviation over seeds where there are several."""
+    sd = r.get(f"{key}_sd")
+    return _pct(r[key]) + ("" if sd is None else f" ± {100 * sd:.1f}")
 
 
 def render(study: Study, c: dict) -> str:
-    """The results page: both tables, what was run, the reference numbers and measured comparisons."""
+    """The results page: the tables (means over seeds), what was run, the reference numbers and the
+    paired comparisons."""
     ev = c["evaluate"]
     rows, n = c["rows"], c["rows"][0]["n_examples"]
+    pgd_n, seeds = c["rows"][0]["pgd_n"], c["seeds"]
+    images = f"{n} test images" if pgd_n == n else f"{pgd_n} test images (clean, PGD) and the first {n} of them (the other attacks)"
     L = [f"# {study.title or study.name}", "",
          f"{c['dataset']}, L-{c['norm'].replace('linf', 'inf')} eps = {c['eps']:g}, backbone {c['model']} "
          f"{c['model_kwargs'] or ''}. Measured {c['date']} on {c['machine']}. Accuracies (%) on a fixed, seeded "
-         f"subset of {n} test images (standard error up to {_se(0.5, n):.1f} points); latency: median of "
-         f"{ev['latency_repeats']} interleaved eval calls at batch {ev['latency_batch']}.", "",
+         f"subset of {images}, the mean over {len(seeds)} training seed(s)"
+         + (" ± their standard deviation" if len(seeds) > 1 else "") + "; latency: median of "
+         f"{ev['latency_repeats']} interleaved eval calls at batch {ev['latency_batch']} (first seed's models).", "",
          "## Dense vs MoE, trained four ways", "",
          "| model | SA | PGD-20 RA | AutoAttack RA | MoE-adaptive RA | MACs / sample | CPU latency (ms) | train time (s) |",
          "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        L.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {_pct(r['autoattack_acc'])} | "
-                 f"{_pct(r['adaptive_acc'])} | {r['macs_per_sample'] / 1e6:.2f} M | {r['latency_ms']:.2f} | {r['train_s']:.0f} |")
+        L.append(f"| {r['name']} | {_pm(r, 'clean_acc')} | {_pm(r, 'pgd_acc')} | {_pm(r, 'autoattack_acc')} | "
+                 f"{_pm(r, 'adaptive_acc')} | {r['macs_per_sample'] / 1e6:.2f} M | {r['latency_ms']:.2f} | {r['train_s']:.0f} |")
     aa = ("the standard suite" if not ev["autoattack"] else
           f"{' + '.join(a.upper() for a in ev['autoattack'])} of the standard suite, with its settings (the rest of "
           f"the suite left out for the compute budget)")
+    flags = [f"{r['name']} ({f})" for r in rows for f in r["flags"]]
     L += ["", f"AutoAttack RA: `pyautoattack`, {aa}. "
           "PGD-20 RA is the worst of PGD-20 and PGD-40 with 2 restarts per example. MoE-adaptive RA is the "
           "worst case per example over PGD, AutoAttack, straight-through PGD with 3 restarts, transfer from the "
           f"soft-routing twin, Square ({ev['square_queries']} queries) and a routing-then-PGD attack (MoE rows only). "
-          "Flags raised by the "
-          "evaluation's sanity checks: " + ("; ".join(f"{r['name']}: {', '.join(r['flags'])}" for r in rows if r["flags"])
-                                            or "none") + "."]
+          "Flags raised by the evaluation's sanity checks: " + ("; ".join(flags) or "none") + "."]
     moe_rows = [r for r in rows if r["flip_rate"] is not None]
     if moe_rows:
-        L += ["", "| model | routing flip rate under PGD | RA-R (routers attacked) | RA-E (routes frozen) | expert load entropy (clean) |",
-              "|---|---:|---:|---:|---:|"]
+        L += ["", "| model | routing flip rate under PGD | RA-R (routers attacked) | RA-E (routes frozen) | "
+              "expert load entropy (clean) | routing used (points) |", "|---|---:|---:|---:|---:|---:|"]
         for r in moe_rows:
-            ent = sum(x["entropy"] for x in r["load_clean"]) / len(r["load_clean"])
-            L.append(f"| {r['name']} | {_pct(r['flip_rate'])} | {_pct(r['ra_r'])} | {_pct(r['ra_e'])} | {ent:.2f} |")
+            used = "—" if r["routing_used"] is None else f"{100 * r['routing_used']:.1f}"
+            L.append(f"| {r['name']} | {_pct(r['flip_rate'])} | {_pct(r['ra_r'])} | {_pct(r['ra_e'])} | "
+                     f"{r['entropy']:.2f} | {used} |")
     if c["dissection"]:
         L += ["", "## Router robustness vs expert robustness", "",
-              f"Starting from the standard-trained MoE ({study.dissection.init}), fine-tunes that train only the "
-              "routers, only the experts, or both, with the adversarial loss (the other part stays bit-identical).", "",
+              f"Starting from the standard-trained MoE ({study.dissection.init}, seed {seeds[0]}), fine-tunes that "
+              "train only the routers, only the experts, or both, with the adversarial loss (the other part stays "
+              "bit-identical).", "",
               "| routers + experts | SA | PGD-20 RA | routing flip rate | RA-E (routes frozen) |", "|---|---:|---:|---:|---:|"]
         for r in c["dissection"]:
             L.append(f"| {r['name']} | {_pct(r['clean_acc'])} | {_pct(r['pgd_acc'])} | {_pct(r['flip_rate'])} | {_pct(r['ra_e'])} |")
-    L += ["", "## Measured comparisons", ""] + _findings(rows, c["dissection"], n)
+    L += ["", "## Measured comparisons", ""] + _findings(rows, c["comparisons"])
     if study.reference and study.reference.rows:
         ref = study.reference
         L += ["", f"## Reference: {ref.title}", "", "| " + " | ".join(ref.columns) + " |",
               "|" + "---|" * len(ref.columns)]
         L += ["| " + " | ".join(str(v) for v in row) + " |" for row in ref.rows]
     L += ["", "## How these numbers were made", "", f"One command (resumable: rerun it to continue): `{c['command']}`.",
-          "Each row is the study file's base recipe with these `--set` overrides; the resolved recipe is saved as "
-          "`recipe.yaml` in each run folder, so `moeify robustify --recipe RUN/recipe.yaml --out NEW` retrains one row.", ""]
-    for r in rows + c["dissection"]:
+          "Each row is the study file's base recipe with these `--set` overrides, trained once per seed "
+          "(`train.seed=S`, folder `seed-S`); the resolved recipe is saved as `recipe.yaml` in each run folder, so "
+          "`moeify robustify --recipe RUN/recipe.yaml --out NEW` retrains one.", ""]
+    for r in rows:
         sets = f"`{' '.join(r['set'])}`" if r["set"] else "none (the base recipe)"
-        L.append(f"- {r['name']}: {sets} → {r['run']}")
-    L += ["", f"Training seeds: {sorted({r['seed'] for r in rows})}; evaluation seed 0 (the test subset and every "
-          f"attack's random start). Evaluation: `{', '.join(ev['attacks'])}`, PGD-{ev['pgd_steps']}, Square "
-          f"{ev['square_queries']} queries; per-row reports are in each run folder (eval.json)."]
+        L.append(f"- {r['name']}: {sets} → {Path(r['runs'][0]).parent}/seed-*")
+    for r in c["dissection"]:
+        L.append(f"- {r['name']}: `{' '.join(r['set'])}` → {r['run']}")
+    L += ["", f"Training seeds: {seeds}; evaluation seed 0 (the test subset and every attack's random start). "
+          f"Evaluation: `{', '.join(ev['attacks'])}`, PGD-{ev['pgd_steps']}, Square {ev['square_queries']} queries; "
+          "per-row reports, with every example's correctness, are in each run folder (eval.json"
+          + (", eval-pgd.json" if pgd_n != n else "") + ")."]
     return "\n".join(L) + "\n"
 
 
-def _findings(rows: list[dict], cut: list[dict], n: int) -> list[str]:
-    """Plain statements of the measured differences, with their noise level."""
-    out = []
-
+def _findings(rows: list[dict], comparisons: list[dict]) -> list[str]:
+    """The best row, each robust row's cost against the robust dense model, and the paired
+    comparisons with their intervals (a verdict only where the interval excludes zero)."""
     def robust(r):
-        return min(v for v in (r["pgd_acc"], r["autoattack_acc"], r["adaptive_acc"]) if v is not None)
+        values = [v for v in (r["pgd_acc"], r["autoattack_acc"], r["adaptive_acc"]) if v is not None]
+        return min(values) if values else 0.0
     best = max(rows, key=robust)
-    out.append(f"- Highest worst-case robust accuracy: {best['name']} ({_pct(robust(best))}%).")
+    out = [f"- Highest worst-case robust accuracy (mean over seeds): {best['name']} ({_pct(robust(best))}%)."]
     dense = next((r for r in rows if r["kind"] == "dense" and r["method"] != "standard"), None)
     for r in rows:
-        if r is dense or r["method"] == "standard" or dense is None:
-            continue
-        d = 100 * (robust(r) - robust(dense))
-        se = (2 ** 0.5) * _se(robust(dense), n)
-        verdict = "within noise of" if abs(d) < 2 * se else ("above" if d > 0 else "below")
-        out.append(f"- {r['name']}: {d:+.1f} points of worst-case robust accuracy vs {dense['name']} ({verdict} it; "
-                   f"2 s.e. of a difference = {2 * se:.1f}), at {r['macs_per_sample'] / dense['macs_per_sample']:.0%} of its MACs and "
-                   f"{r['latency_ms'] / dense['latency_ms']:.2f}x its latency.")
-    if len(cut) == 4:
-        def both(r):
-            return f"SA {_pct(r['clean_acc'])}%, PGD-20 RA {_pct(r['pgd_acc'])}%"
-        out.append(f"- From the standard MoE ({both(cut[0])}): robust routers alone {both(cut[1])}; robust experts "
-                   f"alone {both(cut[2])}; both {both(cut[3])}.")
+        if dense is not None and r is not dense and r["method"] != "standard":
+            out.append(f"- {r['name']}: {r['macs_per_sample'] / dense['macs_per_sample']:.0%} of {dense['name']}'s "
+                       f"MACs, {r['latency_ms'] / dense['latency_ms']:.2f}x its latency.")
+    if comparisons:
+        out += ["", "Paired differences, A minus B in points, with 95% intervals over the same images and training "
+                "seeds (image sampling and seed-to-seed variation both counted: `moeify.stats.paired_difference`); "
+                "a verdict only where the interval excludes zero.", "",
+                "| A | B | metric | A − B | 95% interval | images × seeds | verdict |", "|---|---|---|---:|---|---:|---|"]
+        for d in comparisons:
+            verdict = {"above": "A above B", "below": "A below B"}.get(d["verdict"], d["verdict"])
+            out.append(f"| {d['a']} | {d['b']} | {d['metric']} | {d['mean']:+.1f} | [{d['low']:+.1f}, {d['high']:+.1f}] | "
+                       f"{d['images']} × {d['seeds']} | {verdict} |")
     return out

@@ -62,6 +62,9 @@ def test_convert_user_file():
     (("inspect", "nothing.moe"), "no such file"),
     (("inspect", "[/x].moe"), "no such file '[/x].moe'"),  # printed as text, never read as rich markup
     (("study", "nosuch"), "unknown study 'nosuch'; built-in studies: fmnist"),
+    (("study", "fmnist", "--seeds", "0,x"), "--seeds must be comma-separated integers like 0,1,2"),
+    (("study", "fmnist", "--seeds", "1,1"), "--seeds: seeds must be a non-empty list of distinct integers"),
+    (("bench", "cifar_resnet18", "--batch", "0"), "--batch must be positive integers like 1,16"),
     (("evaluate", "run", "--autoattack", "apgd-ce,fab"), "--autoattack: unknown attack(s) fab; use standard or some of"),
     (("bench", "cifar_resnet18", "--model-kwargs", "width"), "--model-kwargs: 'width' is not key=value"),
 ])

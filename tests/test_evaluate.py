@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import moeify
-from moeify.evaluate import EvalConfig, evaluate, pgd_accuracy, ra_e
+from moeify.evaluate import EvalConfig, correct_from_bits, evaluate, pgd_accuracy, ra_e
 from moeify.zoo import create_model
 
 NORM = {"mean": [0.5], "std": [0.25], "channels": 1}
@@ -111,6 +111,12 @@ def test_dense_s_dense_and_moe_evaluate_through_one_command(tmp_path):
         rep = json.loads((tmp_path / kind / "report.json").read_text())
         assert rep["kind"] == kind and rep["n_examples"] == 20 and "pgd_acc" in rep
         assert ("flip_rate" in rep) == (kind == "moe") and ("adaptive_acc" in rep) == (kind == "moe")
+        # per-example correctness, for paired comparisons: the accuracies are its means
+        bits = {k: correct_from_bits(v) for k, v in rep["per_example"].items()}
+        assert all(len(b) == 20 for b in bits.values())
+        assert bits["clean"].float().mean().item() == pytest.approx(rep["clean_acc"])
+        assert bits["worst_case"].float().mean().item() == pytest.approx(rep["worst_case_acc"])
+        assert not (bits["worst_case"] & ~bits["pgd"]).any()  # the worst case is correct only where PGD failed to flip
         assert (tmp_path / kind / "robust_vs_eps.png").is_file()
     again = subprocess.run([sys.executable, "-m", "moeify", "evaluate", str(tmp_path / "moe.moe"), "--dataset",
                             "fashion-mnist", "--eps", "0.1", "--out", str(tmp_path / "moe")], capture_output=True, text=True)
@@ -142,4 +148,6 @@ def test_two_processes_evaluate_every_example_once(tmp_path):
     r1 = json.loads((tmp_path / "one" / "report.json").read_text())
     assert r2["processes"] == 2 and r2["n_examples"] == r1["n_examples"] == 21
     assert r2["clean_acc"] == r1["clean_acc"]
+    # every example's correctness comes back in the examples' order, whichever process ran it
+    assert r2["per_example"]["clean"] == r1["per_example"]["clean"]
     assert sum(sum(l["load"]) for l in r2["load_clean"]) == pytest.approx(len(r2["layers"]))

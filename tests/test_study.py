@@ -19,15 +19,24 @@ needs_fmnist = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion
 def test_shipped_study_builds_the_paper_rows():
     study, path = load_study("fmnist")
     plan = make_plan(study, Path("out"), [])
-    recipes = {name: row_recipe(study, str(path), sets, name) for name, _, sets in plan.rows + plan.dissection}
-    kinds = {name: (r.model.kind, r.train.method) for name, r in recipes.items()}
+    recipes = {run: row_recipe(study, str(path), sets, name) for name, run, sets in plan.rows + plan.dissection}
+    first = {name: recipes[runs[0]] for name, runs in plan.seeds.items()}
+    kinds = {name: (r.model.kind, r.train.method) for name, r in first.items()}
     assert kinds["Dense"] == ("dense", "standard") and kinds["Dense-AT"] == ("dense", "trades")
     assert kinds["S-Dense-AT"] == ("s-dense", "trades") and kinds["MoE-AT"] == ("moe", "trades")
-    assert kinds["MoE-AdvMoE"] == ("moe", "advmoe")
+    assert kinds["MoE-AdvMoE"] == ("moe", "advmoe") and kinds["MoE-AdvMoE (live routing)"] == ("moe", "advmoe")
     # AT uses AdvMoE's robust loss, so only the schedule differs
-    assert recipes["MoE-AdvMoE"].advmoe.loss == "trades"
-    assert [recipes[n].train.update for n, _, _ in plan.dissection] == ["all", "routers", "experts", "all"]
-    assert all(recipes[n].train.method == "trades" for n, _, _ in plan.dissection[1:])
+    assert first["MoE-AdvMoE"].advmoe.loss == "trades"
+    # the paper's router beside live routing (standardised router, soft warm-up)
+    assert not first["MoE-AT"].moe.router_norm and first["MoE-AT (live routing)"].moe.router_norm
+    assert first["MoE-AT (live routing)"].train.soft_warmup > 0
+    # every row once per seed, each in its own folder with its own seed
+    assert len(study.seeds) >= 3 and len(plan.rows) == len(study.rows) * len(study.seeds)
+    for name, runs in plan.seeds.items():
+        assert [recipes[r].train.seed for r in runs] == study.seeds and len(set(runs)) == len(runs)
+    assert [recipes[r].train.update for _, r, _ in plan.dissection] == ["all", "routers", "experts", "all"]
+    assert all(recipes[r].train.method == "trades" for _, r, _ in plan.dissection[1:])
+    assert study.evaluate.pgd_n >= 2000 and study.evaluate.n >= 1000
 
 
 @pytest.mark.parametrize("text,message", [
@@ -37,6 +46,8 @@ def test_shipped_study_builds_the_paper_rows():
     ("rows:\n  - {name: a}\ndissection: {init: b}\n", "dissection.init must name a row"),
     ("rows:\n  - {name: a}\nevaluate: {n: many}\n", "evaluate.n must be int"),
     ("rows:\n  - {name: a}\nevaluate: {autoattack: [fab]}\n", "evaluate.autoattack must list some of apgd-ce"),
+    ("rows:\n  - {name: a}\nseeds: [0, 0]\n", "seeds must be a non-empty list of distinct integers"),
+    ("rows:\n  - {name: a}\ncomparisons: [[a, b]]\n", "each comparison must be a pair of row names"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, text, message):
     f = tmp_path / "s.yaml"
@@ -66,11 +77,12 @@ def test_study_example_runs_resumes_and_keeps_notes(tmp_path, monkeypatch, capsy
     for heading in ("## Dense vs MoE, trained four ways", "## Router robustness vs expert robustness",
                     "## Reference", "## How these numbers were made"):
         assert heading in text
-    assert text.count("\n| ") >= 6 + 4 + 3  # five+ study rows, four dissection rows, headers
+    assert text.count("\n| ") >= 8 + 4 + 3  # eight study rows, four dissection rows, headers
+    assert "| MoE-AdvMoE (live routing) | MoE-AT (live routing) | PGD-20 |" in text  # a paired comparison
     page.write_text(text + "Hand-written discussion.\n")
     logs = []
     run_study("fmnist", out, page, ["data.train_subset=256", "data.val_size=64", "data.test_subset=48",
-                                    "train.epochs=1", "train.max_steps_per_epoch=2"], n=48, log=logs.append)
-    assert sum("skipped" in s for s in logs) == 10  # six rows, four dissection entries: nothing retrained
+                                    "train.epochs=1", "train.max_steps_per_epoch=2"], n=48, log=logs.append, seeds=[0])
+    assert sum("skipped" in s for s in logs) == 12  # eight rows, four dissection entries: nothing retrained
     assert not any("training" in s for s in logs)
     assert page.read_text().endswith(MARKER + "\nHand-written discussion.\n")

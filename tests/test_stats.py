@@ -1,0 +1,49 @@
+"""Paired differences: the interval counts image sampling and seed-to-seed variation, and a verdict
+is given only where it excludes zero."""
+import pytest
+import torch
+
+from moeify.stats import paired_difference, t_quantile
+
+
+@pytest.mark.parametrize("df,value", [(1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)])
+def test_t_quantiles_match_the_table(df, value):
+    assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-3)
+
+
+def _correct(p: float, n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < p
+
+
+def test_identical_models_show_no_difference():
+    a = torch.stack([_correct(0.7, 500, s) for s in range(3)])
+    d = paired_difference(a, a.clone())
+    assert d.mean == d.low == d.high == 0 and d.verdict == "no difference shown"
+
+
+def test_a_consistent_gain_is_found_and_its_interval_matches_the_normal_one():
+    b = torch.stack([_correct(0.6, 1000, s) for s in range(3)])
+    a = b.clone()
+    a[:, :100] = True  # A right on every image B gets right, and on the first 100 whatever B did there
+    gain = 100 * (a.double() - b.double())
+    d = paired_difference(a, b)
+    assert d.mean == pytest.approx(gain.mean().item()) and d.verdict == "above"
+    assert (d.images, d.seeds) == (1000, 3)
+    image_half = 1.96 * gain.mean(0).std().item() / 1000 ** 0.5
+    assert d.high - d.mean >= image_half - 1e-9  # the seed part only widens it
+    assert paired_difference(b, a).verdict == "below"
+
+
+def test_seed_to_seed_variation_widens_the_interval():
+    base = torch.stack([_correct(0.6, 2000, s) for s in range(3)])
+    steady, unsteady = base.clone(), base.clone()
+    steady[:, :60] = True
+    for s, k in enumerate((0, 60, 120)):  # about the same mean gain, spread unevenly over the seeds
+        unsteady[s, :k] = True
+    one, three = paired_difference(steady, base), paired_difference(unsteady, base)
+    assert three.high - three.low > one.high - one.low
+
+
+def test_shapes_must_pair():
+    with pytest.raises(ValueError, match="seeds, images"):
+        paired_difference(torch.ones(2, 10), torch.ones(3, 10))
