@@ -243,6 +243,79 @@ class SplitConvs(nn.Module):
         return self.head(self.d(y).mean((2, 3)))
 
 
+class SplitAttention(nn.Module):
+    """ResNeSt's split attention (radix 2): a grouped conv makes ``radix`` branches of one set of
+    channels at once (one conv group each), viewed as [B, radix, C, H, W] and summed over the radix dim; the attention
+    (pool, two 1x1 convs, a softmax over the radix dim of [B, radix, C]) weights the branches,
+    which are summed again and read by a 1x1 conv."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, hidden: int = 8, radix: int = 2) -> None:
+        super().__init__()
+        self.radix = radix
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.conv = nn.Conv2d(dim, radix * dim, 3, padding=1, groups=radix, bias=False)
+        self.bn = nn.BatchNorm2d(radix * dim)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, radix * dim, 1)
+        self.out = nn.Conv2d(dim, dim, 1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        b = F.relu(self.bn(self.conv(x)))
+        n, rc, h, w = b.shape
+        b = b.view(n, self.radix, rc // self.radix, h, w)
+        gap = b.sum(dim=1).mean((2, 3), keepdim=True)
+        attn = self.fc2(F.relu(self.fc1(gap))).view(n, self.radix, -1)
+        attn = F.softmax(attn, dim=1).reshape(n, -1, 1, 1).view(n, self.radix, -1, 1, 1)
+        y = (b * attn).sum(dim=1)
+        return self.head((x + self.out(y)).mean((2, 3)))
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet's selective kernel: two branches (3x3 and dilated 3x3) stacked on a new dim, summed
+    for the attention, whose logits ([B, 2C] viewed as [B, 2, C, 1, 1]) are normalised by a
+    softmax over the stack and weight the stacked branches before their sum."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, hidden: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.paths = nn.ModuleList([nn.Conv2d(dim, dim, 3, padding=1), nn.Conv2d(dim, dim, 3, padding=2, dilation=2)])
+        self.reduce = nn.Conv2d(dim, hidden, 1)
+        self.select = nn.Conv2d(hidden, 2 * dim, 1)
+        self.out = nn.Conv2d(dim, dim, 1)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        paths = torch.stack([F.relu(p(x)) for p in self.paths], dim=1)
+        n, r, c, _, _ = paths.shape
+        attn = self.select(F.relu(self.reduce(paths.sum(1).mean((2, 3), keepdim=True))))
+        attn = torch.softmax(attn.view(n, r, c, 1, 1), dim=1)
+        return self.head((x + self.out((paths * attn).sum(1))).mean((2, 3)))
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's unit: a grouped 1x1 conv, a channel shuffle (view as [B, g, C/g, H, W],
+    swap the two, flatten back) and a depthwise conv, then a grouped 1x1 conv."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, hidden: int = 16, groups: int = 2) -> None:
+        super().__init__()
+        self.groups = groups
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.a = nn.Conv2d(dim, hidden, 1, groups=groups)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.b = nn.Conv2d(hidden, dim, 1, groups=groups)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = F.relu(self.a(x))
+        n, c, h, w = y.shape
+        y = y.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head((x + self.b(self.dw(y))).mean((2, 3)))
+
+
 class OptionalMask(nn.Module):
     """A forward argument with a default the model branches on (``if mask is not None``), as in
     Hiera: traced at its default, the call the converted model gets."""

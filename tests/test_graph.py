@@ -6,7 +6,8 @@ from moeify.bench import spread_routing
 from conftest import randomize
 import pytest
 
-from models import GatedMLPs, GhostBlock, OptionalMask, SplitConvs, PreActDense, PreActResNet, ResidualOnly, StdConvNet, TinyViT, Zoo
+from models import (ChannelShuffle, GatedMLPs, GhostBlock, OptionalMask, PreActDense, PreActResNet, ResidualOnly, SelectiveKernel,
+                    SplitAttention, SplitConvs, StdConvNet, TinyViT, Zoo)
 
 
 def _plan(model, scope="hidden", experts=2):
@@ -26,7 +27,7 @@ def test_user_zoo_plan_follows_the_rules():
     assert layers["mid"].consumers == ["conv2d"]  # functional conv consumes
     assert layers["conv2d"].consumers == ["head"]  # functional conv produces; flatten of 1x1 keeps channels
     assert "mixed" in _dense_reason(p, "left")  # cat of left/right, consumed as one tensor
-    assert "reshape" in _dense_reason(p, "pre_shuffle")  # channel shuffle is a barrier
+    assert "another order" in _dense_reason(p, "pre_shuffle")  # a channel shuffle, mapped exactly, reorders them
     assert "model output" in _dense_reason(p, "head")
 
 
@@ -263,3 +264,58 @@ def test_a_split_feeding_several_convs_and_a_cat_feeding_one():
     spread_routing(moe)
     assert moeify.count_macs(moe, x) < 0.6 * moeify.count_macs(model, x)
     _strategies_agree(moe, x, [moe.get_submodule("a").weight, moe.get_submodule("d").weight], rtol=1e-9)
+
+
+def test_factored_channels_split_attention():
+    """ResNeSt's split attention: a grouped conv's output viewed as [B, radix, C, H, W], summed over
+    the radix dim, weighted by a softmax over it. The reshapes are followed channel by channel, the
+    sum and the softmax put a channel's radix copies together, so the grouped conv becomes one part
+    per conv group (on its input channels) and the attention's last conv one part per radix: one
+    selection gates every copy, exactly, and every strategy equals masked."""
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    model = randomize(SplitAttention()).double().eval()
+    p = moeify.plan(model, experts=4, top_k=2, example_inputs=x)
+    layers = {lp.name: lp for lp in p.layers}
+    assert layers["conv"].producers == ["conv", "conv[16:32]", "fc2", "fc2[16:32]"]
+    assert layers["conv"].consumers == ["fc1", "out"]
+    with torch.no_grad():
+        full = moeify.convert(model, experts=4, top_k=4, example_inputs=x).double().eval()
+        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x).double()
+    assert set(moe.state_dict()) - {k for k in moe.state_dict() if k.startswith("moeify_layers.")} == \
+        set(model.state_dict())
+    spread_routing(moe)
+    assert moeify.count_macs(moe, x) < 0.7 * moeify.count_macs(model, x)
+    _strategies_agree(moe, x, [moe.get_submodule("conv").weight, moe.get_submodule("fc2").weight], rtol=1e-9)
+
+
+def test_stacked_branches_with_attention_over_the_stack():
+    """SKNet's selective kernel: two branches stacked on a new dim, attention logits viewed as
+    [B, 2, C, 1, 1] and normalised by a softmax over the stack: both branch convs and both parts of
+    the attention's last conv produce one MoE layer's channels."""
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    model = randomize(SelectiveKernel()).double().eval()
+    p = moeify.plan(model, experts=2, top_k=1, example_inputs=x)
+    layers = {lp.name: lp for lp in p.layers}
+    assert layers["paths.0"].producers == ["paths.0", "paths.1", "select", "select[16:32]"]
+    assert layers["paths.0"].consumers == ["reduce", "out"]
+    with torch.no_grad():
+        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x).double().eval()
+        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x).double()
+    spread_routing(moe)
+    assert moeify.count_macs(moe, x) < 0.7 * moeify.count_macs(model, x)
+    _strategies_agree(moe, x, [moe.get_submodule("paths.1").weight, moe.get_submodule("select").weight], rtol=1e-9)
+
+
+def test_a_channel_shuffle_is_followed_exactly_and_refused_with_the_reason():
+    """A channel shuffle maps every channel to its new place (view, transpose, flatten): the
+    consumer after it reads the group in another order, so contiguous experts cannot exist on both
+    sides; the plan says so instead of guessing, and the model still converts elsewhere, exactly."""
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    model = randomize(ChannelShuffle()).double().eval()
+    p = moeify.plan(model, experts=2, top_k=1, example_inputs=x)
+    assert "consumer b reads the channels in another order" in _dense_reason(p, "a")
+    with torch.no_grad():
+        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x).double().eval()
+        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)

@@ -7,7 +7,9 @@ of the split that followed), input parts summed. Each part is then an ordinary p
 consumer of one group, and the function is unchanged:
 
 - a gated MLP's first layer makes two copies of one group's channels and splits them (timm's
-  GluMlp, MambaOut): one part per copy, so one selection gates both copies;
+  GluMlp, MambaOut), or a conv makes a channel's branches at once (ResNeSt's split attention, a
+  grouped conv with a conv group per branch, and its attention's last conv): one part per copy,
+  so one selection gates every copy (a grouped conv's part is its conv groups, on their inputs);
 - a layer whose output is split among different consumers (a split feeding several convs): one
   part per piece, each piece its own group with its own router;
 - a layer that reads a group twice (GhostNet's cat of a conv's output and its depthwise copy) or
@@ -52,7 +54,7 @@ def cut_layers(gm: fx.GraphModule, groups: list[ChannelGroup], policy: str = "co
                 for u in uses if u.node not in cut and (key or len(np.unique(u.roots)) < len(u.roots))]
         plan = [p for p in plan if len(p[2]) > 1]
         whole = set(g.primary.roots.tolist())
-        if not plan or any(len(runs) > MAX_PARTS or _plain(gm, n) is None for n, _, runs, _ in plan) or \
+        if not plan or any(len(runs) > MAX_PARTS or not _cuttable(gm, n, runs, how) for n, _, runs, how in plan) or \
                 any(len(np.unique(u.roots)) < len(u.roots) or len(u.roots) != g.channels for u in g.add_sinks):
             continue  # cutting would not free this group: leave its layers whole
         if policy == "copies" and any(set(roots[r.start:r.stop].tolist()) != whole
@@ -95,23 +97,35 @@ def _runs(roots: np.ndarray, key: Callable) -> list[range]:
 
 
 def _plain(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
-    """(function, input, weight, bias, other positional args) of a plain contraction, the weight
-    and bias as module attribute names or graph values; None for anything else."""
+    """(function, input, weight, bias, other positional args, (conv groups, output and input
+    channels per group) or None) of a plain contraction, the weight and bias as module attribute
+    names or graph values; None for anything else."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         bias = f"{node.target}.bias" if getattr(m, "bias", None) is not None else None
         if type(m) is nn.Linear:
-            return F.linear, node.args[0], f"{node.target}.weight", bias, ()
-        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and m.padding_mode == "zeros" and m.groups == 1:
+            return F.linear, node.args[0], f"{node.target}.weight", bias, (), None
+        if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and m.padding_mode == "zeros":
             rest = (m.stride, m.padding, m.dilation)
-            return _CONVS[m.weight.ndim - 2], node.args[0], f"{node.target}.weight", bias, rest
+            grouped = (m.groups, m.out_channels // m.groups, m.in_channels // m.groups) if m.groups > 1 else None
+            return _CONVS[m.weight.ndim - 2], node.args[0], f"{node.target}.weight", bias, rest, grouped
         return None
     if node.op == "call_function" and node.target in (F.linear, *_CONVS.values()) and not node.kwargs:
         rest = tuple(node.args[3:])
         if node.target is not F.linear and len(rest) > 3 and rest[3] != 1:
             return None  # a grouped conv: its rows are tied to input groups
-        return node.target, node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None, rest
+        return node.target, node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None, rest, None
     return None
+
+
+def _cuttable(gm: fx.GraphModule, node: fx.Node, runs: list[range], how: Callable) -> bool:
+    """A plain contraction; a grouped conv only into runs of output channels of whole conv groups
+    (each part then reads its groups' input channels)."""
+    plain = _plain(gm, node)
+    if plain is None or plain[5] is None:
+        return plain is not None
+    per_out = plain[5][1]
+    return how is _cut_rows and all(r.start % per_out == 0 and r.stop % per_out == 0 for r in runs)
 
 
 def _split_dim(split: fx.Node):
@@ -144,7 +158,7 @@ def _weight_nodes(graph: fx.Graph, weight, bias) -> tuple:
 def _cut_rows(gm: fx.GraphModule, node: fx.Node, runs: list[range]) -> None:
     """One contraction per run of output channels; they replace the channel split that follows
     (a piece per run, or a split of the run), or are concatenated again."""
-    fn, x, weight, bias, rest = _plain(gm, node)
+    fn, x, weight, bias, rest, grouped = _plain(gm, node)
     cdim = -1 if fn is F.linear else 1
     found = _split_of(node, gm, cdim)
     if found is not None:
@@ -159,7 +173,13 @@ def _cut_rows(gm: fx.GraphModule, node: fx.Node, runs: list[range]) -> None:
             rows = slice(r.start, r.stop)
             w = graph.call_function(operator.getitem, (weight, rows))
             b = graph.call_function(operator.getitem, (bias, rows)) if bias is not None else None
-            y = graph.call_function(fn, (x, w, b, *rest))
+            if grouped is None:
+                y = graph.call_function(fn, (x, w, b, *rest))
+            else:  # this run's conv groups, on their input channels
+                _, per_out, per_in = grouped
+                first, count = r.start // per_out, len(r) // per_out
+                xs = graph.call_function(operator.getitem, (x, (slice(None), slice(first * per_in, (first + count) * per_in))))
+                y = graph.call_function(fn, (xs, w, b, *rest, count))
             y.meta["moeify_name"] = node_name(node) if r.start == 0 else f"{node_name(node)}[{r.start}:{r.stop}]"
             outs.append(y)
         if found is None:
@@ -194,7 +214,7 @@ def _replace_split(graph: fx.Graph, split: fx.Node, sizes: list[int], runs: list
 def _cut_columns(gm: fx.GraphModule, node: fx.Node, runs: list[range]) -> None:
     """One contraction per run of input channels, on those columns of the input and weight (the
     bias in the first), summed."""
-    fn, x, weight, bias, rest = _plain(gm, node)
+    fn, x, weight, bias, rest, _ = _plain(gm, node)
     lead = (Ellipsis,) if fn is F.linear else (slice(None),)
     graph = gm.graph
     with graph.inserting_before(node):

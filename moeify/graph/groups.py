@@ -1,8 +1,10 @@
 """Channel-coupling groups over a traced graph (in the spirit of Torch-Pruning's dependency graph).
 
 Every channel of every tensor gets an id; channel-wise ops pass ids through, element-wise products
-unite them, cat/split/slice/permute/reshape map them by index, contractions (conv, linear) consume
-them and create new ones, and barriers swallow them. A residual add starts a new "stream" id space
+unite them, cat/split/slice/permute/reshape map them by index (a reshape may also factor the channel
+dim into several dims, and a stack of branches adds one: ``Factored`` ids, until a reduction or a
+reshape merges them again; a softmax or reduction over such a dim unites the ids along it),
+contractions (conv, linear) consume them and create new ones, and barriers swallow them. A residual add starts a new "stream" id space
 and records each operand as an add sink, so a residual branch and the stream it joins stay apart.
 A group is a connected set of ids; it records its producers, consumers, add sinks, and anything that
 would make gating its channels inexact (barriers, the model output, mixing through cat or split).
@@ -26,6 +28,17 @@ class Chan:
 
     ids: np.ndarray
     cdim: int
+
+
+@dataclass
+class Factored:
+    """Channel ids spread over several dims of one tensor: ``ids`` has one axis per entry of
+    ``dims`` (``ids[i, j]`` is the channel at index i on dims[0] and j on dims[1]). Made by a
+    reshape that factors the channel dim (``view(B, radix, C, H, W)``, a channel shuffle's first
+    step) or a stack of branches; any op without a rule for it is a barrier."""
+
+    ids: np.ndarray
+    dims: tuple[int, ...]
 
 
 @dataclass
@@ -76,7 +89,12 @@ class ChannelGroup:
             out.append(f"{node_name(self.primary.node)} repeats channels of one group")
         for role, uses in (("producer", self.producers), ("consumer", self.consumers), ("add", self.add_sinks)):
             for u in uses:
-                if not np.array_equal(u.roots, canon):
+                if np.array_equal(u.roots, canon):
+                    continue
+                if len(u.roots) == len(canon) and np.array_equal(np.sort(u.roots), np.sort(canon)):
+                    out.append(f"{role} {node_name(u.node)} reads the channels in another order (a channel shuffle "
+                               "or permutation): experts would not be contiguous on both sides")
+                else:
                     out.append(f"channels are mixed with others (cat/split/slice) at {role} {node_name(u.node)}")
         return out
 
@@ -164,11 +182,18 @@ class _Analysis:
         return Chan(ids, cdim)
 
     def sink(self, value, why: str) -> None:
-        if isinstance(value, Chan):
-            self.barriers.append((value.ids, why))
+        if isinstance(value, (Chan, Factored)):
+            self.barriers.append((value.ids.ravel(), why))
         elif isinstance(value, list):
             for v in value:
                 self.sink(v, why)
+
+    def unite_along(self, f: Factored, axis: int) -> np.ndarray:
+        """Unite ``f``'s ids along ``axis`` (an op mixes them: softmax, sum); the ids left, that axis dropped."""
+        first = np.take(f.ids, 0, axis=axis)
+        for k in range(1, f.ids.shape[axis]):
+            self.uf.union(first.ravel(), np.take(f.ids, k, axis=axis).ravel())
+        return first
 
     def arg_state(self, a):
         if isinstance(a, fx.Node):
@@ -231,6 +256,10 @@ class _Analysis:
 
     def _channelwise(self, node, info: OpInfo, shape):
         x = self._first(node)
+        if isinstance(x, Factored) and info.cdim_in is None and isinstance(shape, tuple) \
+                and all(shape[d] == n for d, n in zip(x.dims, x.ids.shape)):
+            self._sink_rest(node, info.what)
+            return x
         if x is None:
             return self.barrier(node, info.what, shape) if any(
                 self.arg_state(a) is not None for a in node.args) else None
@@ -247,6 +276,13 @@ class _Analysis:
         args = list(node.args[:2]) + [v for k, v in node.kwargs.items() if k == "other"]
         states = [self.arg_state(a) for a in args]
         self._sink_rest(node, info.what, skip=2)
+        factored = [s for s in states if isinstance(s, Factored)]
+        if factored and not is_add and len(factored) == 2 and all(isinstance(s, Factored) or s is None for s in states) \
+                and factored[0].dims == factored[1].dims and factored[0].ids.shape == factored[1].ids.shape:
+            self.uf.union(factored[0].ids.ravel(), factored[1].ids.ravel())  # a product within the channels
+            return Factored(factored[0].ids, factored[0].dims)
+        if len(factored) == 1 and all(s is None or s is factored[0] for s in states):
+            return factored[0]  # with a constant or an untracked tensor
         live = [(a, s) for a, s in zip(args, states) if isinstance(s, Chan)]
         if any(s is not None and not isinstance(s, Chan) for s in states) or not isinstance(shape, tuple):
             return self.barrier(node, info.what, shape)
@@ -338,30 +374,44 @@ class _Analysis:
         dims = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("dims"),)
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
             dims = dims[0]
-        if not isinstance(x, Chan) or not isinstance(shape, tuple) or not all(isinstance(d, int) for d in dims):
+        if not isinstance(x, (Chan, Factored)) or not isinstance(shape, tuple) or not all(isinstance(d, int) for d in dims):
             return self.barrier(node, info.what, shape)
         dims = [d % len(shape) for d in dims]
-        return Chan(x.ids, dims.index(x.cdim))
+        return self._moved(x, dims)
 
     def _transpose(self, node, info, shape):
         x = self._first(node)
         a, b = (node.args[1:3] if len(node.args) >= 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1")))
-        if not isinstance(x, Chan) or not isinstance(shape, tuple) or not isinstance(a, int) or not isinstance(b, int):
+        if not isinstance(x, (Chan, Factored)) or not isinstance(shape, tuple) or not isinstance(a, int) \
+                or not isinstance(b, int):
             return self.barrier(node, info.what, shape)
+        order = list(range(len(shape)))
         a, b = a % len(shape), b % len(shape)
-        return Chan(x.ids, b if x.cdim == a else a if x.cdim == b else x.cdim)
+        order[a], order[b] = order[b], order[a]
+        return self._moved(x, order)
+
+    @staticmethod
+    def _moved(x, order: list[int]):
+        """``x``'s channels after the dims are reordered: output dim i is input dim order[i]."""
+        if isinstance(x, Chan):
+            return Chan(x.ids, order.index(x.cdim))
+        return Factored(x.ids, tuple(order.index(d) for d in x.dims))
 
     def _reshape(self, node, info, shape):
         x = self._first(node)
         src = self.state_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        if not isinstance(x, Chan) or not isinstance(shape, tuple) or not isinstance(src, tuple):
+        if not isinstance(x, (Chan, Factored)) or not isinstance(shape, tuple) or not isinstance(src, tuple):
             return self.barrier(node, info.what, shape)
-        c = x.cdim
-        if shape[0] == src[0] and len(shape) > c and shape[:c + 1] == src[:c + 1]:
-            return Chan(x.ids, c)  # everything up to and including channels is unchanged
-        tail = len(src) - c
-        if shape[0] == src[0] and len(shape) >= tail and shape[len(shape) - tail:] == src[c:] and c > 0:
-            return Chan(x.ids, len(shape) - tail)  # channels and everything after them unchanged
+        if isinstance(x, Chan):
+            c = x.cdim
+            if shape[0] == src[0] and len(shape) > c and shape[:c + 1] == src[:c + 1]:
+                return Chan(x.ids, c)  # everything up to and including channels is unchanged
+            tail = len(src) - c
+            if shape[0] == src[0] and len(shape) >= tail and shape[len(shape) - tail:] == src[c:] and c > 0:
+                return Chan(x.ids, len(shape) - tail)  # channels and everything after them unchanged
+        out = _reindexed(x, src, shape)
+        if out is not None:
+            return out
         self.sink(x, f"channels reach a reshape that mixes them with other dims ({node.name}: "
                      f"{list(src)} -> {list(shape)})")
         return self.opaque(shape, f"output of reshape ({node.name})")
@@ -371,13 +421,50 @@ class _Analysis:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         src = self.state_shape(node.args[0])
-        if not isinstance(x, Chan) or dims is None or not isinstance(shape, tuple):
+        if not isinstance(x, (Chan, Factored)) or dims is None or not isinstance(shape, tuple):
             return self.barrier(node, f"{info.what} over all dims", shape)
         dims = [dims] if isinstance(dims, int) else list(dims)
         dims = [d % len(src) for d in dims]
-        if x.cdim in dims:
-            return self.barrier(node, f"{info.what} over channels", shape)
-        return Chan(x.ids, x.cdim if keep else x.cdim - sum(d < x.cdim for d in dims))
+
+        def moved(d: int) -> int:
+            return d if keep else d - sum(r < d for r in dims)
+        if isinstance(x, Chan):
+            if x.cdim in dims:
+                return self.barrier(node, f"{info.what} over channels", shape)
+            return Chan(x.ids, moved(x.cdim))
+        if all(d in dims for d in x.dims):
+            return self.barrier(node, f"{info.what} over every channel dim", shape)
+        ids, left = x.ids, list(x.dims)
+        for d in [d for d in x.dims if d in dims]:  # a sum over branches: their channels go together
+            ids = self.unite_along(Factored(ids, tuple(left)), left.index(d))
+            left.remove(d)
+        if keep:  # the reduced dims stay, of size 1: the ids no longer vary along them
+            return Chan(ids, left[0]) if len(left) == 1 else Factored(ids, tuple(left))
+        return Chan(ids, moved(left[0])) if len(left) == 1 else Factored(ids, tuple(moved(d) for d in left))
+
+    def _softmax(self, node, info, shape):
+        x = self._first(node)
+        dim = info.module.dim if info.module is not None else (
+            node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        if not isinstance(x, (Chan, Factored)) or not isinstance(dim, int) or not isinstance(shape, tuple):
+            return self.barrier(node, info.what, shape)
+        dim %= len(shape)
+        if isinstance(x, Chan):
+            return self.barrier(node, f"{info.what} over channels", shape) if dim == x.cdim else Chan(x.ids, x.cdim)
+        if dim in x.dims:  # normalised over one factor: the ids along it go together
+            self.unite_along(x, x.dims.index(dim))
+        return Factored(x.ids, x.dims)
+
+    def _stack(self, node, info, shape):
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        states = [self.arg_state(t) for t in tensors]
+        if not isinstance(shape, tuple) or not states or not all(isinstance(s, Chan) for s in states) \
+                or len({(s.cdim, len(s.ids)) for s in states}) != 1:
+            return self.barrier(node, info.what, shape)
+        dim %= len(shape)
+        cdim = states[0].cdim + (dim <= states[0].cdim)
+        return Factored(np.stack([s.ids for s in states]), (dim, cdim))
 
     def _barrier(self, node, info, shape):
         return self.barrier(node, info.what, shape)
@@ -431,6 +518,33 @@ class _Analysis:
         order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         out.sort(key=lambda g: order[g.primary.node])
         return out
+
+
+def _element_ids(x: Chan | Factored, shape: tuple[int, ...]) -> np.ndarray:
+    """The channel id of every element of one sample of a tensor of ``shape`` (batch first)."""
+    dims, ids = ((x.cdim,), x.ids) if isinstance(x, Chan) else (x.dims, x.ids)
+    view = [1] * (len(shape) - 1)
+    for d, n in zip(dims, ids.shape):
+        view[d - 1] = n
+    return np.broadcast_to(ids.transpose(np.argsort(dims)).reshape(view), shape[1:])
+
+
+def _reindexed(x: Chan | Factored, src: tuple[int, ...], shape: tuple[int, ...]) -> Chan | Factored | None:
+    """Channel ids after a reshape that only re-indexes channels (factors the channel dim into
+    several dims, or merges such factors back): followed element by element, so any such reshape
+    is mapped exactly. None when the reshape mixes channels with other dims or the batch (an
+    output channel position would hold several channels, or one channel several positions)."""
+    if shape[0] != src[0] or int(np.prod(src[1:])) > 1 << 22:
+        return None
+    e = _element_ids(x, src).reshape(shape[1:])
+    varying = [a for a in range(e.ndim) if e.shape[a] > 1 and np.ptp(e, axis=a).any()]
+    if not varying:
+        return None
+    ids = np.ascontiguousarray(e[tuple(slice(None) if a in varying else 0 for a in range(e.ndim))])
+    if ids.size != x.ids.size or len(np.unique(ids)) != ids.size:
+        return None
+    dims = tuple(a + 1 for a in varying)
+    return Chan(ids, dims[0]) if len(dims) == 1 else Factored(ids, dims)
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Every op is one of: a contraction (conv/linear: consumes channels, produces new ones), channel-wise
 (each output channel depends only on the same input channel), element-wise binary, a channel index
-map (cat, split, slice, permute, reshape that keeps channels), a reduction, or a barrier. Anything
-not listed here is a barrier: channels that reach it are never treated as element-wise.
+map (cat, split, slice, permute, reshape that keeps or factors channels, stack), a reduction, a
+softmax, or a barrier. Anything not listed here is a barrier: channels that reach it are never
+treated as element-wise.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class Kind(Enum):
     TRANSPOSE = "transpose"
     RESHAPE = "reshape"
     REDUCE = "reduce"
+    SOFTMAX = "softmax"
+    STACK = "stack"
     BARRIER = "barrier"
 
 
@@ -105,6 +108,8 @@ _REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
 _SPLIT_FUNCS = {torch.split, torch.chunk, torch.tensor_split}
 _SPLIT_METHODS = {"split", "chunk", "tensor_split"}
+_SOFTMAX_FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_SOFTMAX_METHODS = {"softmax", "log_softmax"}
 
 
 # How execution treats these ops on a tensor split by routing pattern (nn/rowgroups.py): the same
@@ -151,6 +156,8 @@ def classify(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
             return OpInfo(Kind.CONTRACT, name, m, cdim_in=1, groups=m.groups)
         if isinstance(m, nn.Linear):
             return OpInfo(Kind.CONTRACT, name, m, cdim_in=-1)
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+            return OpInfo(Kind.SOFTMAX, name, m)
         if isinstance(m, POSITIONAL_MODULES):
             return OpInfo(Kind.CHANNELWISE, name, m, cdim_in=1)
         if isinstance(m, CHANNELWISE_MODULES):
@@ -166,7 +173,8 @@ def classify(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
         if t in _POSITIONAL_FUNCS:
             return OpInfo(Kind.CHANNELWISE, name, cdim_in=1)
         table = [(_CHANNELWISE_FUNCS, Kind.CHANNELWISE), (_ADD, Kind.ADD), (_MUL, Kind.MUL),
-                 (_RESHAPE_FUNCS, Kind.RESHAPE), (_REDUCE_FUNCS, Kind.REDUCE), (_SPLIT_FUNCS, Kind.SPLIT)]
+                 (_RESHAPE_FUNCS, Kind.RESHAPE), (_REDUCE_FUNCS, Kind.REDUCE), (_SPLIT_FUNCS, Kind.SPLIT),
+                 (_SOFTMAX_FUNCS, Kind.SOFTMAX), ({torch.stack}, Kind.STACK)]
         for funcs, kind in table:
             if t in funcs:
                 return OpInfo(kind, name)
@@ -182,7 +190,7 @@ def classify(node: fx.Node, gm: fx.GraphModule) -> OpInfo:
     if node.op == "call_method":
         table = [(_CHANNELWISE_METHODS, Kind.CHANNELWISE), (_ADD_METHODS, Kind.ADD), (_MUL_METHODS, Kind.MUL),
                  (_RESHAPE_METHODS, Kind.RESHAPE), (_REDUCE_METHODS, Kind.REDUCE), (_SPLIT_METHODS, Kind.SPLIT),
-                 ({"permute"}, Kind.PERMUTE), ({"transpose"}, Kind.TRANSPOSE)]
+                 ({"permute"}, Kind.PERMUTE), ({"transpose"}, Kind.TRANSPOSE), (_SOFTMAX_METHODS, Kind.SOFTMAX)]
         for names, kind in table:
             if t in names:
                 return OpInfo(kind, f".{t}()")
