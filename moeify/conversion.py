@@ -23,7 +23,7 @@ from .graph import ChannelGroup, analyze, forward_defaults, infer_shapes, trace
 from .graph.cuts import cut_layers
 from .graph.interior import Interior, interior
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
-from .nn.gated import FUNCTIONAL, moe_add
+from .nn.gated import FUNCTIONAL, gate_reordered, moe_add
 from .nn.route import routes_checked
 from .planning import ConversionPlan, LayerPlan, build_plan
 from .spec import MoESpec
@@ -221,8 +221,15 @@ def _route_layer(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, route: fx.N
     graph, g = gm.graph, lp.group
     for u in g.producers:
         _route(gm, u.node, "out_route", route)
+    reordered = {id(u): g.reorder(u) for u in g.reordered()}
     for u in g.consumers:
-        _route(gm, u.node, "in_route", route)
+        if id(u) in reordered:  # gated like its input is ordered, then run in full
+            x = u.node.args[0]
+            with graph.inserting_before(u.node):
+                gated = graph.call_function(gate_reordered, (x, route, reordered[id(u)], u.info.cdim_in))
+            u.node.replace_input_with(x, gated)
+        else:
+            _route(gm, u.node, "in_route", route)
     for n in inner.routed:
         make_channelwise_module(gm.get_submodule(n.target))
         n.kwargs = {**n.kwargs, "route": route}

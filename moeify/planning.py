@@ -79,7 +79,9 @@ class ConversionPlan:
                           ("gates", "left"), ("packed", "left"), ("dense MACs", "right"), ("MoE MACs", "right")):
             t.add_column(col, justify=just)
         for lp in self.layers:
-            gates = ", ".join(lp.consumers + [f"{a} (add)" for a in lp.add_gates]) or "-"
+            reordered = {node_name(u.node) for u in lp.group.reordered()} if lp.group is not None else set()
+            gates = ", ".join([f"{c} (reordered: in full)" if c in reordered else c for c in lp.consumers]
+                              + [f"{a} (add)" for a in lp.add_gates]) or "-"
             by = "" if lp.experts_by == "contiguous" else f" {lp.experts_by}"
             t.add_row(lp.name, str(lp.channels), f"{lp.top_k}/{lp.experts}{by}", "-> " + gates,
                       "yes" if lp.packed else f"no: {lp.pack_blocker}", _fmt(lp.dense_macs), _fmt(lp.moe_macs))
@@ -278,8 +280,10 @@ def _fractions(layers: list[LayerPlan], spec: MoESpec) -> dict[fx.Node, float]:
     r = spec.top_k / spec.experts
     frac: dict[fx.Node, float] = {}
     for lp in layers:
+        reordered = {u.node for u in lp.group.reordered()}  # these run in full behind the gate
         for u in lp.group.producers + lp.group.consumers:
-            frac[u.node] = frac.get(u.node, 1.0) * r
+            if u.node not in reordered:
+                frac[u.node] = frac.get(u.node, 1.0) * r
     return frac
 
 
@@ -288,7 +292,7 @@ def _count(gm: fx.GraphModule, layers: list[LayerPlan], spec: MoESpec) -> None:
     for lp in layers:
         nodes = {u.node for u in lp.group.producers + lp.group.consumers}
         lp.dense_macs = sum(node_macs(n, gm) for n in nodes)
-        lp.moe_macs = int(sum(node_macs(n, gm) * frac[n] for n in nodes))
+        lp.moe_macs = int(sum(node_macs(n, gm) * frac.get(n, 1.0) for n in nodes))
 
 
 def _moe_total(gm: fx.GraphModule, layers: list[LayerPlan], spec: MoESpec) -> int:

@@ -296,14 +296,14 @@ class SelectiveKernel(nn.Module):
 
 
 class ChannelShuffle(nn.Module):
-    """ShuffleNet's unit: a grouped 1x1 conv, a channel shuffle (view as [B, g, C/g, H, W],
-    swap the two, flatten back) and a depthwise conv, then a grouped 1x1 conv."""
+    """A ShuffleNet-style unit: a 1x1 conv, a channel shuffle (view as [B, g, C/g, H, W], swap the
+    two, flatten back), a depthwise conv, then a grouped 1x1 conv."""
 
     def __init__(self, num_classes: int = 10, dim: int = 16, hidden: int = 16, groups: int = 2) -> None:
         super().__init__()
         self.groups = groups
         self.stem = nn.Conv2d(3, dim, 3, padding=1)
-        self.a = nn.Conv2d(dim, hidden, 1, groups=groups)
+        self.a = nn.Conv2d(dim, hidden, 1)
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.b = nn.Conv2d(hidden, dim, 1, groups=groups)
         self.head = nn.Linear(dim, num_classes)

@@ -27,7 +27,8 @@ def test_user_zoo_plan_follows_the_rules():
     assert layers["mid"].consumers == ["conv2d"]  # functional conv consumes
     assert layers["conv2d"].consumers == ["head"]  # functional conv produces; flatten of 1x1 keeps channels
     assert "mixed" in _dense_reason(p, "left")  # cat of left/right, consumed as one tensor
-    assert "another order" in _dense_reason(p, "pre_shuffle")  # a channel shuffle, mapped exactly, reorders them
+    # a channel shuffle, mapped exactly: the consumer after it runs in full behind the reordered gate
+    assert layers["pre_shuffle"].consumers == ["mid"] and "another order" in layers["pre_shuffle"].pack_blocker
     assert "model output" in _dense_reason(p, "head")
 
 
@@ -308,14 +309,37 @@ def test_stacked_branches_with_attention_over_the_stack():
     _strategies_agree(moe, x, [moe.get_submodule("paths.1").weight, moe.get_submodule("select").weight], rtol=1e-9)
 
 
-def test_a_channel_shuffle_is_followed_exactly_and_refused_with_the_reason():
+def test_a_channel_shuffle_gates_its_producer_and_runs_its_consumer_in_full():
     """A channel shuffle maps every channel to its new place (view, transpose, flatten): the
-    consumer after it reads the group in another order, so contiguous experts cannot exist on both
-    sides; the plan says so instead of guessing, and the model still converts elsewhere, exactly."""
+    consumer after it reads the group in another order, so experts cannot be contiguous on both
+    sides. The grouped conv before it becomes the MoE layer; the grouped conv after it runs in full
+    behind the layer's gate taken in the shuffled order (nothing in between follows the route):
+    exact, every strategy equal to masked, and the producer's MACs saved."""
     x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
     model = randomize(ChannelShuffle()).double().eval()
     p = moeify.plan(model, experts=2, top_k=1, example_inputs=x)
-    assert "consumer b reads the channels in another order" in _dense_reason(p, "a")
+    lp = next(lp for lp in p.layers if lp.name == "a")
+    assert lp.consumers == ["b"] and not lp.packed and "b reads the channels in another order" in lp.pack_blocker
+    assert "b (reordered: in full)" in str(p)
     with torch.no_grad():
         full = moeify.convert(model, experts=2, top_k=2, example_inputs=x).double().eval()
         assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x).double()
+    spread_routing(moe)
+    dense_macs, macs = moeify.count_macs(model, x), moeify.count_macs(moe, x)
+    assert macs < dense_macs and macs == pytest.approx(dense_macs - model.a.weight.numel() * 64 / 2, rel=0.02)
+    _strategies_agree(moe, x, [moe.get_submodule("a").weight, moe.get_submodule("dw").weight], rtol=1e-9)
+    # the gate follows the shuffle: the dense model with the unselected channels zeroed after a, and
+    # again after the depthwise conv at their shuffled places, is the MoE
+    moe.eval()
+    keep = torch.zeros(4, 16, dtype=torch.float64).scatter(1, moeify.routing(moe, x)["a"].repeat_interleave(8, 1)
+                                                          * 8 + torch.arange(8).repeat(1, 1), 1.0)
+    shuffled = keep.view(4, 2, 8).transpose(1, 2).reshape(4, 16)
+    hooks = [model.a.register_forward_hook(lambda m, i, o: o * keep[:, :, None, None]),
+             model.dw.register_forward_hook(lambda m, i, o: o * shuffled[:, :, None, None])]
+    with torch.no_grad():
+        reference = model(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        assert torch.allclose(moe(x), reference, rtol=1e-10, atol=1e-12)

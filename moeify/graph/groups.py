@@ -87,16 +87,33 @@ class ChannelGroup:
         canon = self.primary.roots
         if len(np.unique(canon)) != len(canon):
             out.append(f"{node_name(self.primary.node)} repeats channels of one group")
+            return out
         for role, uses in (("producer", self.producers), ("consumer", self.consumers), ("add", self.add_sinks)):
             for u in uses:
-                if np.array_equal(u.roots, canon):
+                if np.array_equal(u.roots, canon) or (role == "consumer" and self.reorder(u) is not None):
                     continue
-                if len(u.roots) == len(canon) and np.array_equal(np.sort(u.roots), np.sort(canon)):
+                if self.reorder(u) is not None:
                     out.append(f"{role} {node_name(u.node)} reads the channels in another order (a channel shuffle "
                                "or permutation): experts would not be contiguous on both sides")
                 else:
                     out.append(f"channels are mixed with others (cat/split/slice) at {role} {node_name(u.node)}")
         return out
+
+    def reorder(self, u: Use) -> tuple[int, ...] | None:
+        """For a use that reads every channel once in another order (after a channel shuffle):
+        the primary producer's position of each channel it reads; None otherwise (also when the
+        order is the same)."""
+        canon = self.primary.roots
+        if len(u.roots) != len(canon) or np.array_equal(u.roots, canon) or \
+                not np.array_equal(np.sort(u.roots), np.sort(canon)):
+            return None
+        sorter = np.argsort(canon)
+        return tuple(sorter[np.searchsorted(canon, u.roots, sorter=sorter)].tolist())
+
+    def reordered(self) -> list[Use]:
+        """Consumers reading the channels in another order: they run in full behind the layer's
+        gate, reordered like their input (contiguous experts cannot exist on both sides)."""
+        return [u for u in self.consumers if self.reorder(u) is not None]
 
 
 def node_name(node: fx.Node) -> str:

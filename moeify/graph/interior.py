@@ -3,7 +3,9 @@
 Sparse execution can keep a group's tensors *packed* (only the selected channels) when every
 interior op is indifferent to which channels it sees (activations, pooling, dropout, products
 within the group), or follows a route (BatchNorm, depthwise conv). Anything else (a shape query,
-an op with per-channel parameters moeify does not route) keeps the group full width.
+an op with per-channel parameters moeify does not route) keeps the group full width, and so does a
+consumer reading the channels in another order (then no interior op follows the route either: it
+runs in full on the gated channels, exact under every strategy).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..nn.channelwise import routable
-from .groups import ChannelGroup
+from .groups import ChannelGroup, node_name
 from .ops import Kind, classify
 
 
@@ -81,11 +83,14 @@ def interior(group: ChannelGroup, gm: fx.GraphModule) -> Interior:
             found.add(user)
             frontier.append(user)
     out = Interior()
+    reordered = group.reordered()
+    if reordered:  # between a reordering and its consumer a routed op would see the channels out of order
+        out.blocker = f"{node_name(reordered[0].node)} reads the channels in another order"
     for node in gm.graph.nodes:
         if node in found:
             out.nodes.append(node)
             why, routed = _why_not(node, gm, inside, group.channels)
-            if routed:
+            if routed and not reordered:
                 out.routed.append(node)
             if why and out.blocker is None:
                 out.blocker = why

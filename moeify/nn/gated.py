@@ -16,6 +16,7 @@ from torch import nn
 from .kernel import WEIGHT_RULES, Kernel
 from .packing import PackedBranch, cached
 from .route import Route
+from .rowgroups import as_tensor
 
 def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = False):
     """A branch joining a residual add: full width, unselected experts' channels zero.
@@ -24,6 +25,18 @@ def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = Fal
     ``moe_add``), handed over packed so the add writes only the selected channels.
     """
     return route.executor.gate_branch(x, route, cdim, lazy)
+
+
+def gate_reordered(x: torch.Tensor, route: Route, order: tuple[int, ...], cdim: int = 1) -> torch.Tensor:
+    """The layer's gate on a consumer that reads its channels in another order (after a channel
+    shuffle): ``x`` times the route's channel mask taken in that order (``order[i]``: the layer's
+    channel at position i). Masked math, so the consumer runs in full: exact under every strategy."""
+    x = as_tensor(x)
+    cdim %= x.ndim
+    idx = torch.as_tensor(order, device=x.device)
+    shape = [x.shape[0]] + [1] * (x.ndim - 1)
+    shape[cdim] = x.shape[cdim]
+    return x * route.channel_mask(x.shape[cdim]).index_select(1, idx).to(x.dtype).reshape(shape)
 
 
 def moe_add(a, b):
