@@ -166,6 +166,22 @@ def _strategies_agree(moe, x, params, rtol):
                 assert torch.allclose(a, b, rtol=rtol, atol=rtol * b.abs().max()), mode
 
 
+def _converts_exactly(model, x, experts, top_k, macs_below, params, **spec):
+    """All experts on equals the dense model; the parameters and their keys are unchanged; with
+    samples spread over experts the MoE runs under ``macs_below`` of the dense MACs and every
+    strategy equals masked (gradients of the MoE's ``params``, named as in the model, included)."""
+    with torch.no_grad():
+        full = moeify.convert(model, experts=experts, top_k=experts, example_inputs=x, **spec).double().eval()
+        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
+    moe = moeify.convert(model, experts=experts, top_k=top_k, example_inputs=x, **spec).double()
+    assert set(moe.state_dict()) - {k for k in moe.state_dict() if k.startswith("moeify_layers.")} == \
+        set(model.state_dict())
+    spread_routing(moe)
+    assert moeify.count_macs(moe, x) < macs_below * moeify.count_macs(model, x)
+    _strategies_agree(moe, x, [moe.get_parameter(n) for n in params], rtol=1e-9)
+    return moe
+
+
 def test_transformer_mlp_blocks_convert_with_tokens_as_an_extra_dim():
     """fc1 -> GELU -> fc2 on the last dim is a hidden group although the token stream before it
     (after the class token's cat) tracks no channels; attention's qkv stays dense."""
@@ -221,15 +237,7 @@ def test_gated_mlps_gate_both_copies_of_their_channels():
     p = moeify.plan(model, experts=4, top_k=2, example_inputs=x)
     assert [(lp.name, lp.producers, lp.consumers) for lp in p.layers] == [
         ("glu_in", ["glu_in", "glu_in[32:64]"], ["glu_out"]), ("fc1", ["fc1", "fc1[32:64]"], ["fc2"])]
-    with torch.no_grad():
-        full = moeify.convert(model, experts=4, top_k=4, example_inputs=x).double().eval()
-        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
-    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x).double()
-    assert set(moe.state_dict()) - {k for k in moe.state_dict() if k.startswith("moeify_layers.")} == \
-        set(model.state_dict())
-    spread_routing(moe)
-    assert moeify.count_macs(moe, x) < 0.75 * moeify.count_macs(model, x)
-    _strategies_agree(moe, x, [moe.get_submodule("fc1").weight, moe.get_submodule("glu_in").bias], rtol=1e-9)
+    _converts_exactly(model, x, 4, 2, 0.75, ["fc1.weight", "glu_in.bias"])
 
 
 def test_a_conv_reading_two_copies_of_a_group_is_cut_per_copy():
@@ -239,13 +247,7 @@ def test_a_conv_reading_two_copies_of_a_group_is_cut_per_copy():
     model = randomize(GhostBlock()).double().eval()
     p = moeify.plan(model, experts=4, top_k=2, example_inputs=x)
     assert [(lp.name, lp.consumers) for lp in p.layers] == [("primary", ["out", "out[:, 8:16]"])]
-    with torch.no_grad():
-        full = moeify.convert(model, experts=4, top_k=4, example_inputs=x).double().eval()
-        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
-    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x).double()
-    spread_routing(moe)
-    assert moeify.count_macs(moe, x) < 0.8 * moeify.count_macs(model, x)
-    _strategies_agree(moe, x, [moe.get_submodule("out").weight, moe.get_submodule("cheap").weight], rtol=1e-9)
+    _converts_exactly(model, x, 4, 2, 0.8, ["out.weight", "cheap.weight"])
 
 
 def test_a_split_feeding_several_convs_and_a_cat_feeding_one():
@@ -258,13 +260,7 @@ def test_a_split_feeding_several_convs_and_a_cat_feeding_one():
     p = moeify.plan(model, experts=2, top_k=1, example_inputs=x, cuts="all")
     assert [(lp.name, lp.consumers) for lp in p.layers] == [
         ("a", ["b"]), ("a[8:16]", ["c"]), ("b", ["d"]), ("c", ["d[:, 16:32]"]), ("d", ["head"])]
-    with torch.no_grad():
-        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x, cuts="all").double().eval()
-        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
-    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, cuts="all").double()
-    spread_routing(moe)
-    assert moeify.count_macs(moe, x) < 0.6 * moeify.count_macs(model, x)
-    _strategies_agree(moe, x, [moe.get_submodule("a").weight, moe.get_submodule("d").weight], rtol=1e-9)
+    _converts_exactly(model, x, 2, 1, 0.6, ["a.weight", "d.weight"], cuts="all")
 
 
 def test_factored_channels_split_attention():
@@ -279,15 +275,7 @@ def test_factored_channels_split_attention():
     layers = {lp.name: lp for lp in p.layers}
     assert layers["conv"].producers == ["conv", "conv[16:32]", "fc2", "fc2[16:32]"]
     assert layers["conv"].consumers == ["fc1", "out"]
-    with torch.no_grad():
-        full = moeify.convert(model, experts=4, top_k=4, example_inputs=x).double().eval()
-        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
-    moe = moeify.convert(model, experts=4, top_k=2, example_inputs=x).double()
-    assert set(moe.state_dict()) - {k for k in moe.state_dict() if k.startswith("moeify_layers.")} == \
-        set(model.state_dict())
-    spread_routing(moe)
-    assert moeify.count_macs(moe, x) < 0.7 * moeify.count_macs(model, x)
-    _strategies_agree(moe, x, [moe.get_submodule("conv").weight, moe.get_submodule("fc2").weight], rtol=1e-9)
+    _converts_exactly(model, x, 4, 2, 0.7, ["conv.weight", "fc2.weight"])
 
 
 def test_stacked_branches_with_attention_over_the_stack():
@@ -300,13 +288,7 @@ def test_stacked_branches_with_attention_over_the_stack():
     layers = {lp.name: lp for lp in p.layers}
     assert layers["paths.0"].producers == ["paths.0", "paths.1", "select", "select[16:32]"]
     assert layers["paths.0"].consumers == ["reduce", "out"]
-    with torch.no_grad():
-        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x).double().eval()
-        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
-    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x).double()
-    spread_routing(moe)
-    assert moeify.count_macs(moe, x) < 0.7 * moeify.count_macs(model, x)
-    _strategies_agree(moe, x, [moe.get_submodule("paths.1").weight, moe.get_submodule("select").weight], rtol=1e-9)
+    _converts_exactly(model, x, 2, 1, 0.7, ["paths.1.weight", "select.weight"])
 
 
 def test_a_channel_shuffle_gates_its_producer_and_runs_its_consumer_in_full():
@@ -321,14 +303,9 @@ def test_a_channel_shuffle_gates_its_producer_and_runs_its_consumer_in_full():
     lp = next(lp for lp in p.layers if lp.name == "a")
     assert lp.consumers == ["b"] and not lp.packed and "b reads the channels in another order" in lp.pack_blocker
     assert "b (reordered: in full)" in str(p)
-    with torch.no_grad():
-        full = moeify.convert(model, experts=2, top_k=2, example_inputs=x).double().eval()
-        assert torch.allclose(full(x), model(x), rtol=1e-10, atol=1e-12)
-    moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x).double()
-    spread_routing(moe)
-    dense_macs, macs = moeify.count_macs(model, x), moeify.count_macs(moe, x)
-    assert macs < dense_macs and macs == pytest.approx(dense_macs - model.a.weight.numel() * 64 / 2, rel=0.02)
-    _strategies_agree(moe, x, [moe.get_submodule("a").weight, moe.get_submodule("dw").weight], rtol=1e-9)
+    moe = _converts_exactly(model, x, 2, 1, 1.0, ["a.weight", "dw.weight"])
+    saved = model.a.weight.numel() * 64 / 2  # half of a's MACs; b and dw run in full
+    assert moeify.count_macs(moe, x) == pytest.approx(moeify.count_macs(model, x) - saved, rel=0.02)
     # the gate follows the shuffle: the dense model with the unselected channels zeroed after a, and
     # again after the depthwise conv at their shuffled places, is the MoE
     moe.eval()
