@@ -316,6 +316,29 @@ class ChannelShuffle(nn.Module):
         return self.head((x + self.b(self.dw(y))).mean((2, 3)))
 
 
+class FoldedHeads(nn.Module):
+    """SAM-style attention: qkv made by one linear layer, reshaped to [B, N, 3, heads, d] and
+    permuted so that q/k/v and the heads come first ([3, B * heads, N, d]: channel factors on the
+    batch dim), then a token MLP; on a [B, N, C] token input."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * self.heads, n, -1).unbind(0)
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        x = x + self.proj(a.view(b, self.heads, n, -1).permute(0, 2, 1, 3).reshape(b, n, c))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
 class OptionalMask(nn.Module):
     """A forward argument with a default the model branches on (``if mask is not None``), as in
     Hiera: traced at its default, the call the converted model gets."""

@@ -6,7 +6,7 @@ from moeify.bench import spread_routing
 from conftest import randomize
 import pytest
 
-from models import (ChannelShuffle, GatedMLPs, GhostBlock, OptionalMask, PreActDense, PreActResNet, ResidualOnly, SelectiveKernel,
+from models import (ChannelShuffle, FoldedHeads, GatedMLPs, GhostBlock, OptionalMask, PreActDense, PreActResNet, ResidualOnly, SelectiveKernel,
                     SplitAttention, SplitConvs, StdConvNet, TinyViT, Zoo)
 
 
@@ -320,3 +320,14 @@ def test_a_channel_shuffle_gates_its_producer_and_runs_its_consumer_in_full():
         h.remove()
     with torch.no_grad():
         assert torch.allclose(moe(x), reference, rtol=1e-10, atol=1e-12)
+
+
+def test_channel_factors_moved_onto_the_batch_dim_are_a_barrier():
+    """Attention that permutes q/k/v and the heads in front of the batch ([3, B * heads, N, d], as
+    SAM's) is not followed there: qkv stays dense with the reason, and the MLP after it converts."""
+    x = torch.rand(4, 5, 16, dtype=torch.float64)
+    model = randomize(FoldedHeads()).double().eval()
+    p = moeify.plan(model, experts=2, top_k=1, example_inputs=x)
+    assert [lp.name for lp in p.layers] == ["fc1"]
+    assert "qkv" in {d.name for d in p.dense}
+    _converts_exactly(model, x, 2, 1, 0.8, ["fc1.weight", "qkv.weight"])

@@ -551,8 +551,9 @@ def _reindexed(x: Chan | Factored, src: tuple[int, ...], shape: tuple[int, ...])
     several dims, or merges such factors back): followed element by element, so any such reshape
     is mapped exactly. None when the reshape mixes channels with other dims or the batch (an
     output channel position would hold several channels, or one channel several positions)."""
-    if shape[0] != src[0] or int(np.prod(src[1:])) > 1 << 22:
-        return None
+    dims = (x.cdim,) if isinstance(x, Chan) else x.dims
+    if 0 in dims or shape[0] != src[0] or int(np.prod(src[1:])) > 1 << 22:
+        return None  # channels moved onto the batch dim (attention's qkv), or too large to follow
     e = _element_ids(x, src).reshape(shape[1:])
     varying = [a for a in range(e.ndim) if e.shape[a] > 1 and np.ptp(e, axis=a).any()]
     if not varying:
