@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import ConversionError
+from .graph.groups import node_name
 from .graph.interior import interior
 from .nn.channelwise import routable
 from .planning import ConversionPlan, LayerPlan
@@ -55,6 +56,8 @@ def permutable(gm: fx.GraphModule, lp: LayerPlan) -> str | None:
     g = lp.group
     if g.add_sinks:
         return "its channels join a residual add"
+    if g.reordered():
+        return f"{node_name(g.reordered()[0].node)} reads its channels in another order (a channel shuffle)"
     for role, uses in (("producer", g.producers), ("consumer", g.consumers)):
         for u in uses:
             if u.node.op != "call_module":
