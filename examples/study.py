@@ -20,7 +20,7 @@ quick = "--quick" in sys.argv
 args = [a for a in sys.argv[1:] if a != "--quick"]
 out = Path(args[0]) if args else Path("runs/study-fmnist")
 overrides = ["data.train_subset=256", "data.val_size=64", "data.test_subset=48", "train.epochs=1",
-             "train.max_steps_per_epoch=2"] if quick else []
+             "train.max_steps_per_epoch=2", "eval.val_pgd_steps=1", "eval.pgd_steps=2"] if quick else []
 light = {"pgd_steps": 3, "square_queries": 50, "attacks": ["pgd", "adaptive"]} if quick else None
 results = run_study("fmnist", out, out / "results.md", overrides, n=48 if quick else None, evaluate=light,
                     seeds=[0] if quick else None)

@@ -7,6 +7,7 @@ ImageNet from an ImageFolder layout (ROOT/train/CLASS/*.jpeg, ROOT/val/CLASS/*.j
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ class DataBundle:
 
 
 def _read_idx(path: str) -> np.ndarray:
+    """An IDX file's array (read-only), decoded once per file version in a process: a study or a
+    test suite loads the same files many times."""
+    st = os.stat(path)
+    return _decoded_idx(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _decoded_idx(path: str, _mtime_ns: int, _size: int) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()

@@ -208,7 +208,7 @@ def test_a_killed_study_resumes_to_the_same_results(tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "moeify", "study", str(study), "--out", str(out)] + [v for s in TINY for v in ("--set", s)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    second, delay, began = out / "rows" / "moe-advmoe", random.Random(5).uniform(0, 2), []
+    second, delay, began = out / "rows" / "moe-advmoe" / "seed-0", random.Random(5).uniform(0, 2), []
 
     def ready():
         if not began and (second / "recipe.yaml").is_file():
@@ -216,5 +216,5 @@ def test_a_killed_study_resumes_to_the_same_results(tmp_path):
         return bool(began) and time.time() - began[0] >= delay
     assert _kill_when(proc, ready), proc.stderr.read().decode()[-2000:]
     resumed = run_study(str(study), out, overrides=TINY, log=lambda s: None)
-    keep = ("name", "clean_acc", "pgd_acc", "flip_rate", "ra_e", "macs_per_sample", "n_examples", "flags", "load_clean")
+    keep = ("name", "clean_acc", "pgd_acc", "flip_rate", "ra_e", "macs_per_sample", "n_examples", "flags", "entropy")
     assert [{k: r[k] for k in keep} for r in resumed["rows"]] == [{k: r[k] for k in keep} for r in whole["rows"]]

@@ -82,7 +82,8 @@ def test_study_example_runs_resumes_and_keeps_notes(tmp_path, monkeypatch, capsy
     page.write_text(text + "Hand-written discussion.\n")
     logs = []
     run_study("fmnist", out, page, ["data.train_subset=256", "data.val_size=64", "data.test_subset=48",
-                                    "train.epochs=1", "train.max_steps_per_epoch=2"], n=48, log=logs.append, seeds=[0])
+                                    "train.epochs=1", "train.max_steps_per_epoch=2", "eval.val_pgd_steps=1",
+                                    "eval.pgd_steps=2"], n=48, log=logs.append, seeds=[0])
     assert sum("skipped" in s for s in logs) == 12  # eight rows, four dissection entries: nothing retrained
     assert not any("training" in s for s in logs)
     assert page.read_text().endswith(MARKER + "\nHand-written discussion.\n")
