@@ -41,8 +41,12 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
     return bool((a - b).abs().max() <= rtol * b.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("name", list(CASES))
+# efficientnet_b0 in training only: its eval trace (20 s of the suite's budget) adds no op that the
+# training trace and the two ResNets' eval traces do not already cover
+COMBOS = [(n, t) for n in CASES for t in (False, True) if t or n != "efficientnet_b0"]
+
+
+@pytest.mark.parametrize("name,train", COMBOS, ids=[f"{n}-{'train' if t else 'eval'}" for n, t in COMBOS])
 def test_static_compiles_fullgraph_and_equals_masked(name, train, monkeypatch):
     """Per-sample gathered weights (the static strategy's sparse path, at this batch size on a GPU)."""
     monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cpu", 8)
