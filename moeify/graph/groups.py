@@ -4,8 +4,9 @@ Every channel of every tensor gets an id; channel-wise ops pass ids through, ele
 unite them, cat/split/slice/permute/reshape map them by index (a reshape may also factor the channel
 dim into several dims, and a stack of branches adds one: ``Factored`` ids, until a reduction or a
 reshape merges them again; a softmax or reduction over such a dim unites the ids along it),
-contractions (conv, linear) consume them and create new ones, and barriers swallow them. A residual add starts a new "stream" id space
-and records each operand as an add sink, so a residual branch and the stream it joins stay apart.
+contractions (conv, linear) consume them and create new ones, and barriers swallow them. A
+residual add starts a new "stream" id space and records each operand as an add sink, so a residual
+branch and the stream it joins stay apart.
 A group is a connected set of ids; it records its producers, consumers, add sinks, and anything that
 would make gating its channels inexact (barriers, the model output, mixing through cat or split).
 """
@@ -206,7 +207,8 @@ class _Analysis:
                 self.sink(v, why)
 
     def unite_along(self, f: Factored, axis: int) -> np.ndarray:
-        """Unite ``f``'s ids along ``axis`` (an op mixes them: softmax, sum); the ids left, that axis dropped."""
+        """Unite ``f``'s ids along ``axis`` (an op mixes them: softmax, sum); returns the ids with
+        that axis dropped."""
         first = np.take(f.ids, 0, axis=axis)
         for k in range(1, f.ids.shape[axis]):
             self.uf.union(first.ravel(), np.take(f.ids, k, axis=axis).ravel())
