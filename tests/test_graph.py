@@ -263,38 +263,33 @@ def test_a_split_feeding_several_convs_and_a_cat_feeding_one():
     _converts_exactly(model, x, 2, 1, 0.6, ["a.weight", "d.weight"], cuts="all")
 
 
-def test_factored_channels_split_attention():
-    """ResNeSt's split attention: a grouped conv's output viewed as [B, radix, C, H, W], summed over
-    the radix dim, weighted by a softmax over it. The reshapes are followed channel by channel, the
-    sum and the softmax put a channel's radix copies together, so the grouped conv becomes one part
-    per conv group (on its input channels) and the attention's last conv one part per radix: one
-    selection gates every copy, exactly, and every strategy equals masked."""
+@pytest.mark.parametrize("module,experts,layer,producers,consumers,params", [
+    # ResNeSt's split attention: a grouped conv's output viewed as [B, radix, C, H, W], summed over
+    # the radix dim and weighted by a softmax over it; the grouped conv is cut per conv group (on its
+    # input channels), the attention's last conv per radix
+    (SplitAttention, 4, "conv", ["conv", "conv[16:32]", "fc2", "fc2[16:32]"], ["fc1", "out"],
+     ["conv.weight", "fc2.weight"]),
+    # SKNet's selective kernel: two branches stacked on a new dim, attention logits viewed as
+    # [B, 2, C, 1, 1] and normalised by a softmax over the stack
+    (SelectiveKernel, 2, "paths.0", ["paths.0", "paths.1", "select", "select[16:32]"], ["reduce", "out"],
+     ["paths.1.weight", "select.weight"]),
+], ids=["split-attention", "selective-kernel"])
+def test_factored_channels_and_stacked_branches(module, experts, layer, producers, consumers, params):
+    """Reshapes that factor the channel dim are followed channel by channel, and a sum or softmax
+    over a factor puts a channel's branches together: every branch conv and every part of the
+    attention's last conv produce one MoE layer's channels, one selection gates them all, exactly,
+    and every strategy equals masked."""
     x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
-    model = randomize(SplitAttention()).double().eval()
-    p = moeify.plan(model, experts=4, top_k=2, example_inputs=x)
-    layers = {lp.name: lp for lp in p.layers}
-    assert layers["conv"].producers == ["conv", "conv[16:32]", "fc2", "fc2[16:32]"]
-    assert layers["conv"].consumers == ["fc1", "out"]
-    _converts_exactly(model, x, 4, 2, 0.7, ["conv.weight", "fc2.weight"])
-
-
-def test_stacked_branches_with_attention_over_the_stack():
-    """SKNet's selective kernel: two branches stacked on a new dim, attention logits viewed as
-    [B, 2, C, 1, 1] and normalised by a softmax over the stack: both branch convs and both parts of
-    the attention's last conv produce one MoE layer's channels."""
-    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
-    model = randomize(SelectiveKernel()).double().eval()
-    p = moeify.plan(model, experts=2, top_k=1, example_inputs=x)
-    layers = {lp.name: lp for lp in p.layers}
-    assert layers["paths.0"].producers == ["paths.0", "paths.1", "select", "select[16:32]"]
-    assert layers["paths.0"].consumers == ["reduce", "out"]
-    _converts_exactly(model, x, 2, 1, 0.7, ["paths.1.weight", "select.weight"])
+    model = randomize(module()).double().eval()
+    layers = {lp.name: lp for lp in moeify.plan(model, experts=experts, top_k=experts // 2, example_inputs=x).layers}
+    assert (layers[layer].producers, layers[layer].consumers) == (producers, consumers)
+    _converts_exactly(model, x, experts, experts // 2, 0.7, params)
 
 
 def test_a_channel_shuffle_gates_its_producer_and_runs_its_consumer_in_full():
     """A channel shuffle maps every channel to its new place (view, transpose, flatten): the
     consumer after it reads the group in another order, so experts cannot be contiguous on both
-    sides. The grouped conv before it becomes the MoE layer; the grouped conv after it runs in full
+    sides. The 1x1 conv before it becomes the MoE layer; the grouped conv after it runs in full
     behind the layer's gate taken in the shuffled order (nothing in between follows the route):
     exact, every strategy equal to masked, and the producer's MACs saved."""
     x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
