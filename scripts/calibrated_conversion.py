@@ -7,7 +7,7 @@ gives eps). Calibration: 5,000 training images (a seeded subset, labels unused).
 whole test set, PGD-20 on its first 1,000 images (the same images for every row). Rows with
 distillation are run once per seed (the seed sets the conversion's and the distillation's random
 state: fresh routers, batch order, attack noise); each difference to the dense model is a paired 95% interval
-over those images and seeds. Rows at 2/4 and 1/2 experts.
+over those images and seeds (image sampling and seed-to-seed variation, moeify.stats). Rows at 2/4 and 1/2 experts.
 """
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ from moeify.attacks import AttackConfig
 from moeify.data import as_tensors, calibration_images, load_data
 from moeify.evaluate import EvalConfig, _pgd_all, _predict
 from moeify.fit import distil
+from moeify.stats import paired_difference
 
 
 def paired_ci(a: torch.Tensor, b: list[torch.Tensor]) -> tuple[float, float]:
-    """Mean of b - a over images and seeds (per-sample correctness, points) and the half-width of
-    its 95% interval: per image, the difference averaged over the seeds, then a t-interval over images."""
-    d = torch.stack([x.float() for x in b]).mean(0) - a.float()
-    return 100 * d.mean().item(), 100 * 1.96 * d.std().item() / len(d) ** 0.5
+    """Mean of b - a (points) over the images and b's seeds, and the half-width of its 95% interval
+    (``moeify.stats.paired_difference``: image sampling and seed-to-seed variation; the dense model
+    ``a`` is one model, the same for every seed)."""
+    seeds = torch.stack(b)
+    d = paired_difference(seeds, a.expand_as(seeds))
+    return d.mean, d.high - d.mean
 
 
 def main() -> None:

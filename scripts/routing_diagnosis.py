@@ -6,7 +6,7 @@ Usage: python scripts/routing_diagnosis.py MODEL.moe [--n 2000] [--against OTHER
 MODEL.moe: a Fashion-MNIST MoE from `moeify robustify` (e.g. the quickstart). A seeded subset of N
 test images is used for every measure. With --against, also the clean and PGD-20 (eps 0.1)
 accuracy of MODEL minus OTHER's, per image on those images, with a paired 95% interval
-(`--against OTHER MODEL2 OTHER2 ...` pools the pairs, e.g. seeds). For a two-expert layer the margin is
+(`--against OTHER MODEL2 OTHER2 ...` adds pairs, e.g. seeds: their variation widens the interval). For a two-expert layer the margin is
 score(expert 1) - score(expert 0); "shared" is its mean over the images, "per image" its standard
 deviation. A router whose shared margin dwarfs the per-image part sends every image the same way.
 """
@@ -18,6 +18,7 @@ import sys
 import torch
 
 from moeify import load
+from moeify.stats import paired_difference
 from moeify.conversion import moe_layers
 from moeify.data import as_tensors, load_data
 from moeify.evaluate import EvalConfig, _pgd_all, _predict, load_entropy, routing_used
@@ -45,16 +46,18 @@ def correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[t
 
 
 def paired(pairs: list[tuple[str, str]], x: torch.Tensor, y: torch.Tensor) -> None:
-    """Mean difference (points) of A minus B over (image, pair), with a 95% interval."""
-    diffs: dict[str, list[torch.Tensor]] = {"clean": [], "PGD-20": []}
+    """Mean difference (points) of A minus B over the images and pairs (seeds), with a 95% interval
+    that counts image sampling and the variation between pairs (``moeify.stats.paired_difference``)."""
+    scores: dict[str, tuple[list, list]] = {"clean": ([], []), "PGD-20": ([], [])}
     for a, b in pairs:
         ca, cb = correct(load(a).eval(), x, y), correct(load(b).eval(), x, y)
-        for key, u, v in zip(diffs, ca, cb):
-            diffs[key].append(u.float() - v.float())
-    for key, ds in diffs.items():
-        d = torch.cat(ds)
-        print(f"{key}: {100 * d.mean():+.2f} ± {100 * 1.96 * d.std() / len(d) ** 0.5:.2f} points "
-              f"({len(pairs)} pair(s) x {len(x)} images)")
+        for (sa, sb), u, v in zip(scores.values(), ca, cb):
+            sa.append(u)
+            sb.append(v)
+    for key, (sa, sb) in scores.items():
+        d = paired_difference(torch.stack(sa), torch.stack(sb))
+        print(f"{key}: {d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] points ({len(pairs)} pair(s) x {len(x)} images): "
+              f"{d.verdict}")
 
 
 def main() -> None:
