@@ -13,6 +13,7 @@ import datetime
 import json
 import re
 import shlex
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -129,6 +130,7 @@ def load_study(name_or_path: str) -> tuple[Study, Path]:
 
 
 def check_seeds(seeds, where: str) -> None:
+    """A one-line error unless ``seeds`` is a non-empty list of distinct integers."""
     if not (isinstance(seeds, list) and seeds and all(isinstance(v, int) for v in seeds)
             and len(set(seeds)) == len(seeds)):
         raise MoeifyError(f"{where}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
@@ -158,11 +160,18 @@ def row_recipe(study: Study, source: str, overrides: list[str], name: str) -> Re
 
 @dataclass
 class Plan:
-    """What the study runs: (name, folder, overrides) for every row and seed (``seeds``: one folder
-    per seed, in the study's seed order), then the dissection fine-tunes (from the first seed)."""
+    """What the study runs: (name, folder, overrides) for every row and seed, then the dissection
+    fine-tunes (from the first seed)."""
     rows: list[tuple[str, Path, list[str]]]
     dissection: list[tuple[str, Path, list[str]]]
-    seeds: dict[str, list[Path]] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> dict[str, list[Path]]:
+        """{row name: its folders, one per seed in the study's seed order}."""
+        out: dict[str, list[Path]] = {}
+        for name, run, _ in self.rows:
+            out.setdefault(name, []).append(run)
+        return out
 
 
 DISSECTION = (("standard routers + standard experts", None),
@@ -197,8 +206,7 @@ def make_plan(study: Study, out: Path, overrides: list[str]) -> Plan:
                 cut.append((name, out / "dissection" / part,
                             init.set + study.dissection.set + overrides + first
                             + [f"train.update={part}", f"train.init={init_dir / 'model.moe'}"]))
-    seeds = {r.name: [_seed_dir(out, r.name, s) for s in study.seeds] for r in study.rows}
-    return Plan([(n, d, _last_wins(o)) for n, d, o in rows], [(n, d, _last_wins(o)) for n, d, o in cut], seeds)
+    return Plan([(n, d, _last_wins(o)) for n, d, o in rows], [(n, d, _last_wins(o)) for n, d, o in cut])
 
 
 def _train(recipe: Recipe, run: Path, log: Callable[[str], None], console) -> None:
@@ -335,17 +343,15 @@ def _reports(run: Path) -> tuple[dict, dict]:
 
 
 def _mean(values: list) -> float | None:
+    """Mean over seeds of the values measured (None where none was)."""
     values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
+    return statistics.fmean(values) if values else None
 
 
 def _spread(values: list) -> float | None:
-    """Standard deviation over seeds (None with one)."""
+    """Standard deviation over seeds (None with fewer than two)."""
     values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return None
-    m = sum(values) / len(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _entropy(rep: dict) -> float | None:
@@ -355,9 +361,10 @@ def _entropy(rep: dict) -> float | None:
 
 def _collect(study: Study, plan: Plan, out: Path, recipes: dict[Path, Recipe]) -> dict:
     lat = json.loads((out / "latency.json").read_text())
-    sets = {name: s for name, run, s in plan.rows if run == plan.seeds[name][0]}
+    seeds = plan.seeds
+    sets = {name: s for name, run, s in plan.rows if run == seeds[name][0]}
     rows = []
-    for name, runs in plan.seeds.items():
+    for name, runs in seeds.items():
         reps = [_reports(run) for run in runs]
         per_seed = []
         for run, (full, wide) in zip(runs, reps):
@@ -392,15 +399,14 @@ def _collect(study: Study, plan: Plan, out: Path, recipes: dict[Path, Recipe]) -
 
 def _comparisons(study: Study, plan: Plan) -> list[dict]:
     """Every [A, B] of the study file, per metric: A minus B, paired over the same images and seeds."""
-    out = []
+    out, seeds = [], plan.seeds
     for a, b in study.comparisons:
-        reps = {row: [_reports(run) for run in plan.seeds[row]] for row in (a, b)}
         for label, key, wide in METRICS:
-            def correct(row):
-                return torch.stack([correct_from_bits(r[1 if wide else 0]["per_example"][key]) for r in reps[row]])
-            if not all(key in r[1 if wide else 0].get("per_example", {}) for row in (a, b) for r in reps[row]):
-                continue
-            d = paired_difference(correct(a), correct(b))
+            bits = {row: [_reports(run)[1 if wide else 0].get("per_example", {}).get(key) for run in seeds[row]]
+                    for row in (a, b)}
+            if any(v is None for vs in bits.values() for v in vs):
+                continue  # a metric the evaluation did not measure (e.g. no attack beside clean)
+            d = paired_difference(*(torch.stack([correct_from_bits(v) for v in bits[row]]) for row in (a, b)))
             out.append({"a": a, "b": b, "metric": label, "mean": d.mean, "low": d.low, "high": d.high,
                         "images": d.images, "seeds": d.seeds, "verdict": d.verdict})
     return out
