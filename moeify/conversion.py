@@ -221,15 +221,15 @@ def _route_layer(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, route: fx.N
     graph, g = gm.graph, lp.group
     for u in g.producers:
         _route(gm, u.node, "out_route", route)
-    reordered = {id(u): g.reorder(u) for u in g.reordered()}
     for u in g.consumers:
-        if id(u) in reordered:  # gated like its input is ordered, then run in full
-            x = u.node.args[0]
-            with graph.inserting_before(u.node):
-                gated = graph.call_function(gate_reordered, (x, route, reordered[id(u)], u.info.cdim_in))
-            u.node.replace_input_with(x, gated)
-        else:
+        order = g.reorder(u)
+        if order is None:
             _route(gm, u.node, "in_route", route)
+            continue
+        x = u.node.args[0]  # channels in another order: gated in that order, then the layer runs in full
+        with graph.inserting_before(u.node):
+            gated = graph.call_function(gate_reordered, (x, route, order, u.info.cdim_in))
+        u.node.replace_input_with(x, gated)
     for n in inner.routed:
         make_channelwise_module(gm.get_submodule(n.target))
         n.kwargs = {**n.kwargs, "route": route}

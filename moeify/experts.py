@@ -56,8 +56,9 @@ def permutable(gm: fx.GraphModule, lp: LayerPlan) -> str | None:
     g = lp.group
     if g.add_sinks:
         return "its channels join a residual add"
-    if g.reordered():
-        return f"{node_name(g.reordered()[0].node)} reads its channels in another order (a channel shuffle)"
+    reordered = g.reordered()
+    if reordered:
+        return f"{node_name(reordered[0].node)} reads its channels in another order (a channel shuffle)"
     for role, uses in (("producer", g.producers), ("consumer", g.consumers)):
         for u in uses:
             if u.node.op != "call_module":

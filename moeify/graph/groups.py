@@ -91,9 +91,10 @@ class ChannelGroup:
             return out
         for role, uses in (("producer", self.producers), ("consumer", self.consumers), ("add", self.add_sinks)):
             for u in uses:
-                if np.array_equal(u.roots, canon) or (role == "consumer" and self.reorder(u) is not None):
-                    continue
-                if self.reorder(u) is not None:
+                reordered = self.reorder(u) is not None
+                if np.array_equal(u.roots, canon) or (reordered and role == "consumer"):
+                    continue  # a consumer reading them in another order runs in full behind the gate
+                if reordered:
                     out.append(f"{role} {node_name(u.node)} reads the channels in another order (a channel shuffle "
                                "or permutation): experts would not be contiguous on both sides")
                 else:

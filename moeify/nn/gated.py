@@ -29,14 +29,10 @@ def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = Fal
 
 def gate_reordered(x: torch.Tensor, route: Route, order: tuple[int, ...], cdim: int = 1) -> torch.Tensor:
     """The layer's gate on a consumer that reads its channels in another order (after a channel
-    shuffle): ``x`` times the route's channel mask taken in that order (``order[i]``: the layer's
-    channel at position i). Masked math, so the consumer runs in full: exact under every strategy."""
+    shuffle; ``order[i]``: the layer's channel at position i). Masked math, so the consumer runs in
+    full: exact under every strategy."""
     x = as_tensor(x)
-    cdim %= x.ndim
-    idx = torch.as_tensor(order, device=x.device)
-    shape = [x.shape[0]] + [1] * (x.ndim - 1)
-    shape[cdim] = x.shape[cdim]
-    return x * route.channel_mask(x.shape[cdim]).index_select(1, idx).to(x.dtype).reshape(shape)
+    return route.apply(x, cdim, torch.as_tensor(order, device=x.device))
 
 
 def moe_add(a, b):

@@ -86,10 +86,13 @@ class Route:
             self._masks[channels] = repeat_columns(self.expert_mask(), channels // self.experts)
         return self._masks[channels]
 
-    def apply(self, x: torch.Tensor, cdim: int) -> torch.Tensor:
-        """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``)."""
+    def apply(self, x: torch.Tensor, cdim: int, order: torch.Tensor | None = None) -> torch.Tensor:
+        """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``); with
+        ``order``, x holds them reordered (x's channel i is the layer's channel ``order[i]``)."""
         cdim = cdim % x.ndim
         m = self.channel_mask(x.shape[cdim]).to(x.dtype)
+        if order is not None:
+            m = m.index_select(1, order)
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
         shape[cdim] = x.shape[cdim]
         return x * m.reshape(shape)
