@@ -458,9 +458,7 @@ class _Analysis:
         for d in [d for d in x.dims if d in dims]:  # a sum over branches: their channels go together
             ids = self.unite_along(Factored(ids, tuple(left)), left.index(d))
             left.remove(d)
-        if keep:  # the reduced dims stay, of size 1: the ids no longer vary along them
-            return Chan(ids, left[0]) if len(left) == 1 else Factored(ids, tuple(left))
-        return Chan(ids, moved(left[0])) if len(left) == 1 else Factored(ids, tuple(moved(d) for d in left))
+        return _channels(ids, tuple(moved(d) for d in left))
 
     def _softmax(self, node, info, shape):
         x = self._first(node)
@@ -540,6 +538,11 @@ class _Analysis:
         return out
 
 
+def _channels(ids: np.ndarray, dims: tuple[int, ...]) -> Chan | Factored:
+    """Channels on one dim (``Chan``) or factored over several (``Factored``)."""
+    return Chan(ids, dims[0]) if len(dims) == 1 else Factored(ids, dims)
+
+
 def _element_ids(x: Chan | Factored, shape: tuple[int, ...]) -> np.ndarray:
     """The channel id of every element of one sample of a tensor of ``shape`` (batch first)."""
     dims, ids = ((x.cdim,), x.ids) if isinstance(x, Chan) else (x.dims, x.ids)
@@ -564,8 +567,7 @@ def _reindexed(x: Chan | Factored, src: tuple[int, ...], shape: tuple[int, ...])
     ids = np.ascontiguousarray(e[tuple(slice(None) if a in varying else 0 for a in range(e.ndim))])
     if ids.size != x.ids.size or len(np.unique(ids)) != ids.size:
         return None
-    dims = tuple(a + 1 for a in varying)
-    return Chan(ids, dims[0]) if len(dims) == 1 else Factored(ids, dims)
+    return _channels(ids, tuple(a + 1 for a in varying))
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
