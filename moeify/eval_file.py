@@ -40,6 +40,7 @@ class EvalRequest:
     square_queries: int = 1000
     autoattack: tuple[str, ...] = ()  # a subset of AutoAttack's suite; () = the standard suite
     batch_size: int = 500
+    routing: bool = True  # an MoE's routing dissection (flip rate, RA-R, RA-E, routing used, expert load)
 
     def check(self) -> None:
         bad = set(self.autoattack) - set(AA_ATTACKS)
@@ -93,6 +94,8 @@ def _fingerprint(req: EvalRequest, cfg: EvalConfig, path: Path, n: int, world: i
     keep = ("eps", "norm", "attacks", "pgd_steps", "pgd_restarts", "batch_size", "square_queries", "autoattack",
             "sweep", "seed")
     fields = {k: getattr(cfg, k) for k in keep}
+    if not cfg.routing:  # recorded only when off, so evaluations stopped before it existed still resume
+        fields["routing"] = False
     return {"model_sha256": digest, "dataset": req.dataset, "n": n, "processes": world,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
@@ -171,7 +174,8 @@ def evaluate_file(req: EvalRequest, out: Path, resume: bool = False, report_name
 
     cfg = EvalConfig(eps=eps, norm=norm, attacks=tuple(req.attacks), pgd_steps=req.pgd_steps,
                      pgd_restarts=req.restarts, batch_size=req.batch_size, square_queries=req.square_queries,
-                     autoattack=tuple(req.autoattack), log=log if main else (lambda s: None), gather=gather)
+                     autoattack=tuple(req.autoattack), routing=req.routing, log=log if main else (lambda s: None),
+                     gather=gather)
     parts = out / (Path(report_name).stem + ".parts")
     with folder_lock(out, "evaluation") if main else contextlib.nullcontext():
         _open_parts(parts, _fingerprint(req, cfg, path, n, world), resume, main, acc.wait_for_everyone)

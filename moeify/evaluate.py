@@ -46,6 +46,7 @@ class EvalConfig:
     square_queries: int = 1000
     autoattack: tuple[str, ...] = ()  # a subset of AutoAttack's attacks (standard settings); () = the standard suite
     sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of eps
+    routing: bool = True  # an MoE's routing dissection: flip rate, RA-R, RA-E, routing used, expert load
     seed: int = 0
     log: Callable[[str], None] = field(default=lambda s: None, repr=False)
     gather: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)  # across processes
@@ -307,7 +308,7 @@ def steps(cfg: EvalConfig, is_moe: bool) -> list[tuple[str, Callable[..., Part]]
     a = set(cfg.attacks)
     chosen = [("clean", _clean, True), ("pgd", _pgd, "pgd" in a), ("autoattack", _autoattack_part, "autoattack" in a),
               ("square", _square, "square" in a or (is_moe and "adaptive" in a)), ("gradients", _gradients, True),
-              ("adaptive", _adaptive, is_moe and "adaptive" in a), ("dissection", _dissection, is_moe),
+              ("adaptive", _adaptive, is_moe and "adaptive" in a), ("dissection", _dissection, is_moe and cfg.routing),
               ("sweep", _sweep, "sweep" in a), ("batch", _batch_independence, True)]
     return [(name, fn) for name, fn, on in chosen if on]
 

@@ -227,10 +227,12 @@ def _eval_data(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _evaluate(run: Path, attacks: list[str], ev: StudyEval, log: Callable[[str], None], tag: str = "eval",
-              n: int | None = None) -> dict:
-    """RUN/TAG.json: the row's model evaluated on the study's first ``n`` test images (resumed if stopped)."""
+              n: int | None = None, routing: bool = True) -> dict:
+    """RUN/TAG.json: the row's model evaluated on the study's first ``n`` test images (resumed if
+    stopped); ``routing``: with an MoE's routing dissection."""
     req = EvalRequest(model_file=str(run / "model.moe"), n=n or ev.n, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
-                      square_queries=ev.square_queries, autoattack=tuple(ev.autoattack), batch_size=ev.batch_size)
+                      square_queries=ev.square_queries, autoattack=tuple(ev.autoattack), batch_size=ev.batch_size,
+                      routing=routing)
     return evaluate_file(req, run, resume=True, report_name=f"{tag}.json", log=log, plots=False)
 
 
@@ -298,7 +300,7 @@ def _run_rows(plan: Plan, recipes: dict[Path, Recipe], ev: StudyEval, out: Path,
         _evaluate(run, ev.attacks, ev, log)
         if ev.pgd_n > ev.n:
             log(f"{name} ({run.name}): clean and PGD-{ev.pgd_steps} on {ev.pgd_n} test images")
-            _evaluate(run, ["pgd"], ev, log, tag="eval-pgd", n=ev.pgd_n)
+            _evaluate(run, ["pgd"], ev, log, tag="eval-pgd", n=ev.pgd_n, routing=False)  # eval.json has it
     for name, run, _ in plan.dissection:
         _train(recipes[run], run, log, console)
         log(f"{name}: evaluating (PGD-{ev.pgd_steps}, flip rate, RA-E)")

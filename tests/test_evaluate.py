@@ -43,6 +43,18 @@ def test_a_single_expert_never_flips():
     assert rep["flip_rate"] == 0.0 and set(rep["flip_rate_per_layer"].values()) == {0.0}
 
 
+def test_routing_dissection_can_be_left_out_without_changing_the_accuracies():
+    """``routing=False`` (a study's second, larger clean/PGD evaluation) skips the flip rate, RA-R,
+    RA-E and expert load, and leaves clean and PGD accuracy and each example's correctness as they are."""
+    x, y = _data()
+    moe = _moe()
+    full = evaluate(moe, x, y, EvalConfig(eps=0.1, attacks=("pgd",), pgd_steps=3))
+    lean = evaluate(moe, x, y, EvalConfig(eps=0.1, attacks=("pgd",), pgd_steps=3, routing=False))
+    assert "flip_rate" in full and not {"flip_rate", "ra_e", "ra_r", "load_clean"} & set(lean)
+    assert (lean["clean_acc"], lean["pgd_acc"], lean["per_example"]) == (full["clean_acc"], full["pgd_acc"],
+                                                                         full["per_example"])
+
+
 def test_frozen_routes_change_nothing_when_routing_never_changes():
     moe = _moe(experts=4, top_k=2)
     with torch.no_grad():
