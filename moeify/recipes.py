@@ -83,6 +83,9 @@ class TrainCfg:
     z_loss: float = 0.0  # weight of the router z-loss (mean squared log-sum-exp of router scores; 0 = off)
     router_noise: float = 0.0  # std of noise added to router scores when choosing experts in training, annealed to 0
     soft_warmup: float = 0.0  # share of the training steps run with soft routing (every expert, softmax-weighted)
+    expert_dropout: float = 0.0  # probability that an expert is out of a sample's choice in training (0 = off)
+    revive_dead: float = 0.0  # at each epoch's start, an expert below this share of an even load (validation)
+    # gets the busiest expert's router row, perturbed, so they split its inputs (0 = off)
     update: str = "all"  # all | routers | experts
     init: str | None = None  # a .moe file to start from (same model)
     seed: int = 0
@@ -277,6 +280,9 @@ def check(r: Recipe, source: str) -> None:
             raise MoeifyError(f"{source}: {key} must be >= 1, got {v}")
     if r.attack.eps < 0:
         raise MoeifyError(f"{source}: attack.eps must be >= 0, got {r.attack.eps}")
+    for key, v in (("train.expert_dropout", t.expert_dropout), ("train.revive_dead", t.revive_dead)):
+        if not 0 <= v < 1:
+            raise MoeifyError(f"{source}: {key} must be in [0, 1), got {v}")
     if r.moe.experts_by == "cluster" and (r.model.kind != "moe" or not t.init):
         raise MoeifyError(f"{source}: moe.experts_by cluster converts trained dense weights; set model.kind moe and "
                           "train.init to a dense model file")

@@ -57,6 +57,7 @@ def _write(tmp_path, text):
     ("train:\n  method: fgsm\n", [], "train.method must be one of"),
     ("model:\n  kind: dense\ntrain:\n  method: advmoe\n", [], "advmoe needs model.kind moe"),
     ("attack:\n  eps: -1\n", [], "attack.eps must be >= 0"),
+    ("train:\n  expert_dropout: 1.0\n", [], "train.expert_dropout must be in [0, 1)"),
     ("{}", ["train.lr"], "--set expects KEY=VALUE"),
     ("{}", ["data.batch_size=big"], "data.batch_size must be int"),
 ])

@@ -45,11 +45,15 @@ def test_tiny_advmoe_run_writes_a_loadable_model_and_metrics(tmp_path):
     assert saved["macs_per_sample"] < moeify.count_macs(dense, torch.rand(2, 1, 28, 28))
 
 
-def test_resume_ends_like_the_uninterrupted_run(tmp_path):
-    whole, out_a = _run(tmp_path, "a")
-    part, out_b = _run(tmp_path, "b", stop_after=1)
+def test_resume_ends_like_the_uninterrupted_run(tmp_path, capsys):
+    """With the routing remedies that draw random numbers or rewrite routers between epochs
+    (expert dropout; reviving experts below 0.99 of an even load, i.e. every epoch here)."""
+    remedies = ["train.expert_dropout=0.3", "train.revive_dead=0.99"]
+    whole, out_a = _run(tmp_path, "a", extra=remedies)
+    assert "revived from expert" in capsys.readouterr().out
+    part, out_b = _run(tmp_path, "b", extra=remedies, stop_after=1)
     assert part == {"epochs_done": 1}
-    resumed = robustify(load_recipe("quickstart", TINY), out_b, resume=True)
+    resumed = robustify(load_recipe("quickstart", TINY + remedies), out_b, resume=True)
     for k in ("clean_accuracy", "robust_accuracy", "best_epoch"):
         assert resumed[k] == whole[k], k
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]

@@ -149,6 +149,52 @@ def test_router_noise_explores_in_training_only_and_strategies_still_agree():
     assert all(int(r.sum()) == 0 for r in routes.values())  # no noise in eval
 
 
+def test_expert_dropout_explores_in_training_only_and_strategies_still_agree():
+    """``train.expert_dropout``: in training some inputs of a collapsed router take the other
+    expert, every sample keeps K distinct experts, grouped == masked under the same draws; none
+    in eval; a NaN score still refuses to route."""
+    from moeify.errors import RoutingError
+    from moeify.nn.route import select_top_k
+    moe = _moe(experts=4, top_k=2)
+    with torch.no_grad():
+        for layer in moeify.moe_layers(moe).values():
+            layer.router.proj.bias.copy_(torch.tensor([9.0, 8.0, 0.0, 0.0]))  # collapsed: experts 0, 1
+            layer.expert_dropout = 0.5
+    x = _x(64)
+    moe.train()
+    with torch.no_grad(), routing_policy(Recorder()) as rec:
+        moe(x)
+    for idx in rec.choices:
+        assert (idx >= 2).any() and (idx[:, 0] < idx[:, 1]).all()  # explores; two distinct experts each
+    outs = {}
+    for mode in ("masked", "grouped"):
+        torch.manual_seed(5)
+        with moeify.execution(mode):
+            outs[mode] = moe(x)
+    assert torch.allclose(outs["grouped"], outs["masked"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        routes = moeify.routing(moe.eval(), x)
+    assert all(set(r.flatten().tolist()) == {0, 1} for r in routes.values())  # no dropout in eval
+    scores = torch.zeros(8, 4)
+    scores[3, 2] = float("nan")
+    with pytest.raises(RoutingError):
+        select_top_k(scores, 2, drop=0.9)
+
+
+def test_reviving_a_dead_expert_splits_the_busiest_ones_inputs():
+    """``train.revive_dead``: a dead expert gets the busiest expert's router row, perturbed; the
+    two then share the inputs the busiest one had."""
+    torch.manual_seed(0)
+    r = LayerRouter(16, 2, 1)
+    with torch.no_grad():
+        r.proj.bias.copy_(torch.tensor([6.0, 0.0]))
+    h = torch.randn(256, 16)
+    assert (r(h).idx == 0).all()
+    r.revive(1, 0, torch.Generator().manual_seed(0))
+    load = torch.bincount(r(h).idx.flatten(), minlength=2).float() / 256
+    assert load.min() > 0.2
+
+
 def test_z_loss_shrinks_router_scores():
     from moeify.train.methods import z_loss
     moe = _moe()

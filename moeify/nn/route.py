@@ -173,12 +173,23 @@ def top_k_indices(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
-def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, noise: float = 0.0) -> Route:
+def drop_experts(scores: torch.Tensor, top_k: int, p: float) -> torch.Tensor:
+    """``scores`` with each finite score set to -inf (out of the choice) with probability ``p``,
+    per sample and expert, except that the K experts with the largest draws always stay: every
+    sample still has K to choose from, and a NaN or inf score is never hidden from the check."""
+    draw = torch.rand_like(scores, dtype=torch.float32)
+    kept = draw.topk(top_k, dim=-1).values[..., -1:]
+    return scores.masked_fill((draw < p) & (draw < kept) & torch.isfinite(scores), float("-inf"))
+
+
+def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, noise: float = 0.0,
+                 drop: float = 0.0) -> Route:
     """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
     (or what an active routing policy decides, see policy.py). A NaN/inf chosen score raises now,
     or, with ``defer_check``, in ``routes_checked`` at the end of the model call. ``noise``: the
     std of Gaussian noise added to the scores for the choice only (exploration in training; the
-    gates' gradient is the clean scores')."""
+    gates' gradient is the clean scores'). ``drop``: expert dropout, the probability that an
+    expert is out of a sample's choice (``drop_experts``)."""
     policy = current_policy()
     if policy is not None:
         decided = policy.route(scores, top_k)
@@ -187,6 +198,8 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, no
     detached = scores.detach()
     if noise:
         detached = detached + noise * torch.randn_like(detached)
+    if drop:
+        detached = drop_experts(detached, top_k, drop)
     if top_k == 1:  # the choice and its score in one op (a NaN is always the maximum)
         chosen, idx = detached.max(dim=-1, keepdim=True)  # ties: the first maximum
     else:

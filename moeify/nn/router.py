@@ -87,6 +87,20 @@ class LayerRouter(nn.Module):
             self.in_var.mul_(1 - f).add_(f * var.to(self.in_var))
             self.in_batches.add_(1)
 
+    def revive(self, dead: int, source: int, generator: torch.Generator, scale: float = 0.1) -> None:
+        """Give expert ``dead`` (chosen by almost no input) the busiest expert ``source``'s row of
+        the linear layer, the two then split by a random direction d: rows w + d and w - d, |d|
+        ``scale`` times a row's mean norm, so they share what ``source`` received (as k-means
+        splits its largest cluster to refill an empty one)."""
+        with torch.no_grad():
+            w, b = self.proj.weight, self.proj.bias
+            d = torch.randn(w.shape[1], generator=generator).to(w)
+            d *= scale * w.norm(dim=1).mean().clamp_min(1e-3) / d.norm().clamp_min(1e-12)
+            w[dead] = w[source] + d
+            w[source] -= d
+            if b is not None:
+                b[dead] = b[source]
+
     def forward(self, x: torch.Tensor) -> Route:
         return select_top_k(self.scores(x), self.top_k)
 
@@ -134,6 +148,7 @@ class MoELayer(nn.Module):
         self.router = router
         self.packed = packed
         self.noise = 0.0  # std of the noise on the scores when choosing experts in training (exploration)
+        self.expert_dropout = 0.0  # probability that an expert is out of a sample's choice in training
         self.model_macs = 0.0  # the whole dense model's MACs per sample (set by convert; auto reads it)
 
     def forward(self, x, in_route: Route | None = None) -> Route:

@@ -223,6 +223,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(rank_seed)
         self.model.train()
         hold_frozen_norms(self.raw, self.t.update)
+        if self.train_routers:
+            self._revive_dead(epoch)
         step = getattr(self, f"{self.t.method}_step")
         start, sums = time.time(), {"loss": 0.0, "correct": 0, "n": 0}
         with self._bar(epoch) as advance:
@@ -246,11 +248,33 @@ class Trainer:
         return sums, time.time() - start
 
     def _set_router_noise(self, step: int) -> None:
-        """``train.router_noise`` annealed linearly to 0 over the run, on every MoE layer."""
-        if self.t.router_noise:
+        """``train.router_noise`` annealed linearly to 0 over the run, and ``train.expert_dropout``,
+        on every MoE layer (both act in training mode only)."""
+        if self.t.router_noise or self.t.expert_dropout:
             scale = self.t.router_noise * max(0.0, 1.0 - step / max(1, self.t.epochs * self.steps))
             for layer in moe_layers(self.raw).values():
-                layer.noise = scale
+                layer.noise, layer.expert_dropout = scale, self.t.expert_dropout
+
+    def _revive_dead(self, epoch: int) -> None:
+        """``train.revive_dead``: an expert that the last validation routed less than that share of an
+        even load to gets a perturbed copy of its layer's busiest expert's router row
+        (``LayerRouter.revive``); seeded by run, epoch, layer and expert, so a resumed run and every
+        process revive alike."""
+        if not self.t.revive_dead or not self.progress.history:
+            return
+        loads = self.progress.history[-1].get("expert_load") or {}
+        for i, (name, layer) in enumerate(moe_layers(self.raw).items()):
+            load = loads.get(name, {}).get("load")
+            if layer.router is None or not load:
+                continue
+            busiest = max(range(len(load)), key=load.__getitem__)
+            for e, share in enumerate(load):
+                if share < self.t.revive_dead / len(load):
+                    gen = torch.Generator().manual_seed(self.t.seed * 100_003 + epoch * 7919 + i * 101 + e)
+                    layer.router.revive(e, busiest, gen)
+                    if self.main:
+                        self.console.print(f"epoch {epoch}: {name}: expert {e} (load {share:.2f}) revived from "
+                                           f"expert {busiest} (train.revive_dead)")
 
     def _routing(self, step: int):
         """Soft routing (every expert, weighted by K x the router's softmax; masked execution) for

@@ -61,8 +61,8 @@ class Executor:
                 scores = router.scores(self.unpack(h, in_route, in_route.experts * h.shape[1] // in_route.top_k, 1))
         else:
             scores = router.scores(in_route.apply(x_, router.cdim))
-        noise = layer.noise if layer.training else 0.0
-        r = select_top_k(scores, layer.top_k, self.defers_check(scores.device), noise)
+        noise, drop = (layer.noise, layer.expert_dropout) if layer.training else (0.0, 0.0)
+        r = select_top_k(scores, layer.top_k, self.defers_check(scores.device), noise, drop)
         r.executor, r.packed = self, layer.packed and self.packs(scores.shape[0], scores.device)
         return r
 
