@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from .conversion import convert, moe_layers
 from .macs import count_macs
 from .nn import GlobalRouter, LayerRouter, execution
+from .nn.executors import get_executor
 from .nn.gated import with_mixin
 from .spec import MoESpec
 from .twin import static_twin
@@ -224,12 +225,20 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
         fns = {k: _step(runners[k], k[4:] if k.startswith("moe ") else "auto", x, mode, sync) for k in VARIANTS}
         ms = interleaved(fns, repeats, warmup=2)
         macs = _macs(models, x[:min(b, 8)].float().cpu().contiguous(), mode, device)
+        macs["moe auto"] = macs[f"moe {_auto_choice(models['moe'], x, mode)}"]  # its choice at this batch size
         twin_gain = ms["dense"] / ms["static twin"] - 1
         for k in VARIANTS:
             gain = ms["dense"] / ms[k]
             rows.append(BenchRow(name, spec.experts, spec.top_k, spec.scope, mode, b, k, ms[k], macs[k], gain,
                                  macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain >= MIN_TWIN_GAIN else float("nan")))
     return rows
+
+
+def _auto_choice(moe: nn.Module, x: torch.Tensor, mode: str) -> str:
+    """The strategy ``auto`` runs ``moe`` with on batch ``x`` (the MACs are counted on fewer samples)."""
+    layer = next(iter(moe_layers(moe).values()))
+    with torch.set_grad_enabled(mode == "train"):
+        return get_executor("auto").resolve(x, layer).name
 
 
 def _macs(models: dict[str, nn.Module], x: torch.Tensor, mode: str, device: str) -> dict[str, float]:
@@ -265,21 +274,25 @@ CALIBRATION_MODELS = (  # name, spec, input size, constructor kwargs: small and 
 )
 
 
-def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu", mode: str = "eval") -> dict:
-    """The table ``auto`` reads: for each reference model (``CALIBRATION_MODELS``) and batch size,
-    each exact strategy's latency relative to dense (routing spread), for inference (``eval``) or
-    a training step (``train``: forward and backward, what training and attacks run)."""
+def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu", mode: str = "eval",
+              experts: tuple[int, ...] = (2,)) -> dict:
+    """The table ``auto`` reads: for each reference model (``CALIBRATION_MODELS``), number of
+    ``experts`` (top-K = N/2) and batch size, each exact strategy's latency relative to dense
+    (routing spread), for inference (``eval``) or a training step (``train``: forward and
+    backward, what training and attacks run)."""
     points = []
-    for name, spec, size, kwargs in CALIBRATION_MODELS:
+    for name, base, size, kwargs in CALIBRATION_MODELS:
         if mode == "train" and name == "resnet18":
             size = (3, 112, 112)  # a training step at 224 x 224 takes too long to calibrate on a CPU
-        for b in batches:  # small batches are quick and noisy: more repeats
-            rows = compare(name, spec, [b], repeats=max(repeats, 32 // b), device=device, mode=mode,
-                           input_size=size, model_kwargs=kwargs)
-            by = {r.variant: r for r in rows}
-            points.append({"model": f"{name} {kwargs or ''} {spec.experts}/{spec.top_k} {spec.scope} {size}".replace("  ", " "),
-                           "mode": mode, "macs": by["dense"].macs, "batch": b,
-                           "relative_ms": {s: 1.0 / by[f"moe {s}"].speedup for s in STRATEGIES if s != "auto"}})
+        for n in experts:
+            spec = replace(base, experts=n, top_k=max(1, n // 2))
+            for b in batches:  # small batches are quick and noisy: more repeats
+                rows = compare(name, spec, [b], repeats=max(repeats, 32 // b), device=device, mode=mode,
+                               input_size=size, model_kwargs=kwargs)
+                by = {r.variant: r for r in rows}
+                points.append({"model": f"{name} {kwargs or ''} {spec.experts}/{spec.top_k} {spec.scope} {size}".replace("  ", " "),
+                               "mode": mode, "macs": by["dense"].macs, "batch": b, "experts": n,
+                               "relative_ms": {s: 1.0 / by[f"moe {s}"].speedup for s in STRATEGIES if s != "auto"}})
     return {"machine": machine(device), "devices": {torch.device(device).type: points}}
 
 

@@ -167,7 +167,7 @@ def bench(
     routing: Annotated[str, typer.Option(help="spread (samples take different routes, as after training) | model (the untrained routers' choice)")] = "spread",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile every variant.")] = False,
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
-    sweep: Annotated[bool, typer.Option("--sweep", help="experts 2, 4, 8 at top_k = experts/2 (ignores --experts/--top-k).")] = False,
+    sweep: Annotated[bool, typer.Option("--sweep", help="experts 2, 4, 8 at top_k = experts/2 (ignores --experts/--top-k; with --calibrate, every reference model at each).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="Constructor arguments, e.g. width=16,stem_stride=2.")] = None,
     calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Instead: measure the table the auto strategy reads (reference models, --batch sizes, --device) and write it here.")] = None,
@@ -191,7 +191,7 @@ def bench(
         raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
     batches = _int_list(batch, "--batch", "1,16", positive=True)
     if calibrate:
-        _calibrate(calibrate, batches, repeats, device, mode)
+        _calibrate(calibrate, batches, repeats, device, mode, (2, 4, 8) if sweep else (2,))
         return
     size = _size(input_size)
     kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size,
@@ -212,7 +212,8 @@ def bench(
             json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
 
 
-def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: str) -> None:
+def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: str,
+               experts: tuple[int, ...]) -> None:
     """Measure the table the auto strategy reads and write it to ``path`` (never over a file)."""
     import json
 
@@ -220,7 +221,7 @@ def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: s
 
     if os.path.exists(path):
         raise MoeifyError(f"{path} exists; choose another --calibrate path (nothing was overwritten)")
-    table = calibrate(batches, repeats, device, mode)
+    table = calibrate(batches, repeats, device, mode, experts)
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
     console.print(f"calibration for {device} ({table['machine']}) written to {path}; ship it as "

@@ -188,7 +188,7 @@ def test_torch_compile_runs_the_moe_model_like_eager(mode):
 
 def test_auto_picks_the_fastest_measured_strategy():
     """``auto`` never picks a strategy the calibration table measured slower than another one, at
-    the measured point (batch size, model MACs) nearest to the call's; a device without
+    the measured point (batch size, model MACs, experts) nearest to the call's; a device without
     measurements runs static; every layer of one model call gets the same strategy."""
     from moeify.nn.executors import auto
 
@@ -196,14 +196,19 @@ def test_auto_picks_the_fastest_measured_strategy():
     assert table, "moeify ships a calibration table"
     assert {mode for _, mode in table} == {"eval", "train"}
     for (dev, mode), points in table.items():
-        for macs, batch, times in points:
+        for macs, batch, experts, times in points:
             assert set(times) >= {"masked", "grouped", "static"}
-            assert times[auto.fastest(dev, batch, macs, mode)] == min(times.values()), (dev, batch, macs, mode)
-    made = {("cpu", "eval"): [(1e7, 1, {"grouped": 0.9, "static": 1.2, "masked": 1.5}),
-                    (1e7, 64, {"grouped": 1.6, "static": 1.1, "masked": 1.0}),
-                    (1e9, 64, {"grouped": 0.6, "static": 1.1, "masked": 1.0})]}
+            assert times[auto.fastest(dev, batch, macs, mode, experts)] == min(times.values()), \
+                (dev, batch, macs, mode, experts)
+    assert {experts for points in table.values() for _, _, experts, _ in points} >= {2, 4, 8}
+    made = {("cpu", "eval"): [(1e7, 1, 2, {"grouped": 0.9, "static": 1.2, "masked": 1.5}),
+                    (1e7, 64, 2, {"grouped": 1.6, "static": 1.1, "masked": 1.0}),
+                    (1e9, 64, 2, {"grouped": 0.6, "static": 1.1, "masked": 1.0}),
+                    (1e9, 64, 8, {"grouped": 1.2, "static": 1.1, "masked": 1.0})]}
     assert auto.fastest("cpu", 2, 2e7, table=made) == "grouped" and auto.fastest("cpu", 128, 1e7, table=made) == "masked"
     assert auto.fastest("cpu", 128, 5e8, table=made) == "grouped"
+    assert auto.fastest("cpu", 128, 5e8, experts=8, table=made) == "masked"  # many experts: many patterns
+    assert auto.fastest("cpu", 128, 5e8, experts=3, table=made) == "grouped"  # nearer 2 than 8
     assert auto.fastest("cpu", 128, 1e7, "train", table=made) == "masked"  # no train points: the eval ones
     assert auto.fastest("xpu", 8, 1e7, table=made) == "static"
     moe = _moe()
@@ -214,7 +219,8 @@ def test_auto_picks_the_fastest_measured_strategy():
     for h in hooks:
         h.remove()
     assert len(chosen) == len(moeify.moe_layers(moe)) and len({e.name for e in chosen}) == 1
-    assert chosen[0].name == auto.fastest("cpu", 3, next(iter(moeify.moe_layers(moe).values())).model_macs)
+    layer = next(iter(moeify.moe_layers(moe).values()))
+    assert chosen[0].name == auto.fastest("cpu", 3, layer.model_macs, experts=layer.experts)
 
 
 def test_row_groups_behave_like_the_tensor_they_split():

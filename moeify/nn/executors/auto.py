@@ -1,5 +1,6 @@
 """``auto`` (the default): per model call, the strategy the calibration table measured fastest on
-this device type for the nearest batch size and model size (dense MACs per sample); under
+this device type for the nearest batch size, model size (dense MACs per sample) and number of
+experts (more experts, more routing patterns per batch: grouped execution stops paying); under
 ``torch.compile``, ``static`` (the one strategy that traces as one graph).
 
 The table ships with moeify (``calibration.json``, written by ``moeify bench --calibrate``):
@@ -24,13 +25,13 @@ CALIBRATION = Path(__file__).with_name("calibration.json")
 UNMEASURED = "static"
 
 
-Point = tuple[float, int, dict[str, float]]  # (dense MACs per sample, batch, {strategy: relative latency})
+Point = tuple[float, int, int, dict[str, float]]  # (dense MACs / sample, batch, experts, {strategy: relative latency})
 
 
 @lru_cache(maxsize=None)
 def calibration(path: str = str(CALIBRATION)) -> dict[tuple[str, str], list[Point]]:
-    """{(device type, eval | train): [(model MACs per sample, batch, {strategy: latency relative
-    to dense})]}."""
+    """{(device type, eval | train): [(model MACs per sample, batch, experts, {strategy: latency
+    relative to dense})]}; a point without ``experts`` was measured with 2."""
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -39,22 +40,25 @@ def calibration(path: str = str(CALIBRATION)) -> dict[tuple[str, str], list[Poin
     for dev, points in raw["devices"].items():
         for p in points:
             table.setdefault((dev, p.get("mode", "eval")), []).append(
-                (float(p["macs"]), int(p["batch"]), dict(p["relative_ms"])))
+                (float(p["macs"]), int(p["batch"]), int(p.get("experts", 2)), dict(p["relative_ms"])))
     return table
 
 
-def fastest(device_type: str, batch: int, macs: float, mode: str = "eval", table: dict | None = None) -> str:
-    """The measured-fastest strategy at the calibration point nearest (in log batch size and log
-    model MACs per sample) to this call; ``mode`` train for calls that will be differentiated."""
+def fastest(device_type: str, batch: int, macs: float, mode: str = "eval", experts: int = 2,
+            table: dict | None = None) -> str:
+    """The measured-fastest strategy at the calibration point nearest (in log batch size, log
+    model MACs per sample and log experts) to this call; ``mode`` train for calls that will be
+    differentiated."""
     table = calibration() if table is None else table
     points = table.get((device_type, mode)) or table.get((device_type, "eval"))
     if not points:
         return UNMEASURED
 
     def distance(p: Point) -> tuple[float, int]:
-        return abs(math.log(p[1]) - math.log(max(batch, 1))) + abs(math.log(p[0]) - math.log(max(macs, 1.0))), p[1]
+        return abs(math.log(p[1]) - math.log(max(batch, 1))) + abs(math.log(p[0]) - math.log(max(macs, 1.0))) \
+            + abs(math.log(p[2]) - math.log(max(experts, 1))), p[1]
 
-    times = min(points, key=distance)[2]
+    times = min(points, key=distance)[3]
     return min(times, key=times.get)
 
 
@@ -63,17 +67,19 @@ class Auto(Executor):
 
     def __init__(self, strategies: dict[str, Executor]) -> None:
         self.strategies = strategies
-        self._chosen: dict[tuple[str, int, float, str], Executor] = {}  # a lookup per layer call, not a search
+        self._chosen: dict[tuple[str, int, float, str, int], Executor] = {}  # a lookup per layer call, not a search
 
     def resolve(self, x, layer=None) -> Executor:
         """Every layer of one call agrees: the choice depends on the batch, the device, whether
-        autograd records (training steps and attacks: the ``train`` measurements) and the whole
-        model's dense MACs (``MoELayer.model_macs``), never on the layer."""
+        autograd records (training steps and attacks: the ``train`` measurements), the whole
+        model's dense MACs (``MoELayer.model_macs``) and the number of experts (one per model
+        spec), never on the layer's shape."""
         if torch.compiler.is_compiling():
             return self.strategies["static"]
         idx = getattr(x, "idx", None)  # a shared global Route
         batch, device = (idx.shape[0], idx.device) if idx is not None else (x.shape[0], x.device)
-        key = (device.type, batch, getattr(layer, "model_macs", 0.0), "train" if torch.is_grad_enabled() else "eval")
+        key = (device.type, batch, getattr(layer, "model_macs", 0.0), "train" if torch.is_grad_enabled() else "eval",
+               getattr(layer, "experts", 2))
         chosen = self._chosen.get(key)
         if chosen is None:
             chosen = self._chosen[key] = self.strategies[fastest(*key)]
