@@ -135,6 +135,8 @@ def test_infinite_chosen_scores_refuse_to_route_and_minus_inf_elsewhere_means_ne
         select_top_k(torch.tensor([[-inf, -inf, -inf]]), top_k)
     route = select_top_k(torch.tensor([[-inf, 1.0, 2.0], [3.0, -inf, 2.0]]), top_k)
     assert route.idx.tolist() == ([[2], [0]] if top_k == 1 else [[1, 2], [0, 2]])
+    big = select_top_k(torch.tensor([[3e38, 0.0, 1.0], [3e38, 2.0, 0.0]]), top_k)  # finite, though they sum to inf
+    assert big.idx.tolist() == ([[0], [0]] if top_k == 1 else [[0, 2], [0, 1]])
 
 
 def test_global_router_shares_one_route():

@@ -152,7 +152,8 @@ def test_router_noise_explores_in_training_only_and_strategies_still_agree():
 def test_expert_dropout_explores_in_training_only_and_strategies_still_agree():
     """``train.expert_dropout``: in training some inputs of a collapsed router take the other
     expert, every sample keeps K distinct experts, grouped == masked under the same draws; none
-    in eval; a NaN score still refuses to route."""
+    in eval; a NaN score still refuses to route; a choice forced by the dropout gives the router
+    no gradient."""
     from moeify.errors import RoutingError
     from moeify.nn.route import select_top_k
     moe = _moe(experts=4, top_k=2)
@@ -179,6 +180,13 @@ def test_expert_dropout_explores_in_training_only_and_strategies_still_agree():
     scores[3, 2] = float("nan")
     with pytest.raises(RoutingError):
         select_top_k(scores, 2, drop=0.9)
+    scores = torch.tensor([[3.0, 0.0]] * 64, requires_grad=True)  # expert 0 preferred by every sample
+    torch.manual_seed(0)
+    r = select_top_k(scores, 1, drop=0.5)
+    forced = r.idx[:, 0] == 1
+    assert 0 < int(forced.sum()) < 64
+    (r.gate[:, 0] * torch.arange(64.0)).sum().backward()
+    assert (scores.grad[forced] == 0).all() and (scores.grad[~forced] != 0).any()  # forced: no router gradient
 
 
 def test_reviving_a_dead_expert_splits_the_busiest_ones_inputs():
