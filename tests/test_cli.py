@@ -111,6 +111,27 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     assert again.returncode != 0 and "exists" in again.stderr
 
 
+def test_bench_calibrate_sweep_writes_a_table_auto_reads(capsys, tmp_path, monkeypatch):
+    """``bench --calibrate --sweep``: points for 2, 4 and 8 experts, which ``auto`` reads and picks
+    the measured-fastest strategy from (a tiny reference model stands in for the real ones)."""
+    import moeify.bench
+    from moeify.nn.executors import auto
+    from moeify.spec import MoESpec
+
+    monkeypatch.setattr(moeify.bench, "CALIBRATION_MODELS", (
+        ("cifar_resnet_small", MoESpec(experts=2, top_k=1, scope="hidden"), (1, 16, 16), {"width": 8, "in_chans": 1}),))
+    out = tmp_path / "cal.json"
+    r = run_here(capsys, "bench", "--calibrate", str(out), "--sweep", "--batch", "4", "--repeats", "1")
+    assert r.returncode == 0, r.stderr
+    table = auto.calibration(str(out))
+    points = table["cpu", "eval"]
+    assert sorted(n for _, _, n, _ in points) == [2, 4, 8]
+    for macs, batch, n, times in points:
+        assert times[auto.fastest("cpu", batch, macs, "eval", n, table=table)] == min(times.values())
+    again = run_here(capsys, "bench", "--calibrate", str(out), "--batch", "4")
+    assert again.returncode != 0 and "exists" in again.stderr
+
+
 @pytest.mark.parametrize("args,message", [
     (("robustify", "--recipe", "nosuchrecipe"), "unknown recipe 'nosuchrecipe'"),
     (("robustify", "--recipe", "quickstart", "--set", "train.epochz=1"), "unknown key 'train.epochz'"),
