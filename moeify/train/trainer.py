@@ -232,7 +232,7 @@ class Trainer:
                 if i >= self.steps:
                     break
                 x = self._batch(x)
-                self._set_router_noise((epoch - 1) * self.steps + i)
+                self._set_exploration((epoch - 1) * self.steps + i)
                 try:
                     with self._routing((epoch - 1) * self.steps + i):
                         loss, logits = step(x, y)
@@ -247,7 +247,7 @@ class Trainer:
                 advance(f"loss {sums['loss'] / sums['n']:.3f} acc {sums['correct'] / sums['n']:.1%}")
         return sums, time.time() - start
 
-    def _set_router_noise(self, step: int) -> None:
+    def _set_exploration(self, step: int) -> None:
         """``train.router_noise`` annealed linearly to 0 over the run, and ``train.expert_dropout``,
         on every MoE layer (both act in training mode only)."""
         if self.t.router_noise or self.t.expert_dropout:
