@@ -17,6 +17,8 @@ distinct rows of ``idx``) are computed once per route and shared by every op of 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -180,6 +182,14 @@ def drop_experts(scores: torch.Tensor, top_k: int, p: float) -> torch.Tensor:
     return scores.masked_fill((draw < p) & (draw < kept) & torch.isfinite(scores), float("-inf"))
 
 
+def _all_finite(chosen: torch.Tensor) -> bool:
+    """Whether every chosen score is finite, with one host read in the common case: a finite sum
+    says so; an infinite or NaN one may be large finite scores overflowing it, so then each is tested."""
+    if chosen.numel() == 1:
+        return math.isfinite(float(chosen))
+    return math.isfinite(float(chosen.sum())) or bool(torch.isfinite(chosen).all())
+
+
 def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, noise: float = 0.0,
                  drop: float = 0.0) -> Route:
     """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
@@ -208,7 +218,7 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, no
     else:
         idx = top_k_indices(detached, top_k)  # NaN sorts first, so it is always chosen
         chosen = detached.gather(-1, idx)
-    if not defer_check and not bool(torch.isfinite(chosen).all()):  # not a sum: large scores would overflow it
+    if not defer_check and not _all_finite(chosen):
         raise _non_finite()
     if isinstance(policy, Recorder):
         policy.choices.append(idx)
