@@ -54,6 +54,25 @@ def test_standardised_router_ignores_what_every_input_shares():
     assert (sp[:, 1] - sp[:, 0]).mean().abs() > 5 * (sp[:, 1] - sp[:, 0]).std()  # one offset for all
 
 
+def test_standardised_router_trains_on_the_batch_statistics():
+    """In training a standardising router uses the batch's statistics, as BatchNorm: when the
+    features move far from the running statistics (early in training) its scores stay bounded
+    (each standardised input is at most sqrt(B) in size), and they still carry a gradient to
+    the features; the running statistics follow the batches, and eval uses them."""
+    torch.manual_seed(0)
+    r = LayerRouter(6, 2, 1, norm=True).train()
+    for _ in range(20):
+        r.scores(torch.randn(32, 6, 4, 4) * 0.01)
+    h = (torch.randn(32, 6, 4, 4) * 5.0 + 50.0).requires_grad_()
+    s = r.scores(h)
+    assert s.abs().max() <= 32 ** 0.5 * r.proj.weight.abs().sum(1).max()
+    (s[:, 0] - s[:, 1])[:8].sum().backward()  # (a plain sum over the batch has no gradient: centred)
+    assert h.grad is not None and h.grad.abs().sum() > 1e-3
+    assert r.in_mean.min() > 1.0  # the shifted batch moved the running mean
+    r.eval()
+    assert r.scores(h.detach()).abs().max() > 10 * s.abs().max()  # eval follows the (lagging) running ones
+
+
 def test_standardised_routers_split_inputs_from_the_first_batches():
     moe = _moe(router_norm=True).eval()
     for layer in moeify.moe_layers(moe).values():

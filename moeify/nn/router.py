@@ -17,13 +17,13 @@ NORM_EPS = 1e-5
 class LayerRouter(nn.Module):
     """The paper's router: global average pool of the layer's input, a linear layer to N scores.
 
-    With ``norm``, the pooled input is standardised per channel with running statistics (updated
-    in training mode, without a gradient; used as they are in eval) and the linear layer has no
-    bias: every expert's score then has mean zero over the inputs, so no expert can be preferred
-    by all of them at once (the way unnormalised routers collapse, docs/results.md), and the
-    scores follow how an image differs from the others. The statistics are those of the
-    full-width pooled vector the layer sees (zeros where an earlier MoE layer dropped channels),
-    so every execution strategy computes the same scores.
+    With ``norm``, the pooled input is standardised per channel, as BatchNorm does (the batch's
+    statistics in training, which also update running ones; the running ones in eval), and the
+    linear layer has no bias: every expert's score then has mean zero over the inputs, so no
+    expert can be preferred by all of them at once (the way unnormalised routers collapse,
+    docs/results.md), and the scores follow how an image differs from the others. The
+    statistics are those of the full-width pooled vector the layer sees (zeros where an earlier
+    MoE layer dropped channels), so every execution strategy computes the same scores.
     """
 
     def __init__(self, in_features: int, experts: int, top_k: int, cdim: int = 1, norm: bool = False) -> None:
@@ -50,10 +50,18 @@ class LayerRouter(nn.Module):
         return F.linear(h, take(proj.weight, 1, experts, h.shape[1] // len(experts)), proj.bias)
 
     def _standardised(self, h: torch.Tensor, experts: list[int] | None) -> torch.Tensor:
-        """W (h - mean) / std over the full-width pooled vector: F.linear(h, W / std) - (W / std)
-        mean, with h (and W's columns) restricted to ``experts`` when given."""
+        """W (h - mean) / std, with h (and W's columns) restricted to ``experts`` when given. In
+        training, as BatchNorm, the batch's own statistics (differentiated through) and the running
+        ones updated: standardised inputs stay bounded while the features move (running statistics
+        lag them early in training, and the scores grew into the thousands, measured); in eval,
+        the running statistics folded into the linear layer."""
         if self.training:
             self._update_stats(h, experts)
+            if h.shape[0] > 1:
+                w = self.proj.weight if experts is None else take(self.proj.weight, 1, experts, h.shape[1] // len(experts))
+                hf = h.float()
+                z = (hf - hf.mean(0)) * torch.rsqrt(hf.var(0, unbiased=False) + NORM_EPS)
+                return F.linear(z.to(h.dtype), w)
         w, bias = self._folded()
         if experts is not None:
             w = take(w, 1, experts, h.shape[1] // len(experts))
