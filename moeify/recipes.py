@@ -77,7 +77,7 @@ class TrainCfg:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: int = 0
+    warmup_epochs: float = 0  # linear learning-rate warm-up over this many epochs (a fraction: a share of the first)
     beta: float = 6.0  # TRADES
     balance: float = 0.0  # weight of a load-balancing loss on the routers (0 = off, as in the paper)
     z_loss: float = 0.0  # weight of the router z-loss (mean squared log-sum-exp of router scores; 0 = off)
@@ -278,6 +278,9 @@ def check(r: Recipe, source: str) -> None:
                    ("advmoe.router_steps", r.advmoe.router_steps), ("moe.experts", r.moe.experts)):
         if v < 1:
             raise MoeifyError(f"{source}: {key} must be >= 1, got {v}")
+    if not 0 <= t.warmup_epochs <= t.epochs:
+        raise MoeifyError(f"{source}: train.warmup_epochs must be between 0 and train.epochs ({t.epochs}), "
+                          f"got {t.warmup_epochs}")
     if r.attack.eps < 0:
         raise MoeifyError(f"{source}: attack.eps must be >= 0, got {r.attack.eps}")
     for key, v in (("train.expert_dropout", t.expert_dropout), ("train.revive_dead", t.revive_dead)):

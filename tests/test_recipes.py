@@ -58,6 +58,7 @@ def _write(tmp_path, text):
     ("model:\n  kind: dense\ntrain:\n  method: advmoe\n", [], "advmoe needs model.kind moe"),
     ("attack:\n  eps: -1\n", [], "attack.eps must be >= 0"),
     ("train:\n  expert_dropout: 1.0\n", [], "train.expert_dropout must be in [0, 1)"),
+    ("train:\n  epochs: 2\n  warmup_epochs: 3\n", [], "train.warmup_epochs must be between 0 and train.epochs"),
     ("{}", ["train.lr"], "--set expects KEY=VALUE"),
     ("{}", ["data.batch_size=big"], "data.batch_size must be int"),
 ])

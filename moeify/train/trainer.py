@@ -82,7 +82,7 @@ class Trainer:
         self.loader = DataLoader(self.data.train, batch_size=self.recipe.data.batch_size, drop_last=True,
                                  sampler=EpochSampler(len(self.data.train), t.seed), num_workers=self.recipe.data.workers)
         self.steps = len(self.loader) if t.max_steps_per_epoch is None else min(len(self.loader), t.max_steps_per_epoch)
-        total, warm = t.epochs * self.steps, t.warmup_epochs * self.steps
+        total, warm = t.epochs * self.steps, round(t.warmup_epochs * self.steps)
         self.sched_e = torch.optim.lr_scheduler.LambdaLR(self.opt_e, lr_lambda(t.schedule, total, warm))
         self.sched_r = None if self.opt_r is None else torch.optim.lr_scheduler.LambdaLR(
             self.opt_r, lr_lambda(adv.router_schedule if advmoe else t.schedule, total, warm))
