@@ -292,6 +292,7 @@ def evaluate(
     restarts: Annotated[int, typer.Option()] = 1,
     square_queries: Annotated[int, typer.Option("--square-queries")] = 1000,
     autoattack: Annotated[str, typer.Option("--autoattack", help="standard, or a comma-separated subset run with the standard settings: apgd-ce, apgd-t, fab-t, square.")] = "standard",
+    autoattack_targets: Annotated[int, typer.Option("--autoattack-targets", help="Target classes of APGD-T and FAB-T in a subset run (the standard suite's 9; fewer cost less).")] = 9,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for report.json and plots (default: TARGET's folder / eval).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the evaluation stopped in --out (finished attacks are kept).")] = False,
@@ -304,7 +305,8 @@ def evaluate(
 
     req = EvalRequest(model_file=str(model_file(target)), dataset=dataset, root=root, n=n, eps=eps, norm=norm,
                       attacks=_items(attacks), pgd_steps=pgd_steps, restarts=restarts, square_queries=square_queries,
-                      autoattack=() if autoattack == "standard" else _items(autoattack), batch_size=batch_size)
+                      autoattack=() if autoattack == "standard" else _items(autoattack),
+                      autoattack_targets=autoattack_targets, batch_size=batch_size)
     req.check()
     path = Path(target)
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent) / "eval"

@@ -39,6 +39,7 @@ class EvalRequest:
     restarts: int = 1
     square_queries: int = 1000
     autoattack: tuple[str, ...] = ()  # a subset of AutoAttack's suite; () = the standard suite
+    autoattack_targets: int = 9  # target classes of its APGD-T and FAB-T when a subset is run
     batch_size: int = 500
     routing: bool = True  # an MoE's routing dissection (flip rate, RA-R, RA-E, routing used, expert load)
 
@@ -47,6 +48,11 @@ class EvalRequest:
         if bad:
             raise MoeifyError(f"--autoattack: unknown attack(s) {', '.join(sorted(bad))}; use standard or some of "
                               f"{', '.join(AA_ATTACKS)}")
+        if self.autoattack_targets < 1:
+            raise MoeifyError(f"--autoattack-targets must be >= 1, got {self.autoattack_targets}")
+        if self.autoattack_targets != 9 and not self.autoattack:
+            raise MoeifyError("--autoattack-targets applies to a subset of AutoAttack (e.g. --autoattack apgd-ce,apgd-t); "
+                              "the standard suite keeps its 9 target classes")
         bad = set(self.attacks) - set(ATTACKS)
         if bad:
             raise MoeifyError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
@@ -96,6 +102,8 @@ def _fingerprint(req: EvalRequest, cfg: EvalConfig, path: Path, n: int, world: i
     fields = {k: getattr(cfg, k) for k in keep}
     if not cfg.routing:  # recorded only when off, so evaluations stopped before it existed still resume
         fields["routing"] = False
+    if cfg.autoattack_targets != 9:  # (likewise: recorded only when not the standard 9)
+        fields["autoattack_targets"] = cfg.autoattack_targets
     return {"model_sha256": digest, "dataset": req.dataset, "n": n, "processes": world,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
 
@@ -174,7 +182,7 @@ def evaluate_file(req: EvalRequest, out: Path, resume: bool = False, report_name
 
     cfg = EvalConfig(eps=eps, norm=norm, attacks=tuple(req.attacks), pgd_steps=req.pgd_steps,
                      pgd_restarts=req.restarts, batch_size=req.batch_size, square_queries=req.square_queries,
-                     autoattack=tuple(req.autoattack), routing=req.routing, log=log if main else (lambda s: None),
+                     autoattack=tuple(req.autoattack), autoattack_targets=req.autoattack_targets, routing=req.routing, log=log if main else (lambda s: None),
                      gather=gather)
     parts = out / (Path(report_name).stem + ".parts")
     with folder_lock(out, "evaluation") if main else contextlib.nullcontext():

@@ -45,6 +45,7 @@ class EvalConfig:
     batch_size: int = 250
     square_queries: int = 1000
     autoattack: tuple[str, ...] = ()  # a subset of AutoAttack's attacks (standard settings); () = the standard suite
+    autoattack_targets: int = 9  # target classes of APGD-T and FAB-T (the standard suite's 9; fewer cost less)
     sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of eps
     routing: bool = True  # an MoE's routing dissection: flip rate, RA-R, RA-E, routing used, expert load
     seed: int = 0
@@ -160,7 +161,7 @@ def _autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalCon
     aa = AutoAttack(model, eps=cfg.eps, norm=norm, version=version, seed=cfg.seed, device=x.device, **kw)
     if attacks:  # the standard suite's settings for each attack run on its own
         aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = 1
-        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 9
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = cfg.autoattack_targets
         aa.square.n_queries = cfg.square_queries if list(attacks) == ["square"] else 5000
     aa.verbose = False
     with bn_mode(model, "eval"), frozen(model):

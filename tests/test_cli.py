@@ -66,6 +66,7 @@ def test_convert_user_file():
     (("study", "fmnist", "--seeds", "1,1"), "--seeds: seeds must be a non-empty list of distinct integers"),
     (("bench", "cifar_resnet18", "--batch", "0"), "--batch must be positive integers like 1,16"),
     (("evaluate", "run", "--autoattack", "apgd-ce,fab"), "--autoattack: unknown attack(s) fab; use standard or some of"),
+    (("evaluate", "run", "--autoattack-targets", "3"), "--autoattack-targets applies to a subset of AutoAttack"),
     (("bench", "cifar_resnet18", "--model-kwargs", "width"), "--model-kwargs: 'width' is not key=value"),
 ])
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
