@@ -57,7 +57,8 @@ def robustify(recipe: Recipe, out: str | Path, resume: bool = False, stop_after:
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
                               log_with=trackers, project_dir=str(out), cpu=not torch.cuda.is_available())
     with folder_lock(out) if accelerator.is_main_process else contextlib.nullcontext():
-        _check_out(out, resume)  # again under the lock: another process may have started here meanwhile
+        if accelerator.is_main_process:  # again under the lock: another run may have started here meanwhile
+            _check_out(out, resume)  # (the main process only: the others would see what it has just written)
         if accelerator.is_main_process and not (out / "recipe.yaml").is_file():
             with ckpt.writing(out):
                 (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
