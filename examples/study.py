@@ -6,7 +6,7 @@ a time; each row is trained once per seed, evaluated (PGD-20, AutoAttack, MoE-ad
 timed, then OUT/results.md is written with the paired comparisons. Rerun to resume.
 
 Run: python examples/study.py [OUT] [--quick]
-The full study takes about 2 hours per seed on 2 CPU cores; --quick trains each row for two steps on
+The full study takes about an hour per seed on 2 CPU cores; --quick trains each row for two steps on
 a small subset, one seed, and evaluates with lighter attacks (PGD-3, no AutoAttack, Square with 50
 queries) to show the pipeline in about a minute, not a finding.
 """

@@ -27,9 +27,9 @@ def test_shipped_study_builds_the_paper_rows():
     assert kinds["MoE-AdvMoE"] == ("moe", "advmoe") and kinds["MoE-AdvMoE (live routing)"] == ("moe", "advmoe")
     # AT uses AdvMoE's robust loss, so only the schedule differs
     assert first["MoE-AdvMoE"].advmoe.loss == "trades"
-    # the paper's router beside live routing (standardised router, soft warm-up)
+    # the paper's router beside live routing (standardised router); every row at one learning rate
     assert not first["MoE-AT"].moe.router_norm and first["MoE-AT (live routing)"].moe.router_norm
-    assert first["MoE-AT (live routing)"].train.soft_warmup > 0
+    assert len({(r.train.lr, r.train.epochs, r.train.max_steps_per_epoch) for r in first.values()}) == 1
     # every row once per seed, each in its own folder with its own seed
     assert len(study.seeds) >= 3 and len(plan.rows) == len(study.rows) * len(study.seeds)
     for name, runs in plan.seeds.items():
@@ -47,6 +47,7 @@ def test_shipped_study_builds_the_paper_rows():
     ("rows:\n  - {name: a}\nevaluate: {n: many}\n", "evaluate.n must be int"),
     ("rows:\n  - {name: a}\nevaluate: {autoattack: [fab]}\n", "evaluate.autoattack must list some of apgd-ce"),
     ("rows:\n  - {name: a}\nseeds: [0, 0]\n", "seeds must be a non-empty list of distinct integers"),
+    ("rows:\n  - {name: a}\nevaluate: {autoattack_targets: 3}\n", "evaluate.autoattack_targets applies to a subset"),
     ("rows:\n  - {name: a}\ncomparisons: [[a, b]]\n", "each comparison must be a pair of row names"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, text, message):
