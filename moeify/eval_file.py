@@ -182,8 +182,8 @@ def evaluate_file(req: EvalRequest, out: Path, resume: bool = False, report_name
 
     cfg = EvalConfig(eps=eps, norm=norm, attacks=tuple(req.attacks), pgd_steps=req.pgd_steps,
                      pgd_restarts=req.restarts, batch_size=req.batch_size, square_queries=req.square_queries,
-                     autoattack=tuple(req.autoattack), autoattack_targets=req.autoattack_targets, routing=req.routing, log=log if main else (lambda s: None),
-                     gather=gather)
+                     autoattack=tuple(req.autoattack), autoattack_targets=req.autoattack_targets, routing=req.routing,
+                     log=log if main else (lambda s: None), gather=gather)
     parts = out / (Path(report_name).stem + ".parts")
     with folder_lock(out, "evaluation") if main else contextlib.nullcontext():
         _open_parts(parts, _fingerprint(req, cfg, path, n, world), resume, main, acc.wait_for_everyone)

@@ -53,8 +53,8 @@ class LayerRouter(nn.Module):
         """W (h - mean) / std, with h (and W's columns) restricted to ``experts`` when given. In
         training, as BatchNorm, the batch's own statistics (differentiated through) and the running
         ones updated: standardised inputs stay bounded while the features move (running statistics
-        lag them early in training, and the scores grew into the thousands, measured); in eval,
-        the running statistics folded into the linear layer."""
+        lag them early in training, and the scores ran away, docs/results.md); in eval, the
+        running statistics folded into the linear layer."""
         if self.training:
             self._update_stats(h, experts)
             if h.shape[0] > 1:
