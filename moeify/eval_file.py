@@ -21,7 +21,7 @@ import torch
 
 from . import io
 from .errors import MoeifyError
-from .evaluate import AA_ATTACKS, ATTACKS, EvalConfig, Part, evaluate
+from .evaluate import AA_ATTACKS, AA_TARGETS, ATTACKS, EvalConfig, Part, evaluate, targets_problem
 from .lock import folder_lock
 
 
@@ -39,7 +39,7 @@ class EvalRequest:
     restarts: int = 1
     square_queries: int = 1000
     autoattack: tuple[str, ...] = ()  # a subset of AutoAttack's suite; () = the standard suite
-    autoattack_targets: int = 9  # target classes of its APGD-T and FAB-T when a subset is run
+    autoattack_targets: int = AA_TARGETS  # target classes of its APGD-T and FAB-T when a subset is run
     batch_size: int = 500
     routing: bool = True  # an MoE's routing dissection (flip rate, RA-R, RA-E, routing used, expert load)
 
@@ -48,11 +48,9 @@ class EvalRequest:
         if bad:
             raise MoeifyError(f"--autoattack: unknown attack(s) {', '.join(sorted(bad))}; use standard or some of "
                               f"{', '.join(AA_ATTACKS)}")
-        if self.autoattack_targets < 1:
-            raise MoeifyError(f"--autoattack-targets must be >= 1, got {self.autoattack_targets}")
-        if self.autoattack_targets != 9 and not self.autoattack:
-            raise MoeifyError("--autoattack-targets applies to a subset of AutoAttack (e.g. --autoattack apgd-ce,apgd-t); "
-                              "the standard suite keeps its 9 target classes")
+        problem = targets_problem(self.autoattack_targets, self.autoattack)
+        if problem:
+            raise MoeifyError(f"--autoattack-targets {problem}")
         bad = set(self.attacks) - set(ATTACKS)
         if bad:
             raise MoeifyError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
@@ -102,7 +100,7 @@ def _fingerprint(req: EvalRequest, cfg: EvalConfig, path: Path, n: int, world: i
     fields = {k: getattr(cfg, k) for k in keep}
     if not cfg.routing:  # recorded only when off, so evaluations stopped before it existed still resume
         fields["routing"] = False
-    if cfg.autoattack_targets != 9:  # (likewise: recorded only when not the standard 9)
+    if cfg.autoattack_targets != AA_TARGETS:  # (likewise: recorded only when not the standard number)
         fields["autoattack_targets"] = cfg.autoattack_targets
     return {"model_sha256": digest, "dataset": req.dataset, "n": n, "processes": world,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}

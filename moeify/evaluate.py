@@ -33,6 +33,18 @@ from .nn.policy import Fixed, Forced, Recorder, Soft, routing_policy
 
 ATTACKS = ("pgd", "autoattack", "adaptive", "square", "sweep")
 AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")  # AutoAttack's standard suite, in its order
+AA_TARGETS = 9  # the standard suite's target classes for APGD-T and FAB-T
+
+
+def targets_problem(targets: int, subset) -> str | None:
+    """What is wrong with ``targets`` target classes for AutoAttack run as ``subset`` (empty: the
+    standard suite, which keeps its own), or None."""
+    if targets < 1:
+        return f"must be >= 1, got {targets}"
+    if targets != AA_TARGETS and not subset:
+        return (f"applies to a subset of AutoAttack (such as apgd-ce,apgd-t); the standard suite keeps its "
+                f"{AA_TARGETS} target classes")
+    return None
 
 
 @dataclass
@@ -45,7 +57,7 @@ class EvalConfig:
     batch_size: int = 250
     square_queries: int = 1000
     autoattack: tuple[str, ...] = ()  # a subset of AutoAttack's attacks (standard settings); () = the standard suite
-    autoattack_targets: int = 9  # target classes of APGD-T and FAB-T (the standard suite's 9; fewer cost less)
+    autoattack_targets: int = AA_TARGETS  # target classes of APGD-T and FAB-T in a subset (fewer cost less)
     sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of eps
     routing: bool = True  # an MoE's routing dissection: flip rate, RA-R, RA-E, routing used, expert load
     seed: int = 0

@@ -26,7 +26,7 @@ from .bench import interleaved, machine
 from .data import as_tensors, load_data
 from .errors import MoeifyError
 from .eval_file import EvalRequest, evaluate_file
-from .evaluate import AA_ATTACKS, correct_from_bits
+from .evaluate import AA_ATTACKS, AA_TARGETS, correct_from_bits, targets_problem
 from .lock import folder_lock
 from .recipes import Recipe, apply_overrides, build_config, check, find_recipe
 from .stats import paired_difference
@@ -54,7 +54,7 @@ class StudyEval:
     pgd_n: int = 0  # clean and PGD on this many (its first n are the images above); 0 = n
     attacks: list = field(default_factory=lambda: ["pgd", "autoattack", "adaptive"])
     autoattack: list = field(default_factory=list)  # a subset of AutoAttack's suite; [] = standard
-    autoattack_targets: int = 9  # target classes of the subset's APGD-T / FAB-T (the standard suite's 9)
+    autoattack_targets: int = AA_TARGETS  # target classes of the subset's APGD-T / FAB-T
     pgd_steps: int = 20
     square_queries: int = 1000
     batch_size: int = 500
@@ -120,9 +120,9 @@ def load_study(name_or_path: str) -> tuple[Study, Path]:
     if set(study.evaluate.autoattack) - set(AA_ATTACKS):
         raise MoeifyError(f"{path}: evaluate.autoattack must list some of {', '.join(AA_ATTACKS)} (or be empty for the "
                           f"standard suite), got {study.evaluate.autoattack}")
-    if study.evaluate.autoattack_targets != 9 and not study.evaluate.autoattack:
-        raise MoeifyError(f"{path}: evaluate.autoattack_targets applies to a subset of AutoAttack (evaluate.autoattack); "
-                          "the standard suite keeps its 9 target classes")
+    problem = targets_problem(study.evaluate.autoattack_targets, study.evaluate.autoattack)
+    if problem:
+        raise MoeifyError(f"{path}: evaluate.autoattack_targets {problem}")
     if study.dissection and study.dissection.init not in names:
         raise MoeifyError(f"{path}: dissection.init must name a row ({', '.join(names)}), got {study.dissection.init!r}")
     check_seeds(study.seeds, str(path))
@@ -448,10 +448,11 @@ def render(study: Study, c: dict) -> str:
     for r in rows:
         L.append(f"| {r['name']} | {_pm(r, 'clean_acc')} | {_pm(r, 'pgd_acc')} | {_pm(r, 'autoattack_acc')} | "
                  f"{_pm(r, 'adaptive_acc')} | {r['macs_per_sample'] / 1e6:.2f} M | {r['latency_ms']:.2f} | {r['train_s']:.0f} |")
-    targets = ev.get("autoattack_targets", 9)
+    targets = ev.get("autoattack_targets", AA_TARGETS)
     aa = ("the standard suite" if not ev["autoattack"] else
           f"{' + '.join(a.upper() for a in ev['autoattack'])} of the standard suite, with its settings"
-          + (f" but {targets} target classes (the standard 9 cost {9 / targets:.0f}x more)" if targets != 9 else "")
+          + (f" but {targets} target classes (the standard {AA_TARGETS} cost {AA_TARGETS / targets:.0f}x more)"
+             if targets != AA_TARGETS else "")
           + " (the rest of the suite left out for the compute budget)")
     flags = [f"{r['name']} ({f})" for r in rows for f in r["flags"]]
     L += ["", f"AutoAttack RA: `pyautoattack`, {aa}. "

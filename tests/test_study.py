@@ -48,6 +48,8 @@ def test_shipped_study_builds_the_paper_rows():
     ("rows:\n  - {name: a}\nevaluate: {autoattack: [fab]}\n", "evaluate.autoattack must list some of apgd-ce"),
     ("rows:\n  - {name: a}\nseeds: [0, 0]\n", "seeds must be a non-empty list of distinct integers"),
     ("rows:\n  - {name: a}\nevaluate: {autoattack_targets: 3}\n", "evaluate.autoattack_targets applies to a subset"),
+    ("rows:\n  - {name: a}\nevaluate: {autoattack: [apgd-t], autoattack_targets: 0}\n",
+     "evaluate.autoattack_targets must be >= 1"),
     ("rows:\n  - {name: a}\ncomparisons: [[a, b]]\n", "each comparison must be a pair of row names"),
 ])
 def test_bad_study_files_name_the_problem(tmp_path, text, message):
