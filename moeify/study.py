@@ -231,10 +231,11 @@ def _eval_data(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _evaluate(run: Path, attacks: list[str], ev: StudyEval, log: Callable[[str], None], tag: str = "eval",
-              n: int | None = None, routing: bool = True) -> dict:
-    """RUN/TAG.json: the row's model evaluated on the study's first ``n`` test images (resumed if
-    stopped); ``routing``: with an MoE's routing dissection."""
-    req = EvalRequest(model_file=str(run / "model.moe"), n=n or ev.n, attacks=tuple(attacks), pgd_steps=ev.pgd_steps,
+              n: int | None = None, routing: bool = True, start: int = 0) -> dict:
+    """RUN/TAG.json: the row's model evaluated on the study's test images ``start`` to ``n``
+    (resumed if stopped); ``routing``: with an MoE's routing dissection."""
+    req = EvalRequest(model_file=str(run / "model.moe"), n=n or ev.n, start=start, attacks=tuple(attacks),
+                      pgd_steps=ev.pgd_steps,
                       square_queries=ev.square_queries, autoattack=tuple(ev.autoattack),
                       autoattack_targets=ev.autoattack_targets, batch_size=ev.batch_size,
                       routing=routing)
@@ -303,9 +304,9 @@ def _run_rows(plan: Plan, recipes: dict[Path, Recipe], ev: StudyEval, out: Path,
         _train(recipes[run], run, log, console)
         log(f"{name} ({run.name}): evaluating on {ev.n} test images ({', '.join(ev.attacks)})")
         _evaluate(run, ev.attacks, ev, log)
-        if ev.pgd_n > ev.n:
-            log(f"{name} ({run.name}): clean and PGD-{ev.pgd_steps} on {ev.pgd_n} test images")
-            _evaluate(run, ["pgd"], ev, log, tag="eval-pgd", n=ev.pgd_n, routing=False)  # eval.json has it
+        if ev.pgd_n > ev.n and not (run / "eval-pgd.json").is_file():  # (a study run before eval-rest)
+            log(f"{name} ({run.name}): clean and PGD-{ev.pgd_steps} on test images {ev.n + 1} to {ev.pgd_n}")
+            _evaluate(run, ["pgd"], ev, log, tag="eval-rest", n=ev.pgd_n, routing=False, start=ev.n)
     for name, run, _ in plan.dissection:
         _train(recipes[run], run, log, console)
         log(f"{name}: evaluating (PGD-{ev.pgd_steps}, flip rate, RA-E)")
@@ -343,10 +344,29 @@ METRICS = (("clean", "clean", True), ("PGD-20", "pgd", True), ("worst case", "wo
 
 def _reports(run: Path) -> tuple[dict, dict]:
     """(all attacks, clean and PGD) reports of one trained row; the second is the first when the
-    study evaluates clean and PGD on the same images."""
+    study evaluates clean and PGD on the same images, else the first joined with the rest's
+    (eval-rest.json), or the one evaluation of them all that studies made before (eval-pgd.json)."""
     full = json.loads((run / "eval.json").read_text())
-    wide = run / "eval-pgd.json"
-    return full, json.loads(wide.read_text()) if wide.is_file() else full
+    wide, rest = run / "eval-pgd.json", run / "eval-rest.json"
+    if wide.is_file():
+        return full, json.loads(wide.read_text())
+    return full, _joined(full, json.loads(rest.read_text())) if rest.is_file() else full
+
+
+def _clean_pgd_files(run: Path) -> str:
+    """The report files of a row that hold its clean and PGD results."""
+    return ", ".join(["eval.json"] + [f for f in ("eval-pgd.json", "eval-rest.json") if (run / f).is_file()][:1])
+
+
+def _joined(head: dict, rest: dict) -> dict:
+    """Clean and PGD over the head report's images followed by the rest's: what one evaluation of
+    them all reports (PGD draws its random starts per batch of images: with the head a whole
+    number of batches, the same run)."""
+    out: dict = {"n_examples": head["n_examples"] + rest["n_examples"], "per_example": {}}
+    for key in ("clean", "pgd"):
+        bits = head["per_example"][key] + rest["per_example"][key]
+        out["per_example"][key], out[f"{key}_acc"] = bits, bits.count("1") / len(bits)
+    return out
 
 
 def _mean(values: list) -> float | None:
@@ -386,7 +406,7 @@ def _collect(study: Study, plan: Plan, out: Path, recipes: dict[Path, Recipe]) -
                      "kind": first.model.kind, "method": first.train.method, "seeds": [p["seed"] for p in per_seed],
                      "train_s": _mean([p["train_s"] for p in per_seed]), "latency_ms": lat["ms"][name],
                      "macs_per_sample": reps[0][0].get("macs_per_sample"), "n_examples": reps[0][0].get("n_examples"),
-                     "pgd_n": reps[0][1].get("n_examples"),
+                     "pgd_n": reps[0][1].get("n_examples"), "clean_pgd_files": _clean_pgd_files(runs[0]),
                      **{k: _mean([p[k] for p in per_seed]) for k in ACCURACIES + ROUTING + ("entropy",)},
                      **{f"{k}_sd": _spread([p[k] for p in per_seed]) for k in ACCURACIES},
                      "flags": [f"seed {p['seed']}: {f}" for p in per_seed for f in p["flags"]],
@@ -493,8 +513,7 @@ def render(study: Study, c: dict) -> str:
         L.append(f"- {r['name']}: `{' '.join(r['set'])}` → {r['run']}")
     L += ["", f"Training seeds: {seeds}; evaluation seed 0 (the test subset and every attack's random start). "
           f"Evaluation: `{', '.join(ev['attacks'])}`, PGD-{ev['pgd_steps']}, Square {ev['square_queries']} queries; "
-          "per-row reports, with every example's correctness, are in each run folder (eval.json"
-          + (", eval-pgd.json" if pgd_n != n else "") + ")."]
+          f"per-row reports, with every example's correctness, are in each run folder ({rows[0]['clean_pgd_files']})."]
     return "\n".join(L) + "\n"
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import moeify
 from moeify.eval_file import EvalRequest, evaluate_file
 from moeify.recipes import load_recipe, recipe_from_dict
+from moeify.study import _joined
 from moeify.lock import LOCK_NAME
 from moeify.train import robustify
 from moeify.train.checkpoint import saved_epoch
@@ -186,6 +187,24 @@ def test_a_killed_evaluation_continues_from_its_finished_attacks(tmp_path, refer
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
     assert json.loads((out / "report.json").read_text())["clean_acc"] == whole["clean_acc"]
     assert not (out / "report.parts").exists()
+
+
+def test_an_evaluation_in_two_slices_joins_to_one(tmp_path, reference):
+    """The study's clean and PGD split in two (eval.json on the first images, eval-rest.json on the
+    others) gives every image the result one evaluation of them all gives; a start past the last
+    image is refused."""
+    model = reference[1] / "model.moe"
+
+    def req(n, start=0):
+        return EvalRequest(model_file=str(model), n=n, start=start, attacks=("pgd",), pgd_steps=2, batch_size=16,
+                           routing=False)
+    whole = evaluate_file(req(48), tmp_path / "whole")
+    joined = _joined(evaluate_file(req(16), tmp_path / "head"), evaluate_file(req(48, 16), tmp_path / "rest"))
+    assert joined["per_example"] == {k: whole["per_example"][k] for k in ("clean", "pgd")}
+    assert joined["n_examples"] == 48
+    assert (joined["clean_acc"], joined["pgd_acc"]) == pytest.approx((whole["clean_acc"], whole["pgd_acc"]))
+    with pytest.raises(moeify.MoeifyError, match="start 48 leaves no image of the 48"):
+        evaluate_file(req(48, 48), tmp_path / "none")
 
 
 STUDY = """name: tiny
