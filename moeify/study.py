@@ -353,9 +353,9 @@ def _reports(run: Path) -> tuple[dict, dict]:
     return full, _joined(full, json.loads(rest.read_text())) if rest.is_file() else full
 
 
-def _clean_pgd_files(run: Path) -> str:
-    """The report files of a row that hold its clean and PGD results."""
-    return ", ".join(["eval.json"] + [f for f in ("eval-pgd.json", "eval-rest.json") if (run / f).is_file()][:1])
+def _clean_pgd_files(runs: list[Path]) -> list[str]:
+    """The report files of a row's runs that hold their clean and PGD results."""
+    return ["eval.json"] + [f for f in ("eval-pgd.json", "eval-rest.json") if any((r / f).is_file() for r in runs)]
 
 
 def _joined(head: dict, rest: dict) -> dict:
@@ -406,7 +406,7 @@ def _collect(study: Study, plan: Plan, out: Path, recipes: dict[Path, Recipe]) -
                      "kind": first.model.kind, "method": first.train.method, "seeds": [p["seed"] for p in per_seed],
                      "train_s": _mean([p["train_s"] for p in per_seed]), "latency_ms": lat["ms"][name],
                      "macs_per_sample": reps[0][0].get("macs_per_sample"), "n_examples": reps[0][0].get("n_examples"),
-                     "pgd_n": reps[0][1].get("n_examples"), "clean_pgd_files": _clean_pgd_files(runs[0]),
+                     "pgd_n": reps[0][1].get("n_examples"), "clean_pgd_files": _clean_pgd_files(runs),
                      **{k: _mean([p[k] for p in per_seed]) for k in ACCURACIES + ROUTING + ("entropy",)},
                      **{f"{k}_sd": _spread([p[k] for p in per_seed]) for k in ACCURACIES},
                      "flags": [f"seed {p['seed']}: {f}" for p in per_seed for f in p["flags"]],
@@ -513,7 +513,8 @@ def render(study: Study, c: dict) -> str:
         L.append(f"- {r['name']}: `{' '.join(r['set'])}` → {r['run']}")
     L += ["", f"Training seeds: {seeds}; evaluation seed 0 (the test subset and every attack's random start). "
           f"Evaluation: `{', '.join(ev['attacks'])}`, PGD-{ev['pgd_steps']}, Square {ev['square_queries']} queries; "
-          f"per-row reports, with every example's correctness, are in each run folder ({rows[0]['clean_pgd_files']})."]
+          "per-row reports, with every example's correctness, are in each run folder "
+          f"({', '.join(dict.fromkeys(f for r in rows for f in r['clean_pgd_files']))})."]
     return "\n".join(L) + "\n"
 
 
