@@ -235,10 +235,8 @@ def _evaluate(run: Path, attacks: list[str], ev: StudyEval, log: Callable[[str],
     """RUN/TAG.json: the row's model evaluated on the study's test images ``start`` to ``n``
     (resumed if stopped); ``routing``: with an MoE's routing dissection."""
     req = EvalRequest(model_file=str(run / "model.moe"), n=n or ev.n, start=start, attacks=tuple(attacks),
-                      pgd_steps=ev.pgd_steps,
-                      square_queries=ev.square_queries, autoattack=tuple(ev.autoattack),
-                      autoattack_targets=ev.autoattack_targets, batch_size=ev.batch_size,
-                      routing=routing)
+                      pgd_steps=ev.pgd_steps, square_queries=ev.square_queries, autoattack=tuple(ev.autoattack),
+                      autoattack_targets=ev.autoattack_targets, batch_size=ev.batch_size, routing=routing)
     return evaluate_file(req, run, resume=True, report_name=f"{tag}.json", log=log, plots=False)
 
 
