@@ -55,8 +55,8 @@ class EvalRequest:
         bad = set(self.attacks) - set(ATTACKS)
         if bad:
             raise MoeifyError(f"unknown attack(s) {', '.join(sorted(bad))}; choose from {', '.join(ATTACKS)}")
-        if self.start < 0 or (self.n is not None and self.start >= self.n):
-            raise MoeifyError(f"start {self.start} leaves no image of the {self.n} to evaluate; choose 0 <= start < n")
+        if self.start < 0:
+            raise MoeifyError(f"start must be >= 0 (the first image to evaluate), got {self.start}")
         if not Path(self.model_file).is_file():
             raise MoeifyError(f"{self.model_file} is neither a run folder with model.moe nor a saved model file")
 
@@ -101,11 +101,13 @@ def _fingerprint(req: EvalRequest, cfg: EvalConfig, path: Path, n: int, world: i
     keep = ("eps", "norm", "attacks", "pgd_steps", "pgd_restarts", "batch_size", "square_queries", "autoattack",
             "sweep", "seed")
     fields = {k: getattr(cfg, k) for k in keep}
-    if req.start:  # (recorded only when set, so evaluations stopped before it existed still resume)
+    # settings added later: recorded only when not at their default, so evaluations stopped before they existed
+    # still resume
+    if req.start:
         fields["start"] = req.start
-    if not cfg.routing:  # recorded only when off, so evaluations stopped before it existed still resume
+    if not cfg.routing:
         fields["routing"] = False
-    if cfg.autoattack_targets != AA_TARGETS:  # (likewise: only when not the standard number)
+    if cfg.autoattack_targets != AA_TARGETS:
         fields["autoattack_targets"] = cfg.autoattack_targets
     return {"model_sha256": digest, "dataset": req.dataset, "n": n, "processes": world,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
@@ -167,6 +169,8 @@ def evaluate_file(req: EvalRequest, out: Path, resume: bool = False, report_name
     data = load_data(dataset, req.root or data_cfg.get("root"), val_size=data_cfg.get("val_size", 1000),
                      download=bool(data_cfg.get("download", False)), test_subset=req.n)
     x, y = as_tensors(data.test)
+    if req.start >= len(y):
+        raise MoeifyError(f"start {req.start} leaves no image of the {len(y)} to evaluate; choose 0 <= start < {len(y)}")
     x, y = x[req.start:], y[req.start:]
     acc = Accelerator(cpu=not torch.cuda.is_available())  # `accelerate launch` / torchrun: shard the examples
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process

@@ -192,7 +192,7 @@ def test_a_killed_evaluation_continues_from_its_finished_attacks(tmp_path, refer
 def test_an_evaluation_in_two_slices_joins_to_one(tmp_path, reference):
     """The study's clean and PGD split in two (eval.json on the first images, eval-rest.json on the
     others) gives every image the result one evaluation of them all gives; a start past the last
-    image is refused."""
+    image, or below 0, is refused with nothing written."""
     model = reference[1] / "model.moe"
 
     def req(n, start=0):
@@ -205,6 +205,9 @@ def test_an_evaluation_in_two_slices_joins_to_one(tmp_path, reference):
     assert (joined["clean_acc"], joined["pgd_acc"]) == pytest.approx((whole["clean_acc"], whole["pgd_acc"]))
     with pytest.raises(moeify.MoeifyError, match="start 48 leaves no image of the 48"):
         evaluate_file(req(48, 48), tmp_path / "none")
+    with pytest.raises(moeify.MoeifyError, match="start must be >= 0"):
+        evaluate_file(req(48, -1), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
 
 
 STUDY = """name: tiny
