@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .conversion import convert, moe_layers
+from .errors import MoeifyError
+from .fold import fold_batchnorm
 from .macs import count_macs
 from .nn import GlobalRouter, LayerRouter, execution
 from .nn.executors import get_executor
@@ -199,19 +201,24 @@ def _hashed_noise(like: torch.Tensor, key: int) -> torch.Tensor:
 def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",
             mode: str = "eval", channels_last: bool = True, compile: bool = False,
             routing: str = "spread", input_size: tuple[int, ...] | None = None,
-            model_kwargs: dict | None = None) -> list[BenchRow]:
+            model_kwargs: dict | None = None, fold_bn: bool = False) -> list[BenchRow]:
     """Median latency per batch of dense, static twin (+ routers) and the MoE under each execution
     strategy, with executed MACs.
 
     ``routing="spread"`` routes samples independently at random (the case a trained model is
-    in); ``"model"`` keeps the freshly initialised routers' choices.
+    in); ``"model"`` keeps the freshly initialised routers' choices. ``fold_bn``: every variant
+    with its BatchNorms folded into the convs (``fold_batchnorm``; inference only).
     """
+    if fold_bn and mode != "eval":
+        raise MoeifyError("folded BatchNorm is for inference: benchmark it in eval mode")
     dense = create_model(name, input_size=input_size, **(model_kwargs or {}))
+    size = dense.moeify_input_size
     models = {"dense": dense, "static twin": static_twin(dense, spec=spec), "moe": convert(dense, spec=spec)}
-    models["twin + routers"] = with_routers(models["static twin"], models["moe"])
     if routing == "spread":
         spread_routing(models["moe"])
-    size = dense.moeify_input_size
+    if fold_bn:
+        models = {k: fold_batchnorm(m.eval()) for k, m in models.items()}
+    models["twin + routers"] = with_routers(models["static twin"], models["moe"])
     fmt = torch.channels_last if channels_last and len(size) == 3 else torch.contiguous_format
     for m in models.values():
         m.train(mode == "train").to(device, memory_format=fmt)

@@ -171,6 +171,7 @@ def bench(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="Constructor arguments, e.g. width=16,stem_stride=2.")] = None,
     calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Instead: measure the table the auto strategy reads (reference models, --batch sizes, --device) and write it here.")] = None,
+    fold_bn: Annotated[bool, typer.Option("--fold-bn", help="Fold every variant's BatchNorms into its convs first, as deployed inference does (eval only).")] = False,
 ) -> None:
     """Time dense, static twin (+ routers) and the MoE under every execution strategy (interleaved, medians)."""
     import json
@@ -189,13 +190,15 @@ def bench(
         raise MoeifyError(f"--routing must be spread or model, not {routing!r}")
     if json_out and os.path.exists(json_out):
         raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
+    if fold_bn and (mode != "eval" or calibrate):
+        raise MoeifyError("--fold-bn folds inference BatchNorm: use it with --mode eval and without --calibrate")
     batches = _int_list(batch, "--batch", "1,16", positive=True)
     if calibrate:
         _calibrate(calibrate, batches, repeats, device, mode, (2, 4, 8) if sweep else (2,))
         return
     size = _size(input_size)
     kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size,
-              model_kwargs=_kwargs(model_kwargs))
+              model_kwargs=_kwargs(model_kwargs), fold_bn=fold_bn)
     if sweep:
         conv_s = None
         rows = run_sweep(model, batches, scope=scope, cuts=cuts, **kw)
@@ -204,12 +207,15 @@ def bench(
         conv_s = convert_seconds(model, spec, input_size=size, model_kwargs=kw["model_kwargs"])
         rows = compare(model, spec, batches, **kw)
     title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}"
+    if fold_bn:
+        title += ", BatchNorm folded"
     if conv_s is not None:
         title += f"; convert: {conv_s:.2f} s"
     console.print(_bench_table(rows, title))
     if json_out:
         with open(json_out, "w") as f:
-            json.dump({"machine": machine(device), "convert_seconds": conv_s, "rows": rows_as_dicts(rows)}, f, indent=2)
+            json.dump({"machine": machine(device), "convert_seconds": conv_s, "batchnorm_folded": fold_bn,
+                       "rows": rows_as_dicts(rows)}, f, indent=2)
 
 
 def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: str,

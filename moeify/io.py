@@ -18,6 +18,9 @@ FORMAT = "moeify/1"
 def model_info(model: nn.Module) -> dict:
     """What ``load`` needs to rebuild ``model``: an MoE model (``convert``), its static twin
     (``static_twin``), or a dense model made by ``create_model``."""
+    if getattr(model, "moeify_folded", False):
+        raise MoeifyError("a model from fold_batchnorm() has no BatchNorm left to rebuild; save the model before "
+                          "folding it, and fold it again after load()")
     info = getattr(model, "moeify_info", None)
     if info is not None:
         return info

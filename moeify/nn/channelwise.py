@@ -149,7 +149,7 @@ class MoEChannelwiseMixin:
             return super().forward(x)  # type: ignore[misc]
         if isinstance(self, nn.modules.batchnorm._BatchNorm):
             y = route.executor.batch_norm(self, x, route)
-            if _is_norm_act(type(self).__mro__[2]):
+            if is_norm_act(type(self).__mro__[2]):
                 y = self.act(self.drop(y))
             return y
         return route.executor.depthwise(self, x, route)
@@ -160,7 +160,7 @@ def make_channelwise_module(m: nn.Module) -> nn.Module:
     return with_mixin(m, MoEChannelwiseMixin)
 
 
-def _is_norm_act(cls: type) -> bool:
+def is_norm_act(cls: type) -> bool:
     """timm's BatchNormAct: batch norm, then its ``drop`` and ``act`` modules (both channel-blind)."""
     return cls.__name__.startswith("BatchNormAct") and cls.__module__.startswith("timm.")
 
@@ -172,7 +172,7 @@ def routable(m: nn.Module) -> bool:
         cls = type(m)
         if cls.forward is nn.modules.batchnorm._BatchNorm.forward:
             return True
-        return _is_norm_act(cls) and not any(True for _ in m.act.parameters()) and \
+        return is_norm_act(cls) and not any(True for _ in m.act.parameters()) and \
             not any(True for _ in m.drop.parameters())
     if isinstance(m, nn.modules.conv._ConvNd):
         base = type(m).forward
