@@ -275,6 +275,8 @@ def sweep(name: str, batches: list[int], experts: tuple[int, ...] = (2, 4, 8), s
 CALIBRATION_MODELS = (  # name, spec, input size, constructor kwargs: small and large, paper and default scope
     ("cifar_resnet_small", MoESpec(experts=2, top_k=1, scope="hidden"), (1, 28, 28),
      {"width": 16, "stem_stride": 2, "in_chans": 1}),  # the quickstart's backbone
+    ("cifar_resnet_small", MoESpec(experts=2, top_k=1, scope="hidden"), (1, 28, 28),
+     {"width": 64, "stem_stride": 2, "in_chans": 1}),  # the same at width 64: a mid-size model
     ("cifar_resnet18", MoESpec(experts=2, top_k=1, scope="paper"), (3, 32, 32), {}),
     ("cifar_resnet18", MoESpec(experts=2, top_k=1, scope="paper"), (1, 28, 28), {"width": 16, "stem_stride": 2, "in_chans": 1}),
     ("resnet18", MoESpec(experts=2, top_k=1, scope="hidden"), (3, 224, 224), {}),
