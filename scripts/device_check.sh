@@ -30,6 +30,9 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   timeout 90 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,16,256,1024 --repeats 9 --device cuda --json "$OUT/cuda_default.json"
   timeout 150 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,256 --repeats 9 --device cuda --compile --json "$OUT/cuda_default_compiled.json"
 
+  step bench the paper CIFAR ResNet-18, BatchNorm folded on every side
+  timeout 60 python3 -m moeify bench cifar_resnet18 --scope paper --experts 2 --top-k 1 --batch 1,128,1024 --repeats 9 --device cuda --fold-bn --json "$OUT/cuda_paper_folded.json"
+
   step bench paper scope, training step
   timeout 60 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 256 --mode train --repeats 5 --device cuda --json "$OUT/cuda_train.json"
 
