@@ -20,9 +20,7 @@ from .errors import MoeifyError
 from .graph.trace import trace
 from .nn.channelwise import MoEChannelwiseMixin, is_norm_act
 from .nn.gated import MoEGatedMixin
-
-_PLAIN_CONV = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
-
+from .nn.kernel import PLAIN_CONV_FORWARDS
 
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """A copy of ``model`` (in eval mode) in which every BatchNorm whose input is a conv's output,
@@ -40,8 +38,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    gm.moeify_info = None  # not rebuildable by load(): save the model before folding
-    gm.moeify_folded = True
+    gm.moeify_folded = True  # save() refuses it: load() could not rebuild a model without its BatchNorms
     return gm
 
 
@@ -81,7 +78,7 @@ def _plain_conv(m: nn.Module) -> bool:
         return False
     if isinstance(m, MoEGatedMixin):
         return m._moe_kind() == "conv"
-    return _base(m).forward in _PLAIN_CONV
+    return _base(m).forward in PLAIN_CONV_FORWARDS
 
 
 def _fold(gm: fx.GraphModule, bn_node: fx.Node, conv_node: fx.Node) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gated import with_mixin
+from .kernel import PLAIN_CONV_FORWARDS
 from .packing import broadcast, cached, expert_channels, take
 from .route import Route
 
@@ -176,6 +177,6 @@ def routable(m: nn.Module) -> bool:
             not any(True for _ in m.drop.parameters())
     if isinstance(m, nn.modules.conv._ConvNd):
         base = type(m).forward
-        plain = base in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+        plain = base in PLAIN_CONV_FORWARDS
         return plain and m.padding_mode == "zeros" and m.groups == m.in_channels == m.out_channels
     return False

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernel import WEIGHT_RULES, Kernel
+from .kernel import PLAIN_CONV_FORWARDS, WEIGHT_RULES, Kernel
 from .packing import PackedBranch, cached
 from .route import Route
 from .rowgroups import as_tensor
@@ -54,7 +54,7 @@ class MoEGatedMixin:
         if isinstance(self, nn.Linear) and base.forward is nn.Linear.forward:
             return "linear"
         if isinstance(self, nn.modules.conv._ConvNd) and self.groups == 1 and not self.transposed:
-            if base.forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
+            if base.forward in PLAIN_CONV_FORWARDS:
                 return "conv"
             if base in WEIGHT_RULES:
                 return "computed"  # its forward computes the weight (standardisation): slice that

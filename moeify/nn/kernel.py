@@ -33,6 +33,9 @@ class WeightRule:
     pad: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, x: x
 
 
+PLAIN_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+"""nn's own conv forwards: a conv class with one of these convolves with its ``weight`` as stored."""
+
 WEIGHT_RULES: dict[type, WeightRule] = {}
 """Conv subclass -> its WeightRule. Standardisation is per output channel over all of a row's
 inputs, so the standardised full weight is sliced (rows or columns), never a slice standardised."""
