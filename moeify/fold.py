@@ -22,6 +22,7 @@ from .nn.channelwise import MoEChannelwiseMixin, is_norm_act
 from .nn.gated import MoEGatedMixin
 from .nn.kernel import PLAIN_CONV_FORWARDS
 
+
 def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """A copy of ``model`` (in eval mode) in which every BatchNorm whose input is a conv's output,
     used by nothing else, is folded into that conv. Inference only: the copy has no BatchNorm
