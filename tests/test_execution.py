@@ -139,6 +139,25 @@ def test_infinite_chosen_scores_refuse_to_route_and_minus_inf_elsewhere_means_ne
     assert big.idx.tolist() == ([[0], [0]] if top_k == 1 else [[0, 2], [0, 1]])
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_one_sample_is_chosen_as_in_a_batch(top_k):
+    """A single sample's choice is made on the host (one read of its scores): the same experts as
+    its row of a batch, ties included, the same refusals of NaN and of a chosen inf."""
+    g = torch.Generator().manual_seed(0)
+    inf = float("inf")
+    scores = torch.randint(-2, 3, (64, 5), generator=g).float()  # many ties
+    scores[:8, 1] = -inf
+    scores[8:16, 3] = 3e38
+    batch = select_top_k(scores, top_k)
+    for i in range(len(scores)):
+        one = select_top_k(scores[i:i + 1], top_k)
+        assert one.idx.tolist() == batch.idx[i:i + 1].tolist()
+        assert one.groups() == [(batch.idx[i].tolist(), None)]
+    for bad in ([[0.0, float("nan"), 1.0, 0.0, 0.0]], [[0.0, inf, 1.0, 0.0, 0.0]], [[-inf] * 5]):
+        with pytest.raises(moeify.RoutingError):
+            select_top_k(torch.tensor(bad), top_k)
+
+
 def test_global_router_shares_one_route():
     model = randomize(PreActResNet())
     moe = moeify.convert(model, experts=2, top_k=1, example_inputs=torch.rand(2, 3, 16, 16), scope="branches",

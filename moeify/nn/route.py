@@ -190,6 +190,32 @@ def _all_finite(chosen: torch.Tensor) -> bool:
     return math.isfinite(float(chosen.sum())) or bool(torch.isfinite(chosen).all())
 
 
+_ONE_SAMPLE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+"""[1, K] index tensors of one sample's selections, per device: made once, shared by routes."""
+
+
+def _select_one(scores: torch.Tensor, top_k: int) -> Route:
+    """``select_top_k`` for one sample whose choice is checked now: its N scores read to the host
+    in one go and chosen in Python (ties to the lower index, a NaN or a chosen inf refused, as on
+    the device), the index tensor shared per selection and the route's one pattern known without
+    another read. At batch 1 every tensor op costs more in dispatch than in arithmetic."""
+    s = scores.tolist()[0]
+    if any(v != v for v in s):
+        raise _non_finite()
+    order = sorted(range(len(s)), key=s.__getitem__, reverse=True)[:top_k]  # stable: ties keep index order
+    if not all(math.isfinite(s[i]) for i in order):
+        raise _non_finite()
+    sel = sorted(order)
+    key = (tuple(sel), scores.device)
+    idx = _ONE_SAMPLE.get(key)
+    if idx is None:
+        with torch.inference_mode(False):  # usable outside inference mode too
+            idx = _ONE_SAMPLE[key] = torch.tensor([sel], device=scores.device)
+    r = Route(idx, None, scores.shape[-1])
+    r._groups = [(sel, None)]
+    return r
+
+
 def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, noise: float = 0.0,
                  drop: float = 0.0) -> Route:
     """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
@@ -207,6 +233,9 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, no
         decided = policy.route(scores, top_k)
         if decided is not None:
             return Route(decided[0], decided[1], scores.shape[-1])
+    elif scores.shape[0] == 1 and not (defer_check or noise or drop or scores.requires_grad
+                                       or torch.compiler.is_compiling()):
+        return _select_one(scores, top_k)
     detached = scores.detach()
     if noise:
         detached = detached + noise * torch.randn_like(detached)
