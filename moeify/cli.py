@@ -302,6 +302,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
     out: Annotated[Optional[str], typer.Option("--out", help="Folder for report.json and plots (default: TARGET's folder / eval).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the evaluation stopped in --out (finished attacks are kept).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model the attacks call (faster on a GPU; the same results).")] = False,
 ) -> None:
     """Honest robustness evaluation: clean, PGD, AutoAttack, MoE-adaptive attacks, router/expert dissection."""
     from pathlib import Path
@@ -312,7 +313,7 @@ def evaluate(
     req = EvalRequest(model_file=str(model_file(target)), dataset=dataset, root=root, n=n, eps=eps, norm=norm,
                       attacks=_items(attacks), pgd_steps=pgd_steps, restarts=restarts, square_queries=square_queries,
                       autoattack=() if autoattack == "standard" else _items(autoattack),
-                      autoattack_targets=autoattack_targets, batch_size=batch_size)
+                      autoattack_targets=autoattack_targets, batch_size=batch_size, compile=compile)
     req.check()
     path = Path(target)
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent) / "eval"

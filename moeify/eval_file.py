@@ -43,6 +43,7 @@ class EvalRequest:
     autoattack_targets: int = AA_TARGETS  # target classes of its APGD-T and FAB-T when a subset is run
     batch_size: int = 500
     routing: bool = True  # an MoE's routing dissection (flip rate, RA-R, RA-E, routing used, expert load)
+    compile: bool = False  # torch.compile the attacked model (EvalConfig.attacked); not in the fingerprint: same results
 
     def check(self) -> None:
         bad = set(self.autoattack) - set(AA_ATTACKS)
@@ -191,7 +192,7 @@ def evaluate_file(req: EvalRequest, out: Path, resume: bool = False, report_name
     cfg = EvalConfig(eps=eps, norm=norm, attacks=tuple(req.attacks), pgd_steps=req.pgd_steps,
                      pgd_restarts=req.restarts, batch_size=req.batch_size, square_queries=req.square_queries,
                      autoattack=tuple(req.autoattack), autoattack_targets=req.autoattack_targets, routing=req.routing,
-                     log=log if main else (lambda s: None), gather=gather)
+                     compile=req.compile, log=log if main else (lambda s: None), gather=gather)
     parts = out / (Path(report_name).stem + ".parts")
     with folder_lock(out, "evaluation") if main else contextlib.nullcontext():
         _open_parts(parts, _fingerprint(req, cfg, path, n, world), resume, main, acc.wait_for_everyone)

@@ -61,8 +61,21 @@ class EvalConfig:
     sweep: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # multiples of eps
     routing: bool = True  # an MoE's routing dissection: flip rate, RA-R, RA-E, routing used, expert load
     seed: int = 0
+    compile: bool = False  # torch.compile what the attacks and predictions call (see ``attacked``)
     log: Callable[[str], None] = field(default=lambda s: None, repr=False)
     gather: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t, repr=False)  # across processes
+    _compiled: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def attacked(self, model: nn.Module) -> nn.Module:
+        """What the attacks and predictions call: ``model``, or with ``compile`` its ``torch.compile``
+        wrapper, made once (MoE layers then run ``static``: no host reads, one graph per mode), for
+        accelerators, where eager per-layer dispatch is the cost. Routing policies (the adaptive
+        attacks' soft twin, the dissection's recorder and forced experts) always run eagerly."""
+        if not self.compile:
+            return model
+        if self._compiled.get("model") is not model:
+            self._compiled.update(model=model, run=torch.compile(model))
+        return self._compiled["run"]
 
     def mean(self, per_sample: torch.Tensor) -> float:
         """The mean of a per-sample quantity over every process's examples."""
@@ -204,18 +217,18 @@ def load_entropy(counts: torch.Tensor) -> float:
 # ---- the steps: (model, x, y, cfg, earlier parts) -> Part ----
 
 def _clean(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
-    correct = _predict(model, x, cfg.batch_size) == y
+    correct = _predict(cfg.attacked(model), x, cfg.batch_size) == y
     return Part(correct, {"clean_acc": cfg.mean(correct), "macs_per_sample": count_macs(model, x[: min(len(x), 64)])})
 
 
 def _pgd(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
     """PGD-k, then PGD with 2x the steps and 2 restarts: the worst of both per sample (more steps
     scoring higher is flagged)."""
-    bs = cfg.batch_size
-    x_pgd = _pgd_all(model, x, y, cfg, cfg.pgd_cfg())
-    correct = _predict(model, x_pgd, bs) == y
+    bs, run = cfg.batch_size, cfg.attacked(model)
+    x_pgd = _pgd_all(run, x, y, cfg, cfg.pgd_cfg())
+    correct = _predict(run, x_pgd, bs) == y
     first = cfg.mean(correct)
-    more = _predict(model, _pgd_all(model, x, y, cfg, cfg.pgd_cfg(steps=2 * cfg.pgd_steps, restarts=2)), bs) == y
+    more = _predict(run, _pgd_all(run, x, y, cfg, cfg.pgd_cfg(steps=2 * cfg.pgd_steps, restarts=2)), bs) == y
     more_acc = cfg.mean(more)
     flags = [f"PGD with 2x steps and 2 restarts scored higher ({more_acc:.3f} > {first:.3f})"] if more_acc > first + 0.01 else []
     correct &= more
@@ -226,15 +239,16 @@ def _pgd(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
 
 
 def _autoattack_part(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
-    subset = list(cfg.autoattack)
-    correct = _predict(model, _autoattack(model, x, y, cfg, *(("custom", subset) if subset else ())), cfg.batch_size) == y
+    subset, run = list(cfg.autoattack), cfg.attacked(model)
+    correct = _predict(run, _autoattack(run, x, y, cfg, *(("custom", subset) if subset else ())), cfg.batch_size) == y
     version = "+".join(subset) if subset else "standard"
     return Part(correct, {"autoattack_acc": cfg.mean(correct), "autoattack_version": version},
                 [f"AutoAttack {version} (pyautoattack)"])
 
 
 def _square(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
-    correct = _predict(model, _autoattack(model, x, y, cfg, version="custom", attacks=["square"]), cfg.batch_size) == y
+    run = cfg.attacked(model)
+    correct = _predict(run, _autoattack(run, x, y, cfg, version="custom", attacks=["square"]), cfg.batch_size) == y
     acc = cfg.mean(correct)
     white = [p.report[k] for p in earlier.values() for k in ("pgd_acc", "autoattack_acc") if k in p.report]
     flags = (["the gradient-free Square attack beats the white-box attacks: likely gradient masking"]
@@ -246,7 +260,7 @@ def _gradients(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
     """The share of inputs whose input gradient is exactly zero (gradient masking)."""
     xg, yg = x[:cfg.batch_size].clone().requires_grad_(True), y[:cfg.batch_size]
     with bn_mode(model, "eval"), frozen(model), torch.enable_grad():
-        g = input_grad(nn.functional.cross_entropy(model(xg), yg, reduction="sum"), xg)
+        g = input_grad(nn.functional.cross_entropy(cfg.attacked(model)(xg), yg, reduction="sum"), xg)
     zero = cfg.mean(g.flatten(1).abs().sum(1) == 0)
     flags = [f"{zero:.0%} of inputs have an all-zero input gradient: gradient masking"] if zero > 0.05 else []
     return Part(None, {"zero_input_gradient_fraction": zero}, flags=flags)
@@ -255,18 +269,18 @@ def _gradients(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
 def _adaptive(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
     """MoE-adaptive attacks: (a) straight-through PGD with more restarts, (b) transfer from the
     soft-routing twin, (d) the routing attack and PGD from there; correct = correct under all three."""
-    bs = cfg.batch_size
-    ste = _predict(model, _pgd_all(model, x, y, cfg, cfg.pgd_cfg(restarts=max(3, cfg.pgd_restarts))), bs) == y
+    bs, run = cfg.batch_size, cfg.attacked(model)
+    ste = _predict(run, _pgd_all(run, x, y, cfg, cfg.pgd_cfg(restarts=max(3, cfg.pgd_restarts))), bs) == y
 
     def soft_attack(a, b):  # all experts, softmax-weighted; evaluated on the hard-routed model
         with routing_policy(Soft()), execution("masked"):
             return pgd(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg))
-    soft = _predict(model, _attack_all(soft_attack, x, y, bs), bs) == y
+    soft = _predict(run, _attack_all(soft_attack, x, y, bs), bs) == y
     x_r = _attack_all(lambda a, b: routing_attack(model, a, b, cfg.pgd_cfg(), gen=_gen(cfg)), x, y, bs)
-    x_rp = torch.cat([pgd(model, a, b, cfg.pgd_cfg(restarts=1), start=s) for (a, b), (s, _) in
+    x_rp = torch.cat([pgd(run, a, b, cfg.pgd_cfg(restarts=1), start=s) for (a, b), (s, _) in
                       zip(_batches(x, y, bs), _batches(x_r, y, bs))])
-    routed = _predict(model, x_rp, bs) == y
-    report = {"ra_r": cfg.mean(_predict(model, x_r, bs) == y),
+    routed = _predict(run, x_rp, bs) == y
+    report = {"ra_r": cfg.mean(_predict(run, x_r, bs) == y),
               "adaptive": {"ste_pgd_acc": cfg.mean(ste), "soft_transfer_acc": cfg.mean(soft),
                            "routing_then_pgd_acc": cfg.mean(routed)}}
     return Part(ste & soft & routed, report)
@@ -299,11 +313,11 @@ def _dissection(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
 
 def _sweep(model, x, y, cfg: EvalConfig, earlier: dict) -> Part:
     """PGD-10 accuracy at multiples of eps: it must fall towards zero as eps grows."""
-    points = []
+    points, run = [], cfg.attacked(model)
     for mult in cfg.sweep:
         e = mult * cfg.eps
-        xa = _pgd_all(model, x, y, cfg, cfg.pgd_cfg(eps=e, steps=10, restarts=1))
-        points.append({"eps": e, "acc": cfg.mean(_predict(model, xa, cfg.batch_size) == y)})
+        xa = _pgd_all(run, x, y, cfg, cfg.pgd_cfg(eps=e, steps=10, restarts=1))
+        points.append({"eps": e, "acc": cfg.mean(_predict(run, xa, cfg.batch_size) == y)})
     last = points[-1]
     flags = [f"accuracy stays at {last['acc']:.1%} at eps {last['eps']:g}: attacks may be failing"] if last["acc"] > 0.05 else []
     return Part(None, {"eps_sweep": points}, flags=flags)
@@ -361,7 +375,8 @@ def _run_steps(model, x, y, cfg: EvalConfig, store: PartStore | None) -> dict[st
 
 def _report(parts: dict[str, Part], cfg: EvalConfig, n: int) -> dict:
     """One report from the parts: their fields, attacks run, flags, timings and the worst cases."""
-    rep: dict = {"n_examples": n, "eps": cfg.eps, "norm": cfg.norm, "attacks_run": [], "flags": [], "timings_s": {}}
+    rep: dict = {"n_examples": n, "eps": cfg.eps, "norm": cfg.norm, "attacks_run": [], "flags": [], "timings_s": {},
+                 "compiled": cfg.compile}
     for name, part in parts.items():
         rep.update(part.report)
         rep["attacks_run"] += part.runs

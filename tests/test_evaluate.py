@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import moeify
+from conftest import randomize
 from moeify.evaluate import EvalConfig, correct_from_bits, evaluate, pgd_accuracy, ra_e
 from moeify.zoo import create_model
 
@@ -53,6 +54,28 @@ def test_routing_dissection_can_be_left_out_without_changing_the_accuracies():
     assert "flip_rate" in full and not {"flip_rate", "ra_e", "ra_r", "load_clean"} & set(lean)
     assert (lean["clean_acc"], lean["pgd_acc"], lean["per_example"]) == (full["clean_acc"], full["pgd_acc"],
                                                                          full["per_example"])
+
+
+def test_compiled_evaluation_reports_what_eager_does(monkeypatch):
+    """``compile``: the attacks and predictions call one ``torch.compile`` wrapper of the model (its
+    MoE layers then run ``static``; eager ones run what ``auto`` picks), and every accuracy and
+    every example's result is the eager evaluation's; routes spread over the experts."""
+    from moeify.bench import spread_routing
+
+    real, made = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: made.append(m) or real(m, backend="aot_eager", **kw))
+    x, _ = _data()
+    moe = moeify.convert(randomize(_backbone()), experts=2, top_k=1, example_inputs=x[:2]).eval()
+    spread_routing(moe)
+    with torch.no_grad():
+        y = moe(x).argmax(1)  # labels the model mostly gets right, for the attacks to take away
+    kw = dict(eps=0.1, attacks=("pgd", "autoattack"), autoattack=("apgd-ce",), pgd_steps=3, batch_size=12, routing=False)
+    eager = evaluate(moe, x, y, EvalConfig(**kw))
+    compiled = evaluate(moe, x, y, EvalConfig(compile=True, **kw))
+    assert made == [moe] and compiled["compiled"] and not eager["compiled"]
+    keys = ("clean_acc", "pgd_acc", "autoattack_acc", "worst_case_acc", "per_example")
+    assert [compiled[k] for k in keys] == [eager[k] for k in keys]
+    assert eager["clean_acc"] > eager["worst_case_acc"] > 0  # the attacks did something
 
 
 def test_frozen_routes_change_nothing_when_routing_never_changes():
