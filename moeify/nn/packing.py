@@ -340,7 +340,9 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = Tr
     cdim = branch.cdim % stream.ndim
     route = branch.route
     per = branch.channels // route.experts
-    y = times_gates(branch.y, route, None, per, cdim).to(stream.dtype)
+    y = times_gates(branch.y, route, None, per, cdim)
+    if y.dtype != stream.dtype:
+        y = y.to(stream.dtype)
     experts = shared_selection(route, by_pattern)
     if experts is not None:
         if runs(experts):  # a copy of the stream, the branch added to its slice in place
