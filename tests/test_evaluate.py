@@ -69,7 +69,7 @@ def test_compiled_evaluation_reports_what_eager_does(monkeypatch):
     spread_routing(moe)
     with torch.no_grad():
         y = moe(x).argmax(1)  # labels the model mostly gets right, for the attacks to take away
-    kw = dict(eps=0.1, attacks=("pgd", "autoattack"), autoattack=("apgd-ce",), pgd_steps=3, batch_size=12, routing=False)
+    kw = dict(eps=0.1, attacks=("pgd", "autoattack"), autoattack=("apgd-ce",), pgd_steps=3, batch_size=24, routing=False)
     eager = evaluate(moe, x, y, EvalConfig(**kw))
     compiled = evaluate(moe, x, y, EvalConfig(compile=True, **kw))
     assert made == [moe] and compiled["compiled"] and not eager["compiled"]
