@@ -310,10 +310,12 @@ def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
 
 
 def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
-                overrides: list[str] | None = None) -> list[dict]:
+                overrides: list[str] | None = None, device: str = "cpu") -> list[dict]:
     """Median time of one training batch: dense TRADES, S-Dense (static twin) TRADES, MoE TRADES and
     MoE AdvMoE (router step + expert step, each with its own attack unless the recipe shares one),
-    same backbone, attack and batch, in one process, the MoE under the default strategy."""
+    same backbone, attack and batch, in one process, the MoE under the default strategy. With the
+    recipe's ``train.compile``, every model's forward and attack run ``torch.compile``d, as
+    training runs them."""
     import contextlib
 
     from .attacks import AttackConfig
@@ -333,26 +335,31 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     bundle = DataBundle(name, ds, ds, ds, classes, size, *STATS[name])
     b = batch or recipe.data.batch_size
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(b, *size, generator=gen)
-    y = torch.randint(0, classes, (b,), generator=gen)
+    x = torch.rand(b, *size, generator=gen).to(device)
+    y = torch.randint(0, classes, (b,), generator=gen).to(device)
     recipe.model.kind = "dense"
-    dense = build_model(recipe, bundle).train()
+    dense = build_model(recipe, bundle).train().to(device)
     recipe.model.kind = "s-dense"
-    twin = build_model(recipe, bundle).train()
+    twin = build_model(recipe, bundle).train().to(device)
     recipe.model.kind = "moe"
-    moe = build_model(recipe, bundle).train()
+    moe = build_model(recipe, bundle).train().to(device)
     spread_routing(moe)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     none = contextlib.nullcontext
     beta = recipe.train.beta
+    compiled = recipe.train.compile
+    runs = {id(m): torch.compile(m) if compiled else m for m in (dense, twin, moe)}  # one wrapper per model
 
     def trades(model):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        run = runs[id(model)]
 
         def f():
-            loss, _, _ = robust_loss(model, model, x, y, "trades", beta, attack, none)
+            loss, _, _ = robust_loss(run, run, x, y, "trades", beta, attack, none)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync()
         return f
 
     routers, experts = split_parameters(moe)
@@ -363,15 +370,16 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     def advmoe():
         x_adv = None
         for params, opt in ((routers, opt_r), (experts, opt_e)):
-            loss, _, made = robust_loss(moe, moe, x, y, "trades", beta, attack, none, x_adv=x_adv)
+            loss, _, made = robust_loss(runs[id(moe)], runs[id(moe)], x, y, "trades", beta, attack, none, x_adv=x_adv)
             x_adv = made if shared else None
             loss.backward(inputs=params)
             opt.step()
             opt_r.zero_grad(set_to_none=True)
             opt_e.zero_grad(set_to_none=True)
+        sync()
 
     ms = interleaved({"dense TRADES": trades(dense), "S-Dense TRADES": trades(twin), "MoE TRADES": trades(moe),
                       "MoE AdvMoE": advmoe}, repeats)
     base = ms["dense TRADES"]
-    return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps, "ms": v,
-             "vs_dense_trades": v / base} for k, v in ms.items()]
+    return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps, "compiled": compiled,
+             "ms": v, "vs_dense_trades": v / base} for k, v in ms.items()]

@@ -269,15 +269,21 @@ def bench_train(
     batch: Annotated[Optional[int], typer.Option(help="Batch size (default: the recipe's).")] = None,
     repeats: Annotated[int, typer.Option()] = 5,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Recipe override, e.g. attack.steps=10.")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
 ) -> None:
-    """Time one training batch: dense TRADES vs MoE TRADES vs MoE AdvMoE (medians, interleaved)."""
+    """Time one training batch: dense TRADES vs MoE TRADES vs MoE AdvMoE (medians, interleaved;
+    ``--set train.compile=true`` compiles every model as training does)."""
+    import torch
     from rich.table import Table
 
     from .bench import machine, train_steps
 
-    rows = train_steps(recipe, batch, repeats, set_ or [])
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoeifyError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    rows = train_steps(recipe, batch, repeats, set_ or [], device)
     t = Table(title=f"one training batch, recipe {recipe}, batch {rows[0]['batch']}, "
-                    f"{rows[0]['attack_steps']}-step attacks ({machine()})")
+                    f"{rows[0]['attack_steps']}-step attacks{', compiled' if rows[0]['compiled'] else ''} "
+                    f"on {device} ({machine(device)})")
     for col in ("variant", "ms / batch", "vs dense TRADES"):
         t.add_column(col, justify="right")
     for r in rows:

@@ -36,6 +36,10 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step bench paper scope, training step
   timeout 60 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 256 --mode train --repeats 5 --device cuda --json "$OUT/cuda_train.json"
 
+  step robust training step: dense / S-Dense / MoE TRADES and AdvMoE, width 64, eager and compiled
+  timeout 90 python3 -m moeify bench-train --recipe quickstart --set model.kwargs.width=64 --repeats 5 --device cuda
+  timeout 180 python3 -m moeify bench-train --recipe quickstart --set model.kwargs.width=64 --set train.compile=true --repeats 5 --device cuda
+
   step bench sweep
   timeout 90 python3 -m moeify bench resnet18 --sweep --batch 16,256 --repeats 5 --device cuda --json "$OUT/cuda_sweep.json"
   step evaluate eager vs --compile: a one-epoch quickstart model, PGD on 1000 images, the same per-example results

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).parent
 
@@ -68,6 +69,8 @@ def test_convert_user_file():
     (("evaluate", "run", "--autoattack", "apgd-ce,fab"), "--autoattack: unknown attack(s) fab; use standard or some of"),
     (("evaluate", "run", "--autoattack-targets", "3"), "--autoattack-targets applies to a subset of AutoAttack"),
     (("bench", "cifar_resnet18", "--model-kwargs", "width"), "--model-kwargs: 'width' is not key=value"),
+    pytest.param(("bench-train", "--device", "cuda"), "no CUDA GPU is visible; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
     r = run_here(capsys, *args)
