@@ -152,13 +152,16 @@ def test_grad_clip_bounds_every_update(tmp_path):
         assert 0 < diff.norm() <= 0.001 * (1 + 1e-4), part
 
 
-def test_compiled_training_trains_like_eager(tmp_path, monkeypatch):
+def test_compiled_training_trains_like_eager(tmp_path, monkeypatch, capsys):
     """``train.compile: true`` compiles the training forward and attack (the MoE layers run the
     static strategy inside one graph): the run's losses match the eager run's to rounding. The
-    test traces with aot_eager (dynamo + autograd tracing, no code generation) to stay fast."""
+    test traces with aot_eager (dynamo + autograd tracing, no code generation) to stay fast. On a
+    CPU the run says once that eager would be faster there."""
     eager, _ = _run(tmp_path, "eager", extra=["train.epochs=1"])
+    assert "train.compile on a CPU" not in capsys.readouterr().out
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend="aot_eager", **kw))
     compiled, _ = _run(tmp_path, "compiled", extra=["train.epochs=1", "train.compile=true"])
     a, b = eager["history"][0]["train_loss"], compiled["history"][0]["train_loss"]
     assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+    assert capsys.readouterr().out.count("train.compile on a CPU") == 1

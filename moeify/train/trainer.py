@@ -97,6 +97,10 @@ class Trainer:
         self.fwd, self.attacked = self.model, self.raw  # what the training forward and the training attack call
         if self.t.compile:  # one graph per mode (train; eval for bn_mode eval attacks), static routing inside
             self.fwd, self.attacked = torch.compile(self.model), torch.compile(self.raw)
+            if self.main and self.acc.device.type == "cpu" and moe_layers(self.raw):
+                self.console.print("train.compile on a CPU: compiled MoE layers run the static strategy, which computes "
+                                   "every expert's channels here; eager training is faster on a CPU "
+                                   "(docs/benchmarks.md)", style="yellow", markup=False)
         self.scaler = torch.amp.GradScaler(self.acc.device.type) if self.t.mixed_precision == "fp16" else None
 
     def start(self, resume: bool) -> None:
