@@ -348,11 +348,10 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     none = contextlib.nullcontext
     beta = recipe.train.beta
     compiled = recipe.train.compile
-    runs = {id(m): torch.compile(m) if compiled else m for m in (dense, twin, moe)}  # one wrapper per model
+    run_dense, run_twin, run_moe = (torch.compile(m) if compiled else m for m in (dense, twin, moe))
 
-    def trades(model):
+    def trades(model, run):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        run = runs[id(model)]
 
         def f():
             loss, _, _ = robust_loss(run, run, x, y, "trades", beta, attack, none)
@@ -370,7 +369,7 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     def advmoe():
         x_adv = None
         for params, opt in ((routers, opt_r), (experts, opt_e)):
-            loss, _, made = robust_loss(runs[id(moe)], runs[id(moe)], x, y, "trades", beta, attack, none, x_adv=x_adv)
+            loss, _, made = robust_loss(run_moe, run_moe, x, y, "trades", beta, attack, none, x_adv=x_adv)
             x_adv = made if shared else None
             loss.backward(inputs=params)
             opt.step()
@@ -378,8 +377,8 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
             opt_e.zero_grad(set_to_none=True)
         sync()
 
-    ms = interleaved({"dense TRADES": trades(dense), "S-Dense TRADES": trades(twin), "MoE TRADES": trades(moe),
-                      "MoE AdvMoE": advmoe}, repeats)
+    ms = interleaved({"dense TRADES": trades(dense, run_dense), "S-Dense TRADES": trades(twin, run_twin),
+                      "MoE TRADES": trades(moe, run_moe), "MoE AdvMoE": advmoe}, repeats)
     base = ms["dense TRADES"]
     return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps, "compiled": compiled,
              "ms": v, "vs_dense_trades": v / base} for k, v in ms.items()]

@@ -176,14 +176,11 @@ def bench(
     """Time dense, static twin (+ routers) and the MoE under every execution strategy (interleaved, medians)."""
     import json
 
-    import torch
-
     from .bench import compare, convert_seconds, machine, rows_as_dicts
     from .bench import sweep as run_sweep
     from .spec import MoESpec
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MoeifyError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    _check_device(device)
     if mode not in ("eval", "train"):
         raise MoeifyError(f"--mode must be eval or train, not {mode!r}")
     if routing not in ("spread", "model"):
@@ -273,13 +270,11 @@ def bench_train(
 ) -> None:
     """Time one training batch: dense TRADES vs MoE TRADES vs MoE AdvMoE (medians, interleaved;
     ``--set train.compile=true`` compiles every model as training does)."""
-    import torch
     from rich.table import Table
 
     from .bench import machine, train_steps
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MoeifyError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    _check_device(device)
     rows = train_steps(recipe, batch, repeats, set_ or [], device)
     t = Table(title=f"one training batch, recipe {recipe}, batch {rows[0]['batch']}, "
                     f"{rows[0]['attack_steps']}-step attacks{', compiled' if rows[0]['compiled'] else ''} "
@@ -329,6 +324,16 @@ def evaluate(
     console.print(table(rep, f"{req.model_file}: {rep['kind']} {rep['model']} on {rep['dataset']} "
                              f"({rep['n_examples']} test images)"))
     console.print(f"report: {out_dir / 'report.json'} (and its plots)")
+
+
+def _check_device(device: str) -> None:
+    """A one-line error for a --device that is neither cpu nor a visible CUDA GPU."""
+    import torch
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise MoeifyError(f"--device must be cpu or cuda, not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoeifyError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
 
 
 def _items(text: str) -> tuple[str, ...]:

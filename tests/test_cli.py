@@ -71,6 +71,8 @@ def test_convert_user_file():
     (("bench", "cifar_resnet18", "--model-kwargs", "width"), "--model-kwargs: 'width' is not key=value"),
     pytest.param(("bench-train", "--device", "cuda"), "no CUDA GPU is visible; use --device cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+    (("bench-train", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
+    (("bench", "resnet18", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
 ])
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
     r = run_here(capsys, *args)
