@@ -42,10 +42,11 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 
   step bench sweep
   timeout 90 python3 -m moeify bench resnet18 --sweep --batch 16,256 --repeats 5 --device cuda --json "$OUT/cuda_sweep.json"
+
   step evaluate eager vs --compile: a one-epoch quickstart model, PGD on 1000 images, the same per-example results
   timeout 90 python3 -m moeify robustify --recipe quickstart --set train.epochs=1 --out "$OUT/qs1"
   timeout 90 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --out "$OUT/qs1-eval"
   timeout 150 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --compile --out "$OUT/qs1-eval-compiled"
-  python3 -c "import json, sys; a, b = (json.load(open(f'$OUT/{d}/report.json')) for d in ('qs1-eval', 'qs1-eval-compiled')); print('timings eager', a['timings_s'], 'compiled', b['timings_s'], 'same per-example results:', a['per_example'] == b['per_example'])"
+  python3 -c "import json; a, b = (json.load(open(f'$OUT/{d}/report.json')) for d in ('qs1-eval', 'qs1-eval-compiled')); print('timings eager', a['timings_s'], 'compiled', b['timings_s'], 'same per-example results:', a['per_example'] == b['per_example'])"
   step done
 } 2>&1 | tee "$OUT/log.txt"
