@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..route import Route
 from .base import Executor
 
 CALIBRATION = Path(__file__).with_name("calibration.json")
@@ -76,8 +77,10 @@ class Auto(Executor):
         spec), never on the layer's shape."""
         if torch.compiler.is_compiling():
             return self.strategies["static"]
-        idx = getattr(x, "idx", None)  # a shared global Route
-        batch, device = (idx.shape[0], idx.device) if idx is not None else (x.shape[0], x.device)
+        if isinstance(x, Route):  # a shared global Route
+            batch, device = x.idx.shape[0], x.idx.device
+        else:  # a tensor or a RowGroups (whose shape and device need no merge)
+            batch, device = x.shape[0], x.device
         key = (device.type, batch, getattr(layer, "model_macs", 0.0), "train" if torch.is_grad_enabled() else "eval",
                getattr(layer, "experts", 2))
         chosen = self._chosen.get(key)

@@ -154,7 +154,7 @@ class Grouped(Executor):
         if groups is not None and len(groups) == 1 and groups[0][1] is None and not isinstance(x, RowGroups) \
                 and not _records(x, kernel, in_route, out_route):
             return one_selection(x, kernel, cdim, in_route, out_route, groups[0][0])
-        if groups is not None and len(groups) <= max_groups(as_tensor(x).device):
+        if groups is not None and len(groups) <= max_groups(x.device):
             return sparse_apply(x, kernel, cdim, in_route, out_route, groups)
         return self.masked_contract(x, full, cdim, c_in, in_route, out_route)
 
