@@ -22,6 +22,7 @@ from .fit import fit_layer_routers, recalibrate_norms
 from .graph import ChannelGroup, analyze, forward_defaults, infer_shapes, trace
 from .graph.cuts import cut_layers
 from .graph.interior import Interior, interior
+from .graph.liveness import free_at, fresh_ops
 from .nn import GlobalRouter, LayerRouter, MoELayer, Route, gate_channels, make_channelwise_module, make_moe_module
 from .nn.gated import FUNCTIONAL, gate_reordered, moe_add
 from .nn.route import routes_checked
@@ -192,6 +193,7 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
         if shared is None and x in owner:
             route.kwargs = {"in_route": routes[owner[x]]}
         _route_layer(gm, lp, inner, route)
+    _free_operands(gm)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     with graph.inserting_before(output):
         checked = graph.call_function(routes_checked, (output.args[0], *routes))
@@ -241,6 +243,20 @@ def _route_layer(gm: fx.GraphModule, lp: LayerPlan, inner: Interior, route: fx.N
         n.replace_input_with(u.operand, gated)
         if plain:
             n.target = moe_add
+
+
+def _free_operands(gm: fx.GraphModule) -> None:
+    """Tell each branch add which operands nothing reads after it (``moe_add``'s ``free``), so a
+    packed branch is added into the stream's memory instead of into a copy of it."""
+    ops = fresh_ops(dict(gm.named_modules()))
+
+    def fresh(n: fx.Node) -> bool:  # an add that writes into neither operand returns new memory
+        return ops(n) or n.target is moe_add and not any(n.kwargs["free"])
+
+    for n in gm.graph.nodes:  # in order: an earlier add's choice is known to a later one
+        if n.target is moe_add:
+            n.kwargs = {**n.kwargs, "free": tuple(isinstance(a, fx.Node) and a.target is not gate_channels
+                                                 and free_at(a, n, fresh) for a in n.args)}
 
 
 def _route(gm: fx.GraphModule, node: fx.Node, kw: str, route: fx.Node) -> None:

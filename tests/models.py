@@ -106,6 +106,27 @@ class PreActResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1).flatten(1))
 
 
+class StreamReuse(nn.Module):
+    """Residual blocks whose stream is read after the add: the first block's stream (behind an
+    in-place ReLU, so two nodes share its memory) is added again at the end; the second block's
+    stream is the first add's result and is read by nothing after its add."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False) for _ in range(4))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(2))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a = self.act(x)
+        y = a + self.bns[0](self.convs[1](F.relu(self.convs[0](a))))
+        z = y + self.bns[1](self.convs[3](F.relu(self.convs[2](y))))
+        return self.fc((z + x).mean((2, 3)))
+
+
 class ResidualOnly(nn.Module):
     """RepVGG-style: every conv output is added into the residual stream, so there is no hidden
     channel group at all (scope auto must pick branches)."""

@@ -6,7 +6,7 @@ from moeify.bench import spread_routing
 from conftest import randomize
 import pytest
 
-from models import (ChannelShuffle, FoldedHeads, GatedMLPs, GhostBlock, OptionalMask, PreActDense, PreActResNet, ResidualOnly, SelectiveKernel,
+from models import (StreamReuse, ChannelShuffle, FoldedHeads, GatedMLPs, GhostBlock, OptionalMask, PreActDense, PreActResNet, ResidualOnly, SelectiveKernel,
                     SplitAttention, SplitConvs, StdConvNet, TinyViT, Zoo)
 
 
@@ -84,6 +84,55 @@ def test_user_models_are_exact_and_sparse_equals_masked():
             with moeify.execution("masked"):
                 masked = moe(x)
             assert torch.allclose(moe(x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_a_branch_is_added_into_the_stream_only_where_nothing_reads_the_stream_later():
+    """The liveness pass: an add may take its stream's memory only when no later op reads it
+    (through an alias either), and never a model input's. Grouped inference with routes spread
+    (the in-place path) equals masked and leaves the caller's input untouched."""
+    x = torch.rand(6, 3, 16, 16)
+    for cls, scope, expected in ((StreamReuse, "branches", [False, True]), (PreActResNet, "branches", [True, True]),
+                                 (ResidualOnly, "branches", [True, True])):
+        model = randomize(cls()).eval()
+        moe = moeify.convert(model, experts=2, top_k=1, example_inputs=x, scope=scope).eval()
+        adds = [n for n in moe.graph.nodes if getattr(n.target, "__name__", "") == "moe_add"]
+        assert [any(n.kwargs["free"]) for n in adds] == expected, cls.__name__
+        spread_routing(moe)
+        for _ in range(2):  # the second call reuses cached slices
+            x0 = x.clone()
+            with torch.inference_mode():
+                with moeify.execution("masked"):
+                    masked = moe(x)
+                with moeify.execution("grouped"):
+                    grouped = moe(x)
+            assert torch.allclose(grouped, masked, rtol=1e-5, atol=1e-6), cls.__name__
+            assert torch.equal(x, x0)
+
+
+def test_liveness_follows_aliases_to_inputs_and_later_readers():
+    """``free_at`` on plain traced code: a model input is never free, nor a view of a value read
+    later; a fresh value whose last reader is the add is."""
+    import torch.fx as fx
+    from torch.fx.passes.shape_prop import ShapeProp
+    from moeify.graph.liveness import free_at, fresh_ops
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            a = x * 2            # fresh
+            v = a.view(-1)       # shares a's memory
+            s = a + x            # input read here (x) and a read here
+            t = v.sum()          # a's memory read after s
+            b = s * 3
+            return b + s + t     # s read here (the add below) last
+
+    gm = fx.symbolic_trace(M())
+    ShapeProp(gm).propagate(torch.rand(2, 3))
+    nodes = {n.name: n for n in gm.graph.nodes}
+    fresh = fresh_ops({})
+    assert not free_at(nodes["x"], nodes["add"], fresh)       # the caller's input
+    assert not free_at(nodes["mul"], nodes["add"], fresh)     # its view is summed later
+    assert free_at(nodes["add"], nodes["add_1"], fresh)       # s: its last reader
+    assert not free_at(nodes["add"], nodes["mul_1"], fresh)   # s: read again after b
 
 
 def test_resnet18_paper_scope_matches_the_paper_layer_set():

@@ -35,14 +35,16 @@ def gate_reordered(x: torch.Tensor, route: Route, order: tuple[int, ...], cdim: 
     return route.apply(x, cdim, torch.as_tensor(order, device=x.device))
 
 
-def moe_add(a, b):
-    """``a + b`` where an operand may be a packed branch from ``gate_channels(..., lazy=True)``."""
+def moe_add(a, b, free: tuple[bool, bool] = (False, False)):
+    """``a + b`` where an operand may be a packed branch from ``gate_channels(..., lazy=True)``.
+    ``free[i]``: nothing reads operand i after this add (the rewrite's liveness pass), so the sum
+    may be written into it."""
     if isinstance(b, PackedBranch):
-        a, b = b, a
+        a, b, free = b, a, free[::-1]
     if isinstance(a, PackedBranch):
         if isinstance(b, PackedBranch):
-            b = b.full()
-        return a.route.executor.add_packed(b, a)
+            b, free = b.full(), (free[0], True)  # a fresh tensor
+        return a.route.executor.add_packed(b, a, free[1])
     return a + b
 
 

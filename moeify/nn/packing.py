@@ -335,19 +335,49 @@ class PackedBranch:
         return self.route.executor.unpack(self.y, self.route, self.channels, self.cdim)
 
 
-def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = True) -> torch.Tensor:
-    """``stream + unpack(branch)`` without materialising the unpacked branch."""
+def writable(stream: torch.Tensor, into: bool, *others: torch.Tensor) -> bool:
+    """Whether an add may write into ``stream`` itself: the graph says nothing reads it afterwards
+    (``into``), autograd does not record (it may have saved the stream), the stream is not a view
+    of other memory, and no compiler is tracing (its graph plans its own buffers)."""
+    return into and stream._base is None and not torch.compiler.is_compiling() \
+        and not (torch.is_grad_enabled() and (stream.requires_grad or any(t.requires_grad for t in others)))
+
+
+def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = True, into: bool = False) -> torch.Tensor:
+    """``stream + unpack(branch)`` without materialising the unpacked branch; with ``into`` (the
+    stream is free after the add) written into the stream's memory where ``writable`` allows."""
     cdim = branch.cdim % stream.ndim
     route = branch.route
     per = branch.channels // route.experts
     y = times_gates(branch.y, route, None, per, cdim)
     if y.dtype != stream.dtype:
         y = y.to(stream.dtype)
+    into = writable(stream, into, y)
     experts = shared_selection(route, by_pattern)
     if experts is not None:
-        if runs(experts):  # a copy of the stream, the branch added to its slice in place
-            out = stream.clone()
+        if runs(experts):  # the branch added to the stream's slice in place (of a copy, unless free)
+            out = stream if into else stream.clone()
             out.narrow(cdim, experts[0] * per, len(experts) * per).add_(y)
             return out
-        return stream.index_add(cdim, expert_channels(experts, per, y.device), y)
+        index = expert_channels(experts, per, y.device)
+        return stream.index_add_(cdim, index, y) if into else stream.index_add(cdim, index, y)
+    if into:
+        moved = stream.movedim(cdim, -1)
+        moved.scatter_add_(-1, _slot_index(route, per, moved.shape), y.movedim(cdim, -1))
+        return stream
     return scatter_add_channels(stream, y, route, cdim)
+
+
+def add_rows_(out: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int,
+              cdim: int) -> None:
+    """``out[rows]`` += ``part`` at the experts' channels, in place (no autograd). One add per
+    sample and run of adjacent experts: a row of ``out`` is one strided slice, so nothing is
+    gathered or scattered (indexed row copies cost three passes over the part)."""
+    pos = 0
+    targets = rows.tolist()
+    for start, n in _runs(experts):
+        dst = out.narrow(cdim, start * per, n * per)
+        src = part.narrow(cdim, pos, n * per)
+        pos += n * per
+        for j, i in enumerate(targets):
+            dst[i].add_(src[j])

@@ -79,9 +79,10 @@ class Executor:
         """Packed from full-width ``y``."""
         return pack(y, route, cdim, self.reads_patterns)
 
-    def add_packed(self, stream: torch.Tensor, branch: PackedBranch) -> torch.Tensor:
-        """``stream`` + the branch's selected channels, without writing the unselected zeros."""
-        return add_packed(stream, branch, self.reads_patterns)
+    def add_packed(self, stream: torch.Tensor, branch: PackedBranch, into: bool = False) -> torch.Tensor:
+        """``stream`` + the branch's selected channels, without writing the unselected zeros;
+        ``into``: nothing reads the stream after this add, so the sum may take its memory."""
+        return add_packed(stream, branch, self.reads_patterns, into)
 
     # -- ops ------------------------------------------------------------------------------------
     def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
