@@ -142,11 +142,26 @@ def _slice_copy(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel:
     return t.contiguous().permute(0, last, *range(1, last))
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """A view of ``t`` whose samples are contiguous blocks in its own memory order (channels
+    moved innermost for channels_last), so row copies are plain block copies."""
+    return t if memory_format(t) is torch.contiguous_format else t.movedim(1, -1)
+
+
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[rows]`` keeping channels_last (advanced indexing), else ``index_select``."""
+    """``x[rows]`` in x's memory format: one ``index_select`` of whole samples (on a channels_last
+    tensor, of its channels-innermost view: far cheaper than advanced indexing)."""
     if memory_format(x) is torch.contiguous_format:
         return x.index_select(0, rows)
-    return x[rows]
+    return x.movedim(1, -1).index_select(0, rows).movedim(-1, 1)
+
+
+def put_rows_(out: torch.Tensor, rows: torch.Tensor, part: torch.Tensor) -> None:
+    """``out[rows] = part`` in place, by whole samples (see ``gather_rows``)."""
+    if memory_format(out) is torch.contiguous_format:
+        out.index_copy_(0, rows, part)
+    else:
+        out.movedim(1, -1).index_copy_(0, rows, part.movedim(1, -1))
 
 
 class _SplitRows(torch.autograd.Function):
@@ -164,7 +179,10 @@ class _SplitRows(torch.autograd.Function):
         shape, dtype, device, fmt = ctx.like
         out = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
         for r, g in zip(ctx.rows, grads):
-            out[r] = 0 if g is None else g
+            if g is None:
+                out[r] = 0
+            else:
+                put_rows_(out, r, g)
         return (out,) + (None,) * len(ctx.rows)
 
 
@@ -199,7 +217,7 @@ def merge_rows(parts: list[torch.Tensor], rows: list[torch.Tensor]) -> torch.Ten
 def _merge(parts, rows) -> torch.Tensor:
     out = empty(parts[0], [sum(len(r) for r in rows)] + list(parts[0].shape[1:]))
     for r, p in zip(rows, parts):
-        out[r] = p
+        put_rows_(out, r, p)
     return out
 
 
