@@ -386,6 +386,47 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = Tr
     return scatter_add_channels(stream, y, route, cdim)
 
 
+def take_rows(t: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int, cdim: int) -> torch.Tensor:
+    """``t[rows]`` at the experts' channels, in t's memory format: the inverse of ``add_rows_``."""
+    if memory_format(t) is torch.contiguous_format:
+        return take(t, cdim, experts, per).index_select(0, rows)
+    return take(t.movedim(1, -1), t.ndim - 1, experts, per).index_select(0, rows).movedim(-1, 1)
+
+
+class _AddRows(torch.autograd.Function):
+    """A copy of ``stream`` with each packed part added at its rows and experts' channels.
+    Backward: the stream's gradient is the output's; a part's, its rows and channels of it."""
+
+    @staticmethod
+    def forward(ctx, stream: torch.Tensor, rows: tuple, sels: tuple, per: int, cdim: int, *parts: torch.Tensor):
+        ctx.rows, ctx.sels, ctx.per, ctx.cdim = rows, sels, per, cdim
+        ctx.dtypes = [p.dtype for p in parts]
+        out = stream.clone()
+        for r, sel, p in zip(rows, sels, parts):
+            add_rows_(out, p.to(out.dtype), r, sel, per, cdim)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        parts = tuple(take_rows(grad, r, sel, ctx.per, ctx.cdim).to(dt) if need else None
+                      for r, sel, dt, need in zip(ctx.rows, ctx.sels, ctx.dtypes, ctx.needs_input_grad[5:]))
+        return (grad if ctx.needs_input_grad[0] else None, None, None, None, None) + parts
+
+
+def add_rows(stream: torch.Tensor, parts: list[torch.Tensor], rows: list[torch.Tensor], sels: list[list[int]],
+             per: int, cdim: int, into: bool = False) -> torch.Tensor:
+    """``stream`` plus each packed part at its rows and experts' channels, for parts that
+    partition the batch: into the stream itself where ``writable`` allows, else into a copy
+    (recorded by autograd when it needs to be)."""
+    if torch.is_grad_enabled() and (stream.requires_grad or any(p.requires_grad for p in parts)):
+        return _AddRows.apply(stream, tuple(rows), tuple(sels), per, cdim, *parts)
+    out = stream if writable(stream, into) else stream.clone()
+    for r, sel, p in zip(rows, sels, parts):
+        add_rows_(out, p.to(out.dtype), r, sel, per, cdim)
+    return out
+
+
 def add_rows_(out: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int,
               cdim: int) -> None:
     """``out[rows]`` += ``part`` at the experts' channels, in place (no autograd). One add per

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..channelwise import (bn_selection, bn_state, per_sample_batch_norm, per_sample_depthwise, selection_depthwise,
                            sliced_bn)
-from ..packing import (PackedBranch, add_rows_, kernel_slices, merge_rows, place, split_rows, take, times_gates,
-                       weight_slice, writable)
+from ..packing import (PackedBranch, add_rows, kernel_slices, merge_rows, place, split_rows, take, times_gates,
+                       weight_slice)
 from ..route import Route, pattern_groups
 from ..rowgroups import RowGroups, as_tensor, parts_for, routed_parts, subsplit
 from .base import Executor, Kernel
@@ -144,23 +144,21 @@ class Grouped(Executor):
         return device.type != "cpu"  # a host read per router costs nothing on the CPU
 
     def gate_branch(self, x, route: Route, cdim: int, lazy: bool):
-        """A branch split by routing pattern reaches its add as parts (no merge) when autograd
-        does not record: the add writes each part's rows into the stream."""
-        if lazy and route.packed and routed_parts(x, route.idx) is not None \
-                and not (torch.is_grad_enabled() and any(p.requires_grad for p in x.parts)):
+        """A branch split by routing pattern reaches its add as parts (no merge): the add writes
+        each part's rows into the stream."""
+        if lazy and route.packed and routed_parts(x, route.idx) is not None:
             return PackedBranch(x, route, x.shape[cdim] * route.experts // route.top_k, cdim)
         return super().gate_branch(x, route, cdim, lazy)
 
     def add_packed(self, stream: torch.Tensor, branch: PackedBranch, into: bool = False) -> torch.Tensor:
-        y = branch.y
+        y, route = branch.y, branch.route
         if not isinstance(y, RowGroups):
             return super().add_packed(stream, branch, into)
         cdim = branch.cdim % stream.ndim
-        out = stream if writable(stream, into) else stream.clone()
-        per = branch.channels // branch.route.experts
-        for (_, rows), part, sel in zip(y.groups, y.parts, y.sels):
-            add_rows_(out, part.to(out.dtype), rows, sel, per, cdim)
-        return out
+        per = branch.channels // route.experts
+        rows = [r for _, r in y.groups]
+        parts = [times_gates(p, route, r, per, cdim) for p, r in zip(y.parts, rows)]
+        return add_rows(stream, parts, rows, y.sels, per, cdim, into)
 
     def pool(self, x, dims: list[int]) -> torch.Tensor:
         """Pooled per part for a RowGroups, then merged small."""
