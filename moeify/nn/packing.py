@@ -142,12 +142,6 @@ def _slice_copy(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel:
     return t.contiguous().permute(0, last, *range(1, last))
 
 
-def _row_major(t: torch.Tensor) -> torch.Tensor:
-    """A view of ``t`` whose samples are contiguous blocks in its own memory order (channels
-    moved innermost for channels_last), so row copies are plain block copies."""
-    return t if memory_format(t) is torch.contiguous_format else t.movedim(1, -1)
-
-
 def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``x[rows]`` in x's memory format: one ``index_select`` of whole samples (on a channels_last
     tensor, of its channels-innermost view: far cheaper than advanced indexing)."""
@@ -387,7 +381,7 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = Tr
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int, cdim: int) -> torch.Tensor:
-    """``t[rows]`` at the experts' channels, in t's memory format: the inverse of ``add_rows_``."""
+    """``t[rows]`` at the experts' channels, in t's memory format (what ``add_rows`` adds to)."""
     if memory_format(t) is torch.contiguous_format:
         return take(t, cdim, experts, per).index_select(0, rows)
     return take(t.movedim(1, -1), t.ndim - 1, experts, per).index_select(0, rows).movedim(-1, 1)
@@ -401,10 +395,7 @@ class _AddRows(torch.autograd.Function):
     def forward(ctx, stream: torch.Tensor, rows: tuple, sels: tuple, per: int, cdim: int, *parts: torch.Tensor):
         ctx.rows, ctx.sels, ctx.per, ctx.cdim = rows, sels, per, cdim
         ctx.dtypes = [p.dtype for p in parts]
-        out = stream.clone()
-        for r, sel, p in zip(rows, sels, parts):
-            add_rows_(out, p.to(out.dtype), r, sel, per, cdim)
-        return out
+        return _add_parts_(stream.clone(), parts, rows, sels, per, cdim)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -421,22 +412,20 @@ def add_rows(stream: torch.Tensor, parts: list[torch.Tensor], rows: list[torch.T
     (recorded by autograd when it needs to be)."""
     if torch.is_grad_enabled() and (stream.requires_grad or any(p.requires_grad for p in parts)):
         return _AddRows.apply(stream, tuple(rows), tuple(sels), per, cdim, *parts)
-    out = stream if writable(stream, into) else stream.clone()
-    for r, sel, p in zip(rows, sels, parts):
-        add_rows_(out, p.to(out.dtype), r, sel, per, cdim)
+    return _add_parts_(stream if writable(stream, into) else stream.clone(), parts, rows, sels, per, cdim)
+
+
+def _add_parts_(out: torch.Tensor, parts, rows, sels, per: int, cdim: int) -> torch.Tensor:
+    """``out[rows]`` += ``part`` at its experts' channels for each part, in place (no autograd).
+    One add per sample and run of adjacent experts: a row of ``out`` is one strided slice, so
+    nothing is gathered or scattered (indexed row copies cost three passes over the part)."""
+    for part, r, experts in zip(parts, rows, sels):
+        part = part.to(out.dtype)
+        pos, targets = 0, r.tolist()
+        for start, n in _runs(experts):
+            dst = out.narrow(cdim, start * per, n * per)
+            src = part.narrow(cdim, pos, n * per)
+            pos += n * per
+            for j, i in enumerate(targets):
+                dst[i].add_(src[j])
     return out
-
-
-def add_rows_(out: torch.Tensor, part: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int,
-              cdim: int) -> None:
-    """``out[rows]`` += ``part`` at the experts' channels, in place (no autograd). One add per
-    sample and run of adjacent experts: a row of ``out`` is one strided slice, so nothing is
-    gathered or scattered (indexed row copies cost three passes over the part)."""
-    pos = 0
-    targets = rows.tolist()
-    for start, n in _runs(experts):
-        dst = out.narrow(cdim, start * per, n * per)
-        src = part.narrow(cdim, pos, n * per)
-        pos += n * per
-        for j, i in enumerate(targets):
-            dst[i].add_(src[j])
