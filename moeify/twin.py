@@ -26,8 +26,9 @@ def narrow_add(a: torch.Tensor, b: torch.Tensor, cdim: int = 1) -> torch.Tensor:
     if a.shape[cdim] == b.shape[cdim]:
         return a + b
     wide, narrow = (a, b) if a.shape[cdim] > b.shape[cdim] else (b, a)
-    w = narrow.shape[cdim]
-    return torch.cat([wide.narrow(cdim, 0, w) + narrow, wide.narrow(cdim, w, wide.shape[cdim] - w)], dim=cdim)
+    out = wide.to(torch.result_type(wide, narrow), copy=True)  # one copy, the narrow part added to its slice
+    out.narrow(cdim, 0, narrow.shape[cdim]).add_(narrow)
+    return out
 
 
 def _slice_param(m: nn.Module, name: str, dim: int, keep: int) -> None:
