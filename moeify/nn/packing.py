@@ -382,7 +382,7 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = Tr
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int, cdim: int) -> torch.Tensor:
     """``t[rows]`` at the experts' channels, in t's memory format (what ``add_rows`` adds to)."""
-    if memory_format(t) is torch.contiguous_format:
+    if cdim != 1 or memory_format(t) is torch.contiguous_format:
         return take(t, cdim, experts, per).index_select(0, rows)
     return take(t.movedim(1, -1), t.ndim - 1, experts, per).index_select(0, rows).movedim(-1, 1)
 
