@@ -111,6 +111,30 @@ def routed_parts(x, idx: torch.Tensor) -> RowGroups | None:
     return x if isinstance(x, RowGroups) and x.owner is idx else None
 
 
+def by_own_patterns(x: RowGroups, groups: Groups) -> RowGroups | None:
+    """x's parts regrouped by the patterns of the route whose channels they hold (``groups``, that
+    route's own list): the parts of each selection merged into one, rows ascending. Parts split
+    finer (by the patterns of two routes) share experts; regrouped, each part is every sample that
+    selected its experts, so BatchNorm can take a channel's batch statistics from one part. None
+    when some selection is not a union of x's parts, or a pattern covers the whole batch."""
+    if any(rows is None for _, rows in groups):
+        return None
+    members: dict[tuple[int, ...], list[int]] = {}
+    for i, sel in enumerate(x.sels):
+        members.setdefault(tuple(sel), []).append(i)
+    if len(members) != len(groups) or any(tuple(sel) not in members for sel, _ in groups):
+        return None
+    parts = []
+    for sel, rows in groups:
+        idx = members[tuple(sel)]
+        if len(idx) == 1:
+            parts.append(x.parts[idx[0]])
+            continue
+        local = [torch.searchsorted(rows, x.groups[i][1]) for i in idx]
+        parts.append(merge_rows([x.parts[i] for i in idx], local))
+    return RowGroups(parts, groups, x.owner, [sel for sel, _ in groups])
+
+
 def subsplit(x: RowGroups, groups: Groups, k: int) -> list[torch.Tensor] | None:
     """x's parts split further into ``groups``, whose patterns begin with x's own (their first
     ``k`` experts); a layer routed on both sides takes its input this way. None when the

@@ -20,7 +20,7 @@ from ..channelwise import (bn_selection, bn_state, per_sample_batch_norm, per_sa
 from ..packing import (PackedBranch, add_rows, kernel_slices, merge_rows, place, split_rows, take, times_gates,
                        weight_slice)
 from ..route import Route, pattern_groups
-from ..rowgroups import RowGroups, as_tensor, parts_for, routed_parts, subsplit
+from ..rowgroups import RowGroups, as_tensor, by_own_patterns, parts_for, routed_parts, subsplit
 from .base import Executor, Kernel
 
 MAX_GROUPS = {"cpu": 8}
@@ -189,8 +189,9 @@ class Grouped(Executor):
         if len(groups) == 1 and groups[0][1] is None:
             return bn_selection(bn, as_tensor(x), groups[0][0], per, *state)
         split = routed_parts(x, route.idx)
-        use_batch = state[0]
-        if split is not None and (not (use_batch and bn.training) or _separate(split)):
+        if split is not None and state[0] and bn.training and not _separate(split):
+            split = by_own_patterns(split, groups)  # batch statistics: every sample of a selection in one part
+        if split is not None and (not (state[0] and bn.training) or _separate(split)):
             return split.like([bn_selection(bn, p, sel, per, *state) for p, sel in zip(split.parts, split.sels)])
         return per_sample_batch_norm(bn, as_tensor(x), route, state)
 
