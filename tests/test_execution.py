@@ -327,3 +327,19 @@ def test_cached_slices_follow_the_weights_they_were_made_from():
     moe.double()
     s, m = both()
     assert s.dtype == torch.float64 and torch.allclose(s, m, rtol=1e-10, atol=1e-12)
+
+
+def test_router_pool_has_the_gradient_of_mean():
+    """The routers' pool (an expanded, unmaterialised backward) gives the input exactly the
+    gradient ``mean`` gives it, for maps and for token dims, whatever else accumulates there."""
+    from moeify.nn.pool import pool_mean
+    for shape, dims in (((4, 6, 5, 5), [2, 3]), ((3, 7, 5), [1])):
+        x = torch.rand(shape, dtype=torch.float64)
+        w = torch.rand(shape, dtype=torch.float64)
+        grads = []
+        for pool in (pool_mean, lambda t, d: t.mean(d)):
+            t = x.clone().requires_grad_(True)
+            h = pool(t.relu(), dims)
+            (h.square().sum() + (t * w).sum()).backward()
+            grads.append(t.grad)
+        assert torch.equal(grads[0], grads[1])

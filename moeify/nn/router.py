@@ -7,6 +7,7 @@ from torch import nn
 
 from .executors import current_executor
 from .packing import cached, expert_channels, take
+from .pool import pool_mean
 from .route import Route, select_top_k
 
 
@@ -41,7 +42,7 @@ class LayerRouter(nn.Module):
         their columns of the linear layer are used; the others would multiply zeros)."""
         cdim = self.cdim % x.ndim
         dims = [d for d in range(1, x.ndim) if d != cdim]
-        h = x.mean(dims) if dims else x
+        h = pool_mean(x, dims)
         if self.norm:
             return self._standardised(h, experts)
         proj = self.proj  # its weights called directly: a module call costs more than the product at batch 1

@@ -17,6 +17,7 @@ from torch import nn
 from ..kernel import Kernel
 from ..channelwise import per_sample_batch_norm, per_sample_depthwise
 from ..packing import PackedBranch, add_packed, pack, shared_selection, unpack
+from ..pool import pool_mean
 from ..route import Route, select_top_k
 from ..rowgroups import RowGroups, as_tensor
 
@@ -68,7 +69,7 @@ class Executor:
     def pool(self, x, dims: list[int]) -> torch.Tensor:
         """The mean of a layer's input over its non-channel dims (what a router reads)."""
         x = as_tensor(x)
-        return x.mean(dims) if dims else x
+        return pool_mean(x, dims)
 
     # -- packing --------------------------------------------------------------------------------
     def unpack(self, y, route: Route, channels: int, cdim: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..channelwise import (bn_selection, bn_state, per_sample_batch_norm, per_sa
                            sliced_bn)
 from ..packing import (PackedBranch, add_rows, kernel_slices, merge_rows, place, split_rows, take, times_gates,
                        weight_slice)
+from ..pool import pool_mean
 from ..route import Route, pattern_groups
 from ..rowgroups import RowGroups, as_tensor, by_own_patterns, parts_for, routed_parts, subsplit
 from .base import Executor, Kernel
@@ -163,7 +164,7 @@ class Grouped(Executor):
     def pool(self, x, dims: list[int]) -> torch.Tensor:
         """Pooled per part for a RowGroups, then merged small."""
         if isinstance(x, RowGroups):
-            return merge_rows([p.mean(dims) if dims else p for p in x.parts], [rows for _, rows in x.groups])
+            return merge_rows([pool_mean(p, dims) for p in x.parts], [rows for _, rows in x.groups])
         return super().pool(x, dims)
 
     def contract(self, x, kernel: Kernel | None, full: Callable[[torch.Tensor], torch.Tensor], cdim: int,
