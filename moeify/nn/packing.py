@@ -106,6 +106,49 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
     return cached(w, key, lambda: _slice_copy(w, in_sel, per_in, out_sel, per_out))
 
 
+class _WeightSlices(torch.autograd.Function):
+    """One weight's selections for several routing patterns, each a contiguous copy. Backward adds
+    every selection's gradient into one full-size gradient (autograd's slices would make a
+    zero-filled full-size gradient per selection and sum them)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, sels: tuple) -> tuple[torch.Tensor, ...]:
+        ctx.sels, ctx.like = sels, (w.shape, w.dtype, w.device, memory_format(w))
+        return tuple(_slice_copy(w, *sel) for sel in sels)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        shape, dtype, device, fmt = ctx.like
+        out = torch.zeros(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        for (in_sel, per_in, out_sel, per_out), g in zip(ctx.sels, grads):
+            if g is None:
+                continue
+            o_pos = 0
+            for o_start, o_len in _spans(out_sel, per_out, shape[0]):
+                i_pos = 0
+                for i_start, i_len in _spans(in_sel, per_in, shape[1]):
+                    out[o_start:o_start + o_len, i_start:i_start + i_len] += \
+                        g[o_pos:o_pos + o_len, i_pos:i_pos + i_len]
+                    i_pos += i_len
+                o_pos += o_len
+        return out, None
+
+
+def _spans(sel: list[int] | None, per: int, size: int) -> list[tuple[int, int]]:
+    """(first channel, count) of each run of a selection's channels, in selection order."""
+    return [(0, size)] if sel is None else [(e * per, n * per) for e, n in _runs(sel)]
+
+
+def weight_slices(w: torch.Tensor, sels: list[tuple[list[int] | None, int, list[int] | None, int]]
+                  ) -> list[torch.Tensor]:
+    """``weight_slice(w, *sel)`` for each of several selections (one per routing pattern); under
+    autograd, as one op whose backward writes one full-size gradient."""
+    if torch.is_grad_enabled() and w.requires_grad and not torch.compiler.is_compiling() and len(sels) > 1:
+        return list(_WeightSlices.apply(w, tuple(sels)))
+    return [weight_slice(w, *sel) for sel in sels]
+
+
 def kernel_slices(kernel, in_sel: list[int] | None, per_in: int, out_sel: list[int] | None,
                   per_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a Kernel restricted to a selection, for calls autograd does not record:

@@ -18,7 +18,7 @@ from torch import nn
 from ..channelwise import (bn_selection, bn_state, per_sample_batch_norm, per_sample_depthwise, selection_depthwise,
                            sliced_bn)
 from ..packing import (PackedBranch, add_rows, kernel_slices, merge_rows, place, split_rows, take, times_gates,
-                       weight_slice)
+                       weight_slice, weight_slices)
 from ..pool import pool_mean
 from ..route import Route, pattern_groups
 from ..rowgroups import RowGroups, as_tensor, by_own_patterns, parts_for, routed_parts, subsplit
@@ -73,8 +73,11 @@ def sparse_apply(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Route | N
             parts = subsplit(x, groups, k_in)
         if parts is None:
             parts = split_rows(as_tensor(x), [rows for _, rows in groups])
+    weights = weight_slices(weight, [(experts[:k_in] if in_route is not None else None, per_in,
+                                      experts[k_in:] if out_route is not None else None, per_out)
+                                     for experts, _ in groups])
     outs = []
-    for (experts, rows), xs in zip(groups, parts):
+    for (experts, rows), xs, w in zip(groups, parts, weights):
         bs = bias
         if in_route is not None:
             sel = experts[:k_in]
@@ -84,8 +87,6 @@ def sparse_apply(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Route | N
         if out_route is not None:
             sel_out = experts[k_in:]
             bs = None if bs is None else weight_slice(bs, None, 0, sel_out, per_out)
-        w = weight_slice(weight, experts[:k_in] if in_route is not None else None, per_in,
-                         sel_out if out_route is not None else None, per_out)
         ys = kernel.run(xs, w, bs)
         if out_route is not None:
             ys = times_gates(ys, out_route, rows, per_out, cdim)
