@@ -86,10 +86,13 @@ def test_user_models_are_exact_and_sparse_equals_masked():
             assert torch.allclose(moe(x), masked, rtol=1e-5, atol=1e-6)
 
 
-def test_a_branch_is_added_into_the_stream_only_where_nothing_reads_the_stream_later():
+def test_a_branch_is_added_into_the_stream_only_where_nothing_reads_the_stream_later(monkeypatch):
     """The liveness pass: an add may take its stream's memory only when no later op reads it
     (through an alias either), and never a model input's. Grouped inference with routes spread
-    (the in-place path) equals masked and leaves the caller's input untouched."""
+    (rows added in place) and static with per-sample gathers (a scatter in place) equal masked
+    and leave the caller's input untouched."""
+    from moeify.nn.executors import EXECUTORS
+    monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cpu", 8)  # packed, per sample, at this batch
     x = torch.rand(6, 3, 16, 16)
     for cls, scope, expected in ((StreamReuse, "branches", [False, True]), (PreActResNet, "branches", [True, True]),
                                  (ResidualOnly, "branches", [True, True])):
@@ -103,9 +106,10 @@ def test_a_branch_is_added_into_the_stream_only_where_nothing_reads_the_stream_l
             with torch.inference_mode():
                 with moeify.execution("masked"):
                     masked = moe(x)
-                with moeify.execution("grouped"):
-                    grouped = moe(x)
-            assert torch.allclose(grouped, masked, rtol=1e-5, atol=1e-6), cls.__name__
+                for mode in ("grouped", "static"):
+                    with moeify.execution(mode):
+                        out = moe(x)
+                    assert torch.allclose(out, masked, rtol=1e-5, atol=1e-6), (cls.__name__, mode)
             assert torch.equal(x, x0)
 
 

@@ -43,7 +43,6 @@ def free_at(value: fx.Node, at: fx.Node, fresh: Callable[[fx.Node], bool]) -> bo
     """True when ``at`` is the last reader of ``value``'s memory: every node that may share it
     (through ops that ``fresh`` does not vouch for) is read only at or before ``at``, and none of
     them is a model input, a parameter or buffer, or part of the output."""
-    order = {n: i for i, n in enumerate(at.graph.nodes)}
     seen: set[fx.Node] = set()
     stack = [value]
     while stack:
@@ -56,7 +55,7 @@ def free_at(value: fx.Node, at: fx.Node, fresh: Callable[[fx.Node], bool]) -> bo
         for u in n.users:
             if u is at:
                 continue
-            if u.op == "output" or order[u] > order[at]:
+            if u.op == "output" or u > at:  # fx keeps nodes ordered as the graph runs them
                 return False
             if _holds_tensors(u) and not fresh(u):
                 stack.append(u)  # a view or in-place result: its readers read this memory

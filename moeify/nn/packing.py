@@ -339,12 +339,15 @@ def gather_channels(y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
     return moved.gather(-1, ch).movedim(-1, cdim)
 
 
-def scatter_add_channels(stream: torch.Tensor, y: torch.Tensor, route: Route, cdim: int) -> torch.Tensor:
-    """``stream`` plus packed ``y`` at each sample's selected channels (per sample)."""
+def scatter_add_channels(stream: torch.Tensor, y: torch.Tensor, route: Route, cdim: int,
+                         into: bool = False) -> torch.Tensor:
+    """``stream`` plus packed ``y`` at each sample's selected channels (per sample); with ``into``,
+    written into ``stream`` itself."""
     cdim = cdim % stream.ndim
     moved = stream.movedim(cdim, -1)
     ch = _slot_index(route, stream.shape[cdim] // route.experts, moved.shape)
-    return moved.scatter_add(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
+    add = moved.scatter_add_ if into else moved.scatter_add
+    return add(-1, ch, y.movedim(cdim, -1)).movedim(-1, cdim)
 
 
 def shared_selection(route: Route, by_pattern: bool) -> list[int] | None:
@@ -416,11 +419,7 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = Tr
             return out
         index = expert_channels(experts, per, y.device)
         return stream.index_add_(cdim, index, y) if into else stream.index_add(cdim, index, y)
-    if into:
-        moved = stream.movedim(cdim, -1)
-        moved.scatter_add_(-1, _slot_index(route, per, moved.shape), y.movedim(cdim, -1))
-        return stream
-    return scatter_add_channels(stream, y, route, cdim)
+    return scatter_add_channels(stream, y, route, cdim, into)
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int, cdim: int) -> torch.Tensor:
