@@ -31,20 +31,32 @@ def bn_state(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
     return use_batch, factor
 
 
-def _selected_stats(x: torch.Tensor, ch: torch.Tensor, weight: torch.Tensor | None, channels: int):
-    """Per-channel mean and biased variance of ``x`` [B, S, ...] over the samples that hold each
-    channel: slot s of sample b is channel ``ch[b, s]``, counted with ``weight[b, s]`` (1 or 0)."""
+def on_slots(v: torch.Tensor, ch: torch.Tensor | None, ndim: int) -> torch.Tensor:
+    """Per-channel values [C] laid out to broadcast over a [B, S, ...] tensor whose slot s of
+    sample b is channel ``ch[b, s]`` (``ch`` None: channel s, a view instead of a gather)."""
+    return broadcast(v[None] if ch is None else v[ch], ndim, 1)
+
+
+def _selected_stats(x: torch.Tensor, ch: torch.Tensor | None, weight: torch.Tensor | None, channels: int):
+    """Per-channel mean, biased variance and element count of ``x`` [B, S, ...] over the samples
+    that hold each channel, and ``x`` minus its channel's mean: slot s of sample b is channel
+    ``ch[b, s]`` (``ch`` None: channel s, then means broadcast instead of being gathered),
+    counted with ``weight[b, s]`` (1 or 0). Two passes of sums, as BatchNorm takes them."""
     dims = tuple(range(2, x.ndim))
     hw = x[0, 0].numel()
-    w = torch.ones_like(ch, dtype=x.dtype) if weight is None else weight.to(x.dtype)
-    flat = ch.reshape(-1)
-    count = x.new_zeros(channels).index_add(0, flat, w.reshape(-1)) * hw
+    w = None if weight is None else weight.to(x.dtype)
+
+    def per_channel(per_slot: torch.Tensor) -> torch.Tensor:  # [B, S] -> [C], the weighted sum over samples
+        v = per_slot if w is None else per_slot * w
+        if ch is None:
+            return v.sum(0)
+        return x.new_zeros(channels).index_add(0, ch.reshape(-1), v.reshape(-1))
+
+    count = per_channel(x.new_ones(x.shape[:2]).detach()) * hw
     denom = count.clamp_min(1)
-    s1 = x.sum(dims) if dims else x
-    mean = x.new_zeros(channels).index_add(0, flat, (s1 * w).reshape(-1)) / denom
-    d = x - broadcast(mean[ch], x.ndim, 1)
-    s2 = (d * d).sum(dims) if dims else d * d
-    var = x.new_zeros(channels).index_add(0, flat, (s2 * w).reshape(-1)) / denom
+    mean = per_channel(x.sum(dims) if dims else x) / denom
+    d = x - on_slots(mean, ch, x.ndim)
+    var = per_channel((d * d).sum(dims) if dims else d * d) / denom
     return mean, var, count, d
 
 
@@ -101,26 +113,22 @@ def per_sample_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
     use_batch, factor = state or bn_state(bn)
     if not use_batch and not route.packed:
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-    if route.packed:
-        ch, sel = route.channel_index(per), None
-    else:
-        ch = torch.arange(channels, device=x.device).expand(x.shape[0], channels)
-        sel = route.channel_mask(channels).detach().ne(0)
+    ch, sel = (route.channel_index(per), None) if route.packed else (None, route.channel_mask(channels).detach().ne(0))
     if use_batch:
         mean, var, count, d = _selected_stats(x, ch, sel, channels)
         _update_running(bn, mean, var, count, factor)
-        scale = torch.rsqrt(var + bn.eps)
+        scale, shift = torch.rsqrt(var + bn.eps), bn.bias
         if bn.weight is not None:
             scale = scale * bn.weight
-        y = d * broadcast(scale[ch], x.ndim, 1)
-        return y if bn.bias is None else y + broadcast(bn.bias[ch], x.ndim, 1)
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return torch.addcmul(broadcast(shift[ch], x.ndim, 1), x, broadcast(scale[ch], x.ndim, 1))  # one pass
+    else:  # running statistics of a packed tensor (full width took the native op above)
+        d, scale = x, torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+    scale = on_slots(scale, ch, x.ndim)
+    return d * scale if shift is None else torch.addcmul(on_slots(shift, ch, x.ndim), d, scale)  # one pass
 
 
 def selection_depthwise(conv: nn.modules.conv._ConvNd, x: torch.Tensor, experts: list[int], per: int):
