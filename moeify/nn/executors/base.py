@@ -49,18 +49,20 @@ class Executor:
         if isinstance(x, Route):
             return x.adopted(self, layer.packed and self.packs(x.idx.shape[0], x.idx.device))
         router = layer.router
+        shared = shared_selection(in_route, self.reads_patterns) if in_route is not None and in_route.packed else None
         if in_route is None:
             scores = router.scores(as_tensor(x))
-        elif in_route.packed:
-            shared = shared_selection(in_route, self.reads_patterns)
-            if shared is not None and not in_route.needs_grad and not isinstance(x, RowGroups):
-                scores = router.scores(x, shared)
-            else:  # pooled first (per part for a RowGroups, which is never merged for this)
-                cdim = router.cdim % x.ndim
-                h = self.pool(x, [d for d in range(1, x.ndim) if d != cdim])
-                scores = router.scores(self.unpack(h, in_route, in_route.experts * h.shape[1] // in_route.top_k, 1))
-        else:
-            scores = router.scores(in_route.apply(as_tensor(x), router.cdim))
+        elif shared is not None and not in_route.needs_grad and not isinstance(x, RowGroups):
+            scores = router.scores(x, shared)
+        else:  # pooled first (per part for a RowGroups, which is never merged for this), then full width:
+            # a route's gates are constant over the pooled dims, so masking the pooled [B, C] is exact
+            cdim = router.cdim % x.ndim
+            h = self.pool(x, [d for d in range(1, x.ndim) if d != cdim])
+            if in_route.packed:
+                h = self.unpack(h, in_route, in_route.experts * h.shape[1] // in_route.top_k, 1)
+            else:
+                h = in_route.apply(h, 1)
+            scores = router.scores(h)
         noise, drop = (layer.noise, layer.expert_dropout) if layer.training else (0.0, 0.0)
         r = select_top_k(scores, layer.top_k, self.defers_check(scores.device), noise, drop)
         r.executor, r.packed = self, layer.packed and self.packs(scores.shape[0], scores.device)
