@@ -52,7 +52,7 @@ def _selected_stats(x: torch.Tensor, ch: torch.Tensor | None, weight: torch.Tens
             return v.sum(0)
         return x.new_zeros(channels).index_add(0, ch.reshape(-1), v.reshape(-1))
 
-    count = per_channel(x.new_ones(x.shape[:2]).detach()) * hw
+    count = per_channel(x.new_ones(x.shape[:2])) * hw
     denom = count.clamp_min(1)
     mean = per_channel(x.sum(dims) if dims else x) / denom
     d = x - on_slots(mean, ch, x.ndim)

@@ -55,7 +55,7 @@ class Executor:
         elif shared is not None and not in_route.needs_grad and not isinstance(x, RowGroups):
             scores = router.scores(x, shared)
         else:  # pooled first (per part for a RowGroups, which is never merged for this), then full width:
-            # a route's gates are constant over the pooled dims, so masking the pooled [B, C] is exact
+            # a route's gates are constant over the pooled dims: masking the pooled [B, C] is the same function
             cdim = router.cdim % x.ndim
             h = self.pool(x, [d for d in range(1, x.ndim) if d != cdim])
             if in_route.packed:
