@@ -6,11 +6,12 @@ medians, so machine noise hits every variant alike. ``mode="train"`` times a tra
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -146,6 +147,8 @@ class _Noisy:
 
     def scores(self, *args, **kwargs):
         out = super().scores(*args, **kwargs)
+        if out.shape[0] == 1 and self.__dict__.get("_moeify_noise_in_bias"):
+            return out  # its one row of noise is in the bias (``noise_in_biases``)
         return out + self.__dict__["_moeify_noise"](out)
 
 
@@ -175,6 +178,30 @@ def spread_routing(moe: nn.Module, seed: int = 0) -> list:
         with_mixin(r, _Noisy)
         r.__dict__["_moeify_noise"] = _noise(seed * 7919 + i)
     return handles
+
+
+@contextlib.contextmanager
+def noise_in_biases(moe: nn.Module) -> Iterator[None]:
+    """Inside the block, a router of ``spread_routing`` whose linear layer has a bias takes its
+    noise for a single sample (one row: a constant) in that bias instead of adding it to every
+    call's scores, so a batch-1 call pays no op that a trained router would not; the same routes.
+    A router without a bias (standardised) keeps the add. The biases are restored after."""
+    saved = []
+    for r in moe.modules():
+        bias = getattr(getattr(r, "proj", None), "bias", None)
+        if not isinstance(r, _Noisy) or bias is None:
+            continue
+        with torch.no_grad():
+            saved.append((r, bias, bias.detach().clone()))
+            bias.add_(r.__dict__["_moeify_noise"](bias.new_zeros(1, bias.numel()))[0])
+        r.__dict__["_moeify_noise_in_bias"] = True
+    try:
+        yield
+    finally:
+        for r, bias, value in saved:
+            with torch.no_grad():
+                bias.copy_(value)
+            r.__dict__.pop("_moeify_noise_in_bias", None)
 
 
 def _noise(key: int):
@@ -230,7 +257,8 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
     for b in batches:
         x = torch.rand(b, *size, device=device).contiguous(memory_format=fmt)
         fns = {k: _step(runners[k], k[4:] if k.startswith("moe ") else "auto", x, mode, sync) for k in VARIANTS}
-        ms = interleaved(fns, repeats, warmup=2)
+        with noise_in_biases(models["moe"]) if routing == "spread" and b == 1 else contextlib.nullcontext():
+            ms = interleaved(fns, repeats, warmup=2)
         macs = _macs(models, x[:min(b, 8)].float().cpu().contiguous(), mode, device)
         macs["moe auto"] = macs[f"moe {_auto_choice(models['moe'], x, mode)}"]  # its choice at this batch size
         twin_gain = ms["dense"] / ms["static twin"] - 1
@@ -316,8 +344,6 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     same backbone, attack and batch, in one process, the MoE under the default strategy. With the
     recipe's ``train.compile``, every model's forward and attack run ``torch.compile``d, as
     training runs them."""
-    import contextlib
-
     from .attacks import AttackConfig
     from .data import SIZES, CLASSES, DataBundle, synthetic
     from .recipes import load_recipe

@@ -98,6 +98,30 @@ def test_routing_reports_top_k_per_sample_and_samples_differ():
     assert any(len(torch.unique(idx, dim=0)) > 1 for idx in r.values())
 
 
+def test_bench_noise_in_the_biases_routes_a_sample_as_the_added_noise_does():
+    """``moeify bench`` at batch 1 moves each router's spread noise into its bias (no extra op per
+    call): every sample must take the routes the per-call noise gives it, and the user's biases
+    come back unchanged."""
+    from moeify.bench import noise_in_biases
+
+    moe = _moe(experts=4, top_k=2).eval()
+    spread_routing(moe, seed=3)
+    biases = {n: p.clone() for n, p in moe.named_parameters() if n.endswith("proj.bias")}
+    with torch.no_grad():
+        for i in range(6):
+            x = torch.rand(1, 3, 16, 16)
+            added = moeify.routing(moe, x)
+            with noise_in_biases(moe):
+                folded = moeify.routing(moe, x)
+            assert all(torch.equal(added[k], folded[k]) for k in added)
+        for layer in moeify.moe_layers(moe).values():  # the scores themselves: the noise counted once
+            h = torch.rand(1, layer.router.proj.in_features)
+            with noise_in_biases(moe):
+                folded = layer.router.scores(h)
+            assert torch.allclose(folded, layer.router.scores(h), rtol=1e-6, atol=1e-3)
+    assert biases and all(torch.equal(p, biases[n]) for n, p in moe.named_parameters() if n in biases)
+
+
 def test_ties_break_to_the_lower_expert_and_gate_is_one():
     scores = torch.zeros(3, 4, requires_grad=True)
     route = select_top_k(scores, 2)
