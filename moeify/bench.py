@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import platform
 import statistics
 import time
@@ -25,6 +26,7 @@ from .nn import GlobalRouter, LayerRouter, execution
 from .nn.executors import get_executor
 from .nn.gated import with_mixin
 from .spec import MoESpec
+from .stats import paired_bootstrap
 from .twin import static_twin
 from .zoo import create_model
 
@@ -49,6 +51,10 @@ class BenchRow:
     speedup: float  # over dense
     ideal: float  # the MAC-ideal speed-up: dense MACs / this variant's MACs
     of_twin: float  # this variant's speed-up as a fraction of the static twin's
+    speedup_low: float = math.nan  # 95% intervals (paired bootstrap over the interleaved rounds)
+    speedup_high: float = math.nan
+    of_twin_low: float = math.nan
+    of_twin_high: float = math.nan
 
 
 def machine(device: str = "cpu") -> str:
@@ -80,8 +86,8 @@ def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tupl
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median milliseconds per function, timed in turn (a, b, c, a, b, c, ...) after warm-up calls."""
+def interleaved_rounds(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds per function and round, timed in turn (a, b, c, a, b, c, ...) after warm-up calls."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -91,7 +97,32 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
             t = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds per function, timed in turn (``interleaved_rounds``)."""
+    return {k: statistics.median(v) for k, v in interleaved_rounds(fns, repeats, warmup).items()}
+
+
+def _medians(t: torch.Tensor) -> torch.Tensor:
+    return torch.quantile(t, 0.5, dim=-1)
+
+
+def _intervals(rounds: dict[str, list[float]], variant: str) -> tuple[float, float, float, float]:
+    """95% paired-bootstrap intervals of ``variant``'s speed-up over dense and of its share of
+    the static twin's gain (NaN where the twin gains less than ``MIN_TWIN_GAIN``), from the
+    interleaved rounds: a ratio of medians, as the point estimates are."""
+    cols = {k: rounds[k] for k in ("dense", "static twin", variant)}
+
+    def speedup(c: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _medians(c["dense"]) / _medians(c[variant])
+
+    def share(c: dict[str, torch.Tensor]) -> torch.Tensor:
+        twin = _medians(c["dense"]) / _medians(c["static twin"]) - 1
+        return torch.where(twin >= MIN_TWIN_GAIN, (speedup(c) - 1) / twin, torch.nan)
+
+    return paired_bootstrap(cols, speedup) + paired_bootstrap(cols, share)
 
 
 def _step(model: nn.Module, exec_mode: str, x: torch.Tensor, mode: str, sync: Callable[[], None]):
@@ -258,14 +289,16 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
         x = torch.rand(b, *size, device=device).contiguous(memory_format=fmt)
         fns = {k: _step(runners[k], k[4:] if k.startswith("moe ") else "auto", x, mode, sync) for k in VARIANTS}
         with noise_in_biases(models["moe"]) if routing == "spread" and b == 1 else contextlib.nullcontext():
-            ms = interleaved(fns, repeats, warmup=2)
+            rounds = interleaved_rounds(fns, repeats, warmup=2)
+        ms = {k: statistics.median(v) for k, v in rounds.items()}
         macs = _macs(models, x[:min(b, 8)].float().cpu().contiguous(), mode, device)
         macs["moe auto"] = macs[f"moe {_auto_choice(models['moe'], x, mode)}"]  # its choice at this batch size
         twin_gain = ms["dense"] / ms["static twin"] - 1
         for k in VARIANTS:
             gain = ms["dense"] / ms[k]
             rows.append(BenchRow(name, spec.experts, spec.top_k, spec.scope, mode, b, k, ms[k], macs[k], gain,
-                                 macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain >= MIN_TWIN_GAIN else float("nan")))
+                                 macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain >= MIN_TWIN_GAIN else float("nan"),
+                                 *_intervals(rounds, k)))
     return rows
 
 

@@ -208,7 +208,9 @@ def bench(
         title += ", BatchNorm folded"
     if conv_s is not None:
         title += f"; convert: {conv_s:.2f} s"
-    console.print(_bench_table(rows, title))
+    # piped output has no width to fit: wide enough that no interval folds
+    out = console if console.is_terminal else Console(width=max(console.width, 120))
+    out.print(_bench_table(rows, title))
     if json_out:
         with open(json_out, "w") as f:
             json.dump({"machine": machine(device), "convert_seconds": conv_s, "batchnorm_folded": fold_bn,
@@ -234,15 +236,22 @@ def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: s
 def _bench_table(rows: list, title: str):
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=title, caption="(95% intervals: paired bootstrap over the interleaved rounds)")
     for col in ("experts", "batch", "variant", "ms / batch", "MACs / sample", "speed-up", "MAC-ideal",
                 "of twin's gain"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", overflow="fold")  # a narrow terminal folds, never cuts, an interval
     for r in rows:
-        share = "" if r.variant == "dense" else ("-" if math.isnan(r.of_twin) else f"{r.of_twin:.0%}")
+        fixed = r.variant in ("dense", "static twin")  # the references: no interval
+        speedup = f"{r.speedup:.2f}x" + ("" if r.variant == "dense" else _interval(r.speedup_low, r.speedup_high, "{:.2f}"))
+        share = "" if r.variant == "dense" else ("-" if math.isnan(r.of_twin) else f"{r.of_twin:.0%}" + (
+            "" if fixed else _interval(r.of_twin_low, r.of_twin_high, "{:.0%}")))
         t.add_row(f"{r.top_k}/{r.experts}", str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M",
-                  f"{r.speedup:.2f}x", f"{r.ideal:.2f}x", share)
+                  speedup, f"{r.ideal:.2f}x", share)
     return t
+
+
+def _interval(low: float, high: float, fmt: str) -> str:
+    return "" if math.isnan(low) else f" ({fmt.format(low)}–{fmt.format(high)})"
 
 
 def _kwargs(text: str | None) -> dict:

@@ -1,4 +1,5 @@
-"""Paired differences with confidence intervals: two models measured on the same images and seeds.
+"""Paired differences with confidence intervals: two models measured on the same images and seeds;
+and paired bootstrap intervals for timings taken in interleaved rounds (``moeify bench``).
 
 A research claim ("the MoE is more robust than its static twin") is a difference of accuracies
 measured on the same test images, with models trained from the same seeds. Pairing removes the
@@ -8,6 +9,7 @@ and which training run a seed produced. Both go into the interval.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,3 +79,22 @@ def t_quantile(p: float, df: int) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
     return (lo + hi) / 2
+
+
+def paired_bootstrap(columns: dict[str, list[float]], statistic: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                     resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` over rounds resampled with replacement, the columns
+    kept paired (round i of every column drawn together: timings taken in one interleaved round
+    share the machine's state). ``statistic`` maps {name: [resamples, rounds]} to [resamples];
+    seeded, so the same timings give the same interval."""
+    names = list(columns)
+    data = torch.tensor([columns[k] for k in names], dtype=torch.float64)  # [columns, rounds]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, data.shape[1], (resamples, data.shape[1]), generator=gen)
+    values = statistic({k: data[i][idx] for i, k in enumerate(names)})
+    values = values[~torch.isnan(values)]
+    if not len(values):
+        return math.nan, math.nan
+    tail = (1 - level) / 2
+    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return low.item(), high.item()

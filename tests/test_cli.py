@@ -105,6 +105,8 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     assert {(x["batch"], x["variant"]) for x in rows} == {
         (b, v) for b in (1, 4) for v in ("dense", "static twin", "twin + routers", "moe masked", "moe grouped",
                                           "moe static", "moe auto")}
+    for x in rows:  # a 95% interval around every speed-up (one round here: the point itself)
+        assert x["speedup_low"] <= x["speedup"] + 1e-9 and x["speedup"] <= x["speedup_high"] + 1e-9, x["variant"]
     macs = {(x["batch"], x["variant"]): x["macs"] for x in rows}
     # grouped and static execute the twin's MACs plus their routers (static on the CPU only at batch 1,
     # above it the masked math); masked at least the dense MACs

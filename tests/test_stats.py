@@ -1,9 +1,11 @@
 """Paired differences: the interval counts image sampling and seed-to-seed variation, and a verdict
-is given only where it excludes zero."""
+is given only where it excludes zero; timing intervals resample interleaved rounds whole."""
+import statistics
+
 import pytest
 import torch
 
-from moeify.stats import paired_difference, t_quantile
+from moeify.stats import paired_bootstrap, paired_difference, t_quantile
 
 
 @pytest.mark.parametrize("df,value", [(1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)])
@@ -47,3 +49,25 @@ def test_seed_to_seed_variation_widens_the_interval():
 def test_shapes_must_pair():
     with pytest.raises(ValueError, match="seeds, images"):
         paired_difference(torch.ones(2, 10), torch.ones(3, 10))
+
+
+def test_timing_intervals_keep_rounds_paired():
+    """``moeify bench``'s intervals resample whole interleaved rounds: a variant exactly twice as
+    fast as dense in every round, while the machine's speed drifts 3x between rounds, gets the
+    interval [2, 2] (unpaired resampling would spread it widely); the same timings give the same
+    interval, and a noisy variant's interval holds its point estimate."""
+    drift = torch.linspace(1.0, 3.0, 20, dtype=torch.float64)
+    dense = (10 * drift).tolist()
+    fast = (5 * drift).tolist()
+
+    def speedup(c):
+        return torch.quantile(c["dense"], 0.5, dim=-1) / torch.quantile(c["fast"], 0.5, dim=-1)
+
+    low, high = paired_bootstrap({"dense": dense, "fast": fast}, speedup)
+    assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    noisy = (5 * drift * (1 + 0.2 * torch.rand(20, generator=torch.Generator().manual_seed(0), dtype=torch.float64))).tolist()
+    cols = {"dense": dense, "fast": noisy}
+    low, high = paired_bootstrap(cols, speedup)
+    assert (low, high) == paired_bootstrap(cols, speedup)
+    point = statistics.median(dense) / statistics.median(noisy)
+    assert low < point < high and high - low > 0.01
