@@ -26,7 +26,9 @@ def narrow_add(a: torch.Tensor, b: torch.Tensor, cdim: int = 1) -> torch.Tensor:
     if a.shape[cdim] == b.shape[cdim]:
         return a + b
     wide, narrow = (a, b) if a.shape[cdim] > b.shape[cdim] else (b, a)
-    out = wide.to(torch.result_type(wide, narrow), copy=True)  # one copy, the narrow part added to its slice
+    # one copy, the narrow part added to its slice; the dtype from the operands' dtypes (result_type's
+    # non-tensor result would break a compiled graph)
+    out = wide.to(torch.promote_types(wide.dtype, narrow.dtype), copy=True)
     out.narrow(cdim, 0, narrow.shape[cdim]).add_(narrow)
     return out
 

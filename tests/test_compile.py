@@ -76,3 +76,16 @@ def test_static_compiles_fullgraph_and_equals_masked(name, train, monkeypatch):
             assert _close(st_c[k], v, rtol) or torch.allclose(st_c[k], v, rtol=rtol, atol=rtol), k
         else:
             assert torch.equal(st_c[k], v), k
+
+
+def test_the_static_twin_compiles_as_one_graph():
+    """The S-Dense baseline (static twin) is compiled whenever training or ``moeify bench`` compiles:
+    its narrow residual adds (a narrow branch into a wide stream) must not break the graph."""
+    from moeify.twin import static_twin
+
+    torch.manual_seed(0)
+    model = moeify.create_model("cifar_resnet18", input_size=(1, 28, 28), width=16, stem_stride=2, in_chans=1)
+    twin = static_twin(model, spec=moeify.MoESpec(experts=2, top_k=1, scope="paper")).eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(twin, fullgraph=True, backend="eager")(x), twin(x))
