@@ -74,16 +74,21 @@ def _update_running(bn, mean: torch.Tensor, var: torch.Tensor, count: torch.Tens
 def sliced_bn(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -> tuple:
     """(running mean, running var, weight, bias) of the selected experts' channels: views, kept
     with the layer under no_grad or inference so a forward does not re-slice them."""
-    ts = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    buffers, params = bn._buffers, bn._parameters  # read directly: this runs once per layer and call
+    ts = (buffers.get("running_mean"), buffers.get("running_var"), params.get("weight"), params.get("bias"))
 
     def make() -> tuple:
         return tuple(None if t is None else take(t, 0, experts, per) for t in ts)
 
-    if (torch.is_grad_enabled() and bn.weight is not None and bn.weight.requires_grad) \
-            or torch.compiler.is_compiling():
+    w = ts[2]
+    if (torch.is_grad_enabled() and w is not None and w.requires_grad) or torch.compiler.is_compiling():
         return make()
-    owners = tuple(t for t in ts if t is not None)
-    return cached(owners, (tuple(experts),) + tuple(None if t is None else t._version for t in ts), make)
+    owners, key = [], [tuple(experts)]
+    for t in ts:
+        key.append(None if t is None else t._version)
+        if t is not None:
+            owners.append(t)
+    return cached(tuple(owners), tuple(key), make)
 
 
 def bn_selection(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, experts: list[int], per: int,

@@ -63,19 +63,30 @@ def _nbytes(value) -> int:
     return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor) and t._base is None)
 
 
+def _same_storages(refs: list, owners: tuple[torch.Tensor, ...]) -> bool:
+    """Whether each owner still holds the storage its weak reference names (a plain loop: this
+    runs for every cached lookup, several per layer and call)."""
+    if len(refs) != len(owners):
+        return False
+    for ref, t in zip(refs, owners):
+        if ref() is not t.untyped_storage():
+            return False
+    return True
+
+
 def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Callable[[], T]) -> T:
     """``make()``, kept with ``owners`` (a tensor or several) under ``key`` (which must name the
     versions it depends on), so an op under no_grad or inference does not slice or copy the same
     parameters on every call. Valid while every owner keeps its storage. Views of the owners cost
     no memory; copies count against ``CACHE_BUDGET``."""
-    owners = owners if isinstance(owners, tuple) else (owners,)
+    if not isinstance(owners, tuple):
+        owners = (owners,)
     first = owners[0]
-    storages = [t.untyped_storage() for t in owners]
     entry = _SLICES.get(id(first))
     if entry is None:
         weakref.finalize(first, _SLICES.pop, id(first), None)
-    if entry is None or len(entry[0]) != len(storages) or any(r() is not s for r, s in zip(entry[0], storages)):
-        entry = _SLICES[id(first)] = ([weakref.ref(s) for s in storages], {})
+    if entry is None or not _same_storages(entry[0], owners):
+        entry = _SLICES[id(first)] = ([weakref.ref(t.untyped_storage()) for t in owners], {})
     cache = entry[1]
     hit = cache.pop(key, None)
     if hit is None:

@@ -200,11 +200,13 @@ def _select_one(scores: torch.Tensor, top_k: int) -> Route:
     the device), the index tensor shared per selection and the route's one pattern known without
     another read. At batch 1 every tensor op costs more in dispatch than in arithmetic."""
     s = scores.tolist()[0]
-    if any(v != v for v in s):
-        raise _non_finite()
+    for v in s:  # plain loops: at batch 1 this runs once per layer and call
+        if v != v:
+            raise _non_finite()
     order = sorted(range(len(s)), key=s.__getitem__, reverse=True)[:top_k]  # stable: ties keep index order
-    if not all(math.isfinite(s[i]) for i in order):
-        raise _non_finite()
+    for i in order:
+        if not math.isfinite(s[i]):
+            raise _non_finite()
     sel = sorted(order)
     key = (tuple(sel), scores.device)
     idx = _ONE_SAMPLE.get(key)
