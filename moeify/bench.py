@@ -178,8 +178,6 @@ class _Noisy:
 
     def scores(self, *args, **kwargs):
         out = super().scores(*args, **kwargs)
-        if out.shape[0] == 1 and self.__dict__.get("_moeify_noise_in_bias"):
-            return out  # its one row of noise is in the bias (``noise_in_biases``)
         return out + self.__dict__["_moeify_noise"](out)
 
 
@@ -214,25 +212,26 @@ def spread_routing(moe: nn.Module, seed: int = 0) -> list:
 @contextlib.contextmanager
 def noise_in_biases(moe: nn.Module) -> Iterator[None]:
     """Inside the block, a router of ``spread_routing`` whose linear layer has a bias takes its
-    noise for a single sample (one row: a constant) in that bias instead of adding it to every
-    call's scores, so a batch-1 call pays no op that a trained router would not; the same routes.
-    A router without a bias (standardised) keeps the add. The biases are restored after."""
+    noise for a single sample (one row: a constant) in that bias and is a plain router again, so a
+    batch-1 call pays nothing a trained router would not (no add, no mixin call); the same routes
+    for batch-1 calls (a larger batch would lose its per-sample noise). A router without a bias
+    (standardised) keeps the add. Biases and classes are restored after."""
     saved = []
     for r in moe.modules():
         bias = getattr(getattr(r, "proj", None), "bias", None)
         if not isinstance(r, _Noisy) or bias is None:
             continue
         with torch.no_grad():
-            saved.append((r, bias, bias.detach().clone()))
+            saved.append((r, type(r), bias, bias.detach().clone()))
             bias.add_(r.__dict__["_moeify_noise"](bias.new_zeros(1, bias.numel()))[0])
-        r.__dict__["_moeify_noise_in_bias"] = True
+        r.__class__ = type(r).__mro__[2]  # the class ``with_mixin`` mixed _Noisy into
     try:
         yield
     finally:
-        for r, bias, value in saved:
+        for r, cls, bias, value in saved:
             with torch.no_grad():
                 bias.copy_(value)
-            r.__dict__.pop("_moeify_noise_in_bias", None)
+            r.__class__ = cls
 
 
 def _noise(key: int):

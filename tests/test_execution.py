@@ -70,6 +70,64 @@ def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, r
         assert torch.allclose(stats_s[name].to(v.dtype), v, rtol=rtol, atol=rtol), name
 
 
+@pytest.mark.parametrize("cls,scope,experts,top_k,norm", [
+    (PreActResNet, "paper", 2, 1, False), (PreActResNet, "branches", 4, 2, False), (PreActResNet, "paper", 4, 2, True),
+    (Zoo, "hidden", 4, 2, False)])
+def test_one_sample_lane_equals_masked(cls, scope, experts, top_k, norm, monkeypatch):
+    """Batch 1 in inference under grouped (auto's choice there on the CPU) runs each routed op on
+    the sample's selection alone (``executors/selected.py``): outputs equal masked execution for
+    samples on different routes (adjacent and split selections, packed and full-width layers,
+    depthwise convs, a functional conv, standardised routers), in float32 and float64."""
+    from moeify.nn.executors.selected import Selected
+
+    ran = []
+    for name in ("contract", "batch_norm", "follow"):
+        real = getattr(Selected, name)
+        monkeypatch.setattr(Selected, name, lambda self, *a, _real=real, _name=name: ran.append(_name) or _real(self, *a))
+    model = randomize(cls())
+    moe = moeify.convert(model, experts=experts, top_k=top_k, example_inputs=torch.rand(2, 3, 16, 16), scope=scope,
+                         router_norm=norm).eval()
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        moe.to(dtype)
+        for seed in range(4):
+            x = torch.rand(1, 3, 16, 16, dtype=dtype)
+            hooks = spread_routing(moe, seed=seed)
+            with torch.inference_mode():
+                outs = {}
+                for mode in ("auto", "grouped", "masked"):
+                    with moeify.execution(mode):
+                        outs[mode] = moe(x)
+            for h in hooks:
+                h.remove()
+            for mode in ("auto", "grouped"):
+                assert torch.allclose(outs[mode], outs["masked"], rtol=rtol, atol=rtol * outs["masked"].abs().max()), mode
+    assert {"contract", "batch_norm", "follow"} <= set(ran)
+
+
+def test_one_sample_with_gradients_is_not_the_inference_lane():
+    """Batch 1 with autograd on, where a router's input carries no gradient (its routers and
+    every layer before them frozen, as when fine-tuning only the experts): the route is chosen
+    on the host, but the experts' ops must still be recorded, so their gradients equal masked
+    execution's."""
+    moe = _moe(experts=4, top_k=2).eval()
+    experts = {n for layer in moeify.moe_layers(moe).values() for n in layer.producers + layer.consumers}
+    for n, p in moe.named_parameters():
+        p.requires_grad_(n.rsplit(".", 1)[0] in experts)
+    x = torch.rand(1, 3, 16, 16)
+    grads = {}
+    for mode in ("grouped", "masked"):
+        moe.zero_grad()
+        hooks = spread_routing(moe, seed=0)
+        with moeify.execution(mode):
+            moe(x).square().sum().backward()
+        for h in hooks:
+            h.remove()
+        grads[mode] = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+    assert set(grads["grouped"]) == set(grads["masked"]) and grads["masked"]
+    for n, g in grads["masked"].items():
+        assert torch.allclose(grads["grouped"][n], g, rtol=1e-5, atol=1e-5 * g.abs().max()), n
+
+
 def test_routers_receive_gradient_from_the_task_loss():
     moe = _moe(train=True)
     _, _, grads = _grads(moe, torch.rand(8, 3, 16, 16), "sparse")
@@ -326,11 +384,13 @@ def test_inference_weight_slices_stay_within_their_memory_budget(monkeypatch):
         assert nbytes <= packing.CACHE_BUDGET * w.numel() * w.element_size()
 
 
-def test_cached_slices_follow_the_weights_they_were_made_from():
-    """Weights moved (``.to``) or replaced (``param.data = ...``) between inference calls: sparse
-    execution never reuses slices of the old memory and still equals masked execution."""
+@pytest.mark.parametrize("batch", [3, 1])
+def test_cached_slices_follow_the_weights_they_were_made_from(batch):
+    """Weights updated in place (an optimizer step), moved (``.to``) or replaced (``param.data =
+    ...``) between inference calls: sparse execution (per pattern, or batch 1's one-selection
+    lane) never reuses slices of old values or memory and still equals masked execution."""
     moe = _moe(experts=4, top_k=2).eval()
-    x = torch.rand(3, 3, 16, 16)
+    x = torch.rand(batch, 3, 16, 16)
 
     def both():
         with torch.inference_mode():
@@ -341,6 +401,11 @@ def test_cached_slices_follow_the_weights_they_were_made_from():
         return s, m
 
     both()  # fills the caches
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.mul_(0.9).add_(0.01)
+    s, m = both()
+    assert torch.allclose(s, m, rtol=1e-5, atol=1e-6)
     for p in moe.parameters():
         p.data = torch.randn_like(p) * 0.1
     for m in moe.modules():

@@ -161,12 +161,15 @@ class MoEChannelwiseMixin:
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         if route is None:
             return super().forward(x)  # type: ignore[misc]
-        if isinstance(self, nn.modules.batchnorm._BatchNorm):
-            y = route.executor.batch_norm(self, x, route)
-            if is_norm_act(type(self).__mro__[2]):
-                y = self.act(self.drop(y))
-            return y
-        return route.executor.depthwise(self, x, route)
+        kind = self.__dict__.get("_moe_channelwise")
+        if kind is None:  # decided once per module
+            kind = self.__dict__["_moe_channelwise"] = (
+                "depthwise" if not isinstance(self, nn.modules.batchnorm._BatchNorm)
+                else "norm act" if is_norm_act(type(self).__mro__[2]) else "norm")
+        if kind == "depthwise":
+            return route.executor.depthwise(self, x, route)
+        y = route.executor.batch_norm(self, x, route)
+        return self.act(self.drop(y)) if kind == "norm act" else y
 
 
 def make_channelwise_module(m: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ it convolves with (weight standardisation), so that weight can be sliced like a 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +14,14 @@ from torch import nn
 @dataclass
 class Kernel:
     """A contraction's sparse kernel: ``run(x, weight, bias, groups)`` computes the layer with any
-    weight slice (conv: the layer's stride, padding and dilation; linear: ``F.linear``)."""
+    weight slice (conv: the layer's stride, padding and dilation; linear: ``F.linear``). ``kept``:
+    the one-selection lane's slices of this weight and bias (``packing.kept``)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     run: Callable[..., torch.Tensor]
     linear: bool = False
+    kept: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -92,11 +92,40 @@ def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Ca
     if hit is None:
         with torch.no_grad():
             hit = make()
-        budget = max(CACHE_BUDGET * first.numel() * first.element_size(), CACHE_FLOOR) - _nbytes(hit)
-        while cache and sum(_nbytes(v) for v in cache.values()) > budget:
-            cache.pop(next(iter(cache)))
+        _trim(cache, _budget(first) - _nbytes(hit), lambda v: v)
     cache[key] = hit
     return hit
+
+
+def _budget(t: torch.Tensor) -> float:
+    """Bytes of copies kept for owner ``t``: ``CACHE_BUDGET`` times its size, at least ``CACHE_FLOOR``."""
+    return max(CACHE_BUDGET * t.numel() * t.element_size(), CACHE_FLOOR)
+
+
+def _trim(store: dict, budget: float, value: Callable) -> None:
+    """Drop ``store``'s oldest entries until the copies in the rest fit in ``budget`` bytes."""
+    while store and sum(_nbytes(value(v)) for v in store.values()) > budget:
+        store.pop(next(iter(store)))
+
+
+def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
+    """``make()``, kept in ``store`` (a dict its caller owns: a layer's, a Kernel's) under ``key``
+    while every owner keeps its version and storage: the one-selection lane's lookup (a dict read
+    and a check per owner, where ``cached`` also finds the owner's table and keys versions). Copies
+    count against ``CACHE_BUDGET``, as there."""
+    hit = store.get(key)
+    if hit is not None:
+        value, stamp = hit
+        for t, (version, storage) in zip(owners, stamp):
+            if t._version != version or storage() is not t.untyped_storage():
+                break
+        else:
+            return value
+        del store[key]
+    value = make()
+    _trim(store, _budget(owners[0]) - _nbytes(value), lambda v: v[0])
+    store[key] = value, tuple((t._version, weakref.ref(t.untyped_storage())) for t in owners)
+    return value
 
 
 def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel: list[int] | None,

@@ -29,7 +29,7 @@ from .policy import Recorder, current_policy
 class Route:
     """Top-K expert choice per sample: ``idx`` LongTensor[B, K], ``gate`` Tensor[B, K] (value 1)."""
 
-    __slots__ = ("idx", "_gate", "experts", "packed", "executor", "chosen", "_groups", "_index", "_masks")
+    __slots__ = ("idx", "_gate", "experts", "packed", "executor", "chosen", "one", "_groups", "_index", "_masks")
 
     def __init__(self, idx: torch.Tensor, gate: torch.Tensor | None, experts: int, packed: bool = False,
                  chosen: torch.Tensor | None = None) -> None:
@@ -37,6 +37,9 @@ class Route:
         ``chosen``: the chosen scores, when their finiteness is still to be checked."""
         self.idx, self._gate, self.experts, self.packed, self.chosen = idx, gate, experts, packed, chosen
         self.executor = None  # set by the MoE layer that made or adopted the route
+        self.one: tuple[int, ...] | None = None
+        """The experts every sample selected, when that is known on the host and the call records
+        nothing (batch 1 in inference, chosen on the host): each op then needs only the selection."""
         self._groups: list[tuple[list[int], torch.Tensor | None]] | None = None
         self._index: dict[int, torch.Tensor] = {}
         self._masks: dict[int, torch.Tensor] = {}
@@ -50,7 +53,7 @@ class Route:
     def adopted(self, executor, packed: bool) -> "Route":
         """The same choice, run by ``executor`` in a layer whose tensors are (or are not) packed."""
         r = Route(self.idx, self._gate, self.experts, packed, self.chosen)
-        r.executor, r._groups, r._index, r._masks = executor, self._groups, self._index, self._masks
+        r.executor, r.one, r._groups, r._index, r._masks = executor, self.one, self._groups, self._index, self._masks
         return r
 
     @property
@@ -194,7 +197,7 @@ _ONE_SAMPLE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 """[1, K] index tensors of one sample's selections, per device: made once, shared by routes."""
 
 
-def _select_one(scores: torch.Tensor, top_k: int) -> Route:
+def select_one(scores: torch.Tensor, top_k: int) -> Route:
     """``select_top_k`` for one sample whose choice is checked now: its N scores read to the host
     in one go and chosen in Python (ties to the lower index, a NaN or a chosen inf refused, as on
     the device), the index tensor shared per selection and the route's one pattern known without
@@ -215,6 +218,8 @@ def _select_one(scores: torch.Tensor, top_k: int) -> Route:
             idx = _ONE_SAMPLE[key] = torch.tensor([sel], device=scores.device)
     r = Route(idx, None, scores.shape[-1])
     r._groups = [(sel, None)]
+    if not torch.is_grad_enabled():  # nothing can record through this layer's ops
+        r.one = key[0]
     return r
 
 
@@ -237,7 +242,7 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, no
             return Route(decided[0], decided[1], scores.shape[-1])
     elif scores.shape[0] == 1 and not (defer_check or noise or drop or scores.requires_grad
                                        or torch.compiler.is_compiling()):
-        return _select_one(scores, top_k)
+        return select_one(scores, top_k)
     detached = scores.detach()
     if noise:
         detached = detached + noise * torch.randn_like(detached)

@@ -45,9 +45,11 @@ class LayerRouter(nn.Module):
         h = pool_mean(x, dims)
         if self.norm:
             return self._standardised(h, experts)
-        proj = self.proj  # its weights called directly: a module call costs more than the product at batch 1
-        w = proj.weight if experts is None else take(proj.weight, 1, experts, h.shape[1] // len(experts))
-        return F.linear(h, w, proj.bias)
+        params = self.proj._parameters  # read directly: at batch 1 a module call or attribute lookups cost more than the product
+        w = params["weight"]
+        if experts is not None:
+            w = take(w, 1, experts, h.shape[1] // len(experts))
+        return F.linear(h, w, params.get("bias"))
 
     def _standardised(self, h: torch.Tensor, experts: list[int] | None) -> torch.Tensor:
         """W (h - mean) / std, with h (and W's columns) restricted to ``experts`` when given. In
@@ -160,6 +162,10 @@ class MoELayer(nn.Module):
         self.model_macs = 0.0  # the whole dense model's MACs per sample (set by convert; auto reads it)
 
     def forward(self, x, in_route: Route | None = None) -> Route:
+        if in_route is not None and in_route.one is not None:  # the call's strategy is known: no resolving again
+            r = in_route.executor.follow(self, x, in_route)
+            if r is not None:
+                return r
         return current_executor().resolve(x, self).route(self, x, in_route)
 
     def extra_repr(self) -> str:

@@ -3,7 +3,8 @@
 graph) and ``auto`` (the default: the fastest measured strategy for the device and batch).
 
 A strategy is an ``Executor`` object (``base.py``); adding one is a new module and a ``register``
-call. ``with moeify.execution(name): ...`` selects one for the calls inside the block (per thread).
+call. ``selected.py`` is not one to choose but ``grouped``'s lane for a batch of one sample in
+inference. ``with moeify.execution(name): ...`` selects one for the calls inside the block (per thread).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .auto import Auto
 from .base import Executor, Kernel
 from .grouped import Grouped
 from .masked import Masked
+from .selected import Selected
 from .static import Static
 
 EXECUTORS: dict[str, Executor] = {}
@@ -30,7 +32,7 @@ def register(executor: Executor) -> Executor:
     return executor
 
 
-for _ex in (Masked(), Grouped(), Static()):
+for _ex in (Masked(), Grouped(one=Selected()), Static()):
     register(_ex)
 register(Auto(EXECUTORS))
 

@@ -44,6 +44,11 @@ class Executor:
         return self
 
     # -- routing ------------------------------------------------------------------------------
+    def follow(self, layer: nn.Module, x, in_route: Route) -> Route | None:
+        """The route of a layer whose input carries ``in_route``, a route this strategy made in
+        the same call, without resolving the strategy again; None: resolve and route as usual."""
+        return None
+
     def route(self, layer: nn.Module, x, in_route: Route | None) -> Route:
         """The layer's Route from its input (or a shared global Route), adopted by this executor."""
         if isinstance(x, Route):

@@ -139,6 +139,21 @@ class Grouped(Executor):
     name = "grouped"
     reads_patterns = True
 
+    def __init__(self, one: Executor | None = None) -> None:
+        self.one = one  # the lane for a route whose batch shares one host-known selection (``selected.py``)
+
+    def route(self, layer: nn.Module, x, in_route: Route | None) -> Route:
+        """The generic route; one sample chosen on the host in inference goes to the ``one`` lane."""
+        if self.one is not None and not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.shape[0] == 1 \
+                and not layer.training and not self.defers_check(x.device):
+            r = self.one.route_one(layer, x, in_route)
+            if r is not None:
+                return r
+        r = super().route(layer, x, in_route)
+        if r.one is not None and self.one is not None:
+            r.executor = self.one
+        return r
+
     def packs(self, batch: int, device: torch.device) -> bool:
         return True
 
