@@ -1,7 +1,7 @@
 """Benchmarks: conversion time, and dense vs static twin vs the MoE under every execution strategy.
 
-Timings are interleaved (dense, twin, masked, grouped, ..., dense, ...) in one process and reported as
-medians, so machine noise hits every variant alike. ``mode="train"`` times a training step
+Timings are interleaved (dense, twin, masked, grouped, ..., then the order rotated by one) in one
+process and reported as medians, so machine noise and what ran just before hit every variant alike. ``mode="train"`` times a training step
 (forward + backward of a cross-entropy loss, train-mode BatchNorm) instead of eval inference.
 """
 from __future__ import annotations
@@ -87,15 +87,18 @@ def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tupl
 
 
 def interleaved_rounds(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Milliseconds per function and round, timed in turn (a, b, c, a, b, c, ...) after warm-up calls."""
+    """Milliseconds per function and round, timed in turn after warm-up calls, the order rotated
+    each round (a, b, c, then b, c, a, ...): what runs just before a function (a large model
+    evicting the caches, a slow one warming the CPU) then falls on every function alike."""
     for f in fns.values():
         for _ in range(warmup):
             f()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append((time.perf_counter() - t) * 1e3)
     return times
 

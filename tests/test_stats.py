@@ -71,3 +71,19 @@ def test_timing_intervals_keep_rounds_paired():
     assert (low, high) == paired_bootstrap(cols, speedup)
     point = statistics.median(dense) / statistics.median(noisy)
     assert low < point < high and high - low > 0.01
+
+
+def test_interleaved_rounds_rotate_who_runs_after_whom():
+    """Each round times every function once, and over as many rounds as functions each one runs
+    in every position (so a slow variant's aftermath does not always fall on the same neighbour);
+    each function's times stay its own, in round order."""
+    from moeify.bench import interleaved_rounds
+
+    calls: list[str] = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    times = interleaved_rounds(fns, repeats=8, warmup=1)
+    rounds = [calls[4 + 4 * r: 8 + 4 * r] for r in range(8)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    for k in "abcd":
+        assert sorted(r.index(k) for r in rounds[:4]) == [0, 1, 2, 3]
+    assert set(times) == set("abcd") and all(len(v) == 8 and all(t >= 0 for t in v) for v in times.values())
