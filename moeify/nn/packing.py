@@ -123,8 +123,12 @@ def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], 
             return value
         del store[key]
     value = make()
+    try:
+        stamp = tuple((t._version, weakref.ref(t.untyped_storage())) for t in owners)
+    except RuntimeError:  # an inference tensor has no version counter to check a kept value against
+        return value
     _trim(store, _budget(owners[0]) - _nbytes(value), lambda v: v[0])
-    store[key] = value, tuple((t._version, weakref.ref(t.untyped_storage())) for t in owners)
+    store[key] = value, stamp
     return value
 
 

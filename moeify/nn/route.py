@@ -206,11 +206,13 @@ def select_one(scores: torch.Tensor, top_k: int) -> Route:
     for v in s:  # plain loops: at batch 1 this runs once per layer and call
         if v != v:
             raise _non_finite()
-    order = sorted(range(len(s)), key=s.__getitem__, reverse=True)[:top_k]  # stable: ties keep index order
-    for i in order:
+    if top_k == 1:  # the first maximum: ties go to the lower index
+        sel = [max(range(len(s)), key=s.__getitem__)]
+    else:
+        sel = sorted(sorted(range(len(s)), key=s.__getitem__, reverse=True)[:top_k])  # stable: ties keep index order
+    for i in sel:
         if not math.isfinite(s[i]):
             raise _non_finite()
-    sel = sorted(order)
     key = (tuple(sel), scores.device)
     idx = _ONE_SAMPLE.get(key)
     if idx is None:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .executors import current_executor
-from .packing import cached, expert_channels, take
+from .packing import cached, expert_channels, kept, take
 from .pool import pool_mean
 from .route import Route, select_top_k
 
@@ -45,11 +45,21 @@ class LayerRouter(nn.Module):
         h = pool_mean(x, dims)
         if self.norm:
             return self._standardised(h, experts)
-        params = self.proj._parameters  # read directly: at batch 1 a module call or attribute lookups cost more than the product
+        params = self._modules["proj"]._parameters  # read directly: at batch 1 a module call or attribute lookups cost more than the product
         w = params["weight"]
         if experts is not None:
-            w = take(w, 1, experts, h.shape[1] // len(experts))
+            w = self._columns(w, experts, h.shape[1] // len(experts), (w,))
         return F.linear(h, w, params.get("bias"))
+
+    def _columns(self, w: torch.Tensor, experts: list[int], per: int, owners: tuple) -> torch.Tensor:
+        """W's columns for ``experts``: a view where autograd records or a compiler traces;
+        otherwise a contiguous copy kept with the router while ``owners`` (what W is made from)
+        are unchanged (a product with a strided weight costs more, measured in the model at
+        batch 1, than the copy it needs once)."""
+        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
+            return take(w, 1, experts, per)
+        return kept(self.__dict__.setdefault("_moe_kept", {}), (len(owners),) + tuple(experts), owners,
+                    lambda: take(w, 1, experts, per).contiguous())
 
     def _standardised(self, h: torch.Tensor, experts: list[int] | None) -> torch.Tensor:
         """W (h - mean) / std, with h (and W's columns) restricted to ``experts`` when given. In
@@ -66,7 +76,7 @@ class LayerRouter(nn.Module):
                 return F.linear(z.to(h.dtype), w)
         w, bias = self._folded()
         if experts is not None:
-            w = take(w, 1, experts, h.shape[1] // len(experts))
+            w = self._columns(w, experts, h.shape[1] // len(experts), (self.proj.weight, self.in_mean, self.in_var))
         return F.linear(h, w, bias)
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ class Selected(Grouped):
     def follow(self, layer: nn.Module, x, in_route: Route | None) -> Route | None:
         """The next layer of a call already in this lane (the policy and compile checks done once,
         at the call's first layer): its route from its router on the selected channels."""
-        router = layer.router
+        router = layer._modules.get("router")  # a dict read: this runs once per layer and call
         if router is None or layer.training or (in_route is not None and not in_route.packed) \
                 or not isinstance(x, torch.Tensor):
             return None
