@@ -193,6 +193,8 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
         if shared is None and x in owner:
             route.kwargs = {"in_route": routes[owner[x]]}
         _route_layer(gm, lp, inner, route)
+    if shared is None:
+        _chain_routes(graph, set(routes))
     _free_operands(gm)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     with graph.inserting_before(output):
@@ -200,6 +202,18 @@ def rewrite(gm: fx.GraphModule, p: ConversionPlan, inputs: Sequence[torch.Tensor
     output.args = (checked,)
     graph.lint()
     gm.recompile()
+
+
+def _chain_routes(graph: fx.Graph, routes: set[fx.Node]) -> None:
+    """Hand each router whose input carries no route the route made before it in the call
+    (``after``), so a call that a strategy has settled (batch 1's one-selection lane) does not
+    resolve it again at every layer."""
+    before = None
+    for n in graph.nodes:
+        if n in routes:
+            if before is not None and "in_route" not in n.kwargs:
+                n.kwargs = {**n.kwargs, "after": before}
+            before = n
 
 
 def _insert_router(gm: fx.GraphModule, lp: LayerPlan, shared: fx.Node | None, dense_macs: int,

@@ -171,9 +171,14 @@ class MoELayer(nn.Module):
         self.expert_dropout = 0.0  # probability that an expert is out of a sample's choice in training
         self.model_macs = 0.0  # the whole dense model's MACs per sample (set by convert; auto reads it)
 
-    def forward(self, x, in_route: Route | None = None) -> Route:
-        if in_route is not None and in_route.one is not None:  # the call's strategy is known: no resolving again
-            r = in_route.executor.follow(self, x, in_route)
+    def forward(self, x, in_route: Route | None = None, after: Route | None = None) -> Route:
+        """This layer's route from its input ``x`` (or a shared global Route); ``in_route``: the
+        route whose channels ``x`` holds; ``after``: otherwise, a route made earlier in the same
+        call. Where that route settles the call's strategy (``Executor.follow``), it is not
+        resolved again."""
+        lead = in_route if in_route is not None else after
+        if lead is not None and lead.one is not None:
+            r = lead.executor.follow(self, x, in_route)
             if r is not None:
                 return r
         return current_executor().resolve(x, self).route(self, x, in_route)
