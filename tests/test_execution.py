@@ -104,6 +104,28 @@ def test_one_sample_lane_equals_masked(cls, scope, experts, top_k, norm, monkeyp
     assert {"contract", "batch_norm", "follow"} <= set(ran)
 
 
+def test_one_sample_call_resolves_its_strategy_once(monkeypatch):
+    """At batch 1 in inference, the call's first MoE layer settles the strategy and every later
+    layer follows its lane (through the route it reads, or the one made before it); the
+    strategy is resolved once per call, and the output is masked execution's."""
+    from moeify.nn.executors.auto import Auto
+
+    resolved = []
+    real = Auto.resolve
+    monkeypatch.setattr(Auto, "resolve", lambda self, x, layer=None: resolved.append(layer) or real(self, x, layer))
+    moe = _moe(scope="paper", experts=4, top_k=2).eval()
+    assert len(moeify.moe_layers(moe)) > 2
+    spread_routing(moe, seed=1)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        with moeify.execution("auto"):
+            y = moe(x)
+        with moeify.execution("masked"):
+            ref = moe(x)
+    assert len(resolved) == 1
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_one_sample_with_gradients_is_not_the_inference_lane():
     """Batch 1 with autograd on, where a router's input carries no gradient (its routers and
     every layer before them frozen, as when fine-tuning only the experts): the route is chosen
