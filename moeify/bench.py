@@ -1,6 +1,6 @@
 """Benchmarks: conversion time, and dense vs static twin vs the MoE under every execution strategy.
 
-Timings are interleaved (dense, twin, masked, grouped, ..., then the order rotated by one) in one
+Timings are interleaved (every variant once per round, in a fresh seeded order each round) in one
 process and reported as medians, so machine noise and what ran just before hit every variant alike. ``mode="train"`` times a training step
 (forward + backward of a cross-entropy loss, train-mode BatchNorm) instead of eval inference.
 """
@@ -10,6 +10,7 @@ import contextlib
 import copy
 import math
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -87,16 +88,18 @@ def convert_seconds(name: str, spec: MoESpec, repeats: int = 3, input_size: tupl
 
 
 def interleaved_rounds(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Milliseconds per function and round, timed in turn after warm-up calls, the order rotated
-    each round (a, b, c, then b, c, a, ...): what runs just before a function (a large model
-    evicting the caches, a slow one warming the CPU) then falls on every function alike."""
+    """Milliseconds per function and round, timed in turn after warm-up calls, in a fresh order
+    each round (seeded, so runs repeat): what runs just before a function (a large model evicting
+    the caches, a slow one warming the CPU) then falls on every function alike, which a fixed or
+    rotated order (same neighbour every round) does not give."""
     for f in fns.values():
         for _ in range(warmup):
             f()
-    names = list(fns)
+    order, shuffle = list(fns), random.Random(0).shuffle
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
+    for _ in range(repeats):
+        shuffle(order)
+        for k in order:
             t = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - t) * 1e3)

@@ -73,17 +73,22 @@ def test_timing_intervals_keep_rounds_paired():
     assert low < point < high and high - low > 0.01
 
 
-def test_interleaved_rounds_rotate_who_runs_after_whom():
-    """Each round times every function once, and over as many rounds as functions each one runs
-    in every position (so a slow variant's aftermath does not always fall on the same neighbour);
-    each function's times stay its own, in round order."""
+def test_interleaved_rounds_vary_who_runs_before_whom():
+    """Each round times every function once; across rounds each function runs in several
+    positions and after several different neighbours (a fixed order, or a rotated one, keeps
+    one neighbour before it, and that neighbour's aftermath biases its times); the same call
+    gives the same order (seeded); each function's times stay its own, one per round."""
     from moeify.bench import interleaved_rounds
 
-    calls: list[str] = []
-    fns = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
-    times = interleaved_rounds(fns, repeats=8, warmup=1)
-    rounds = [calls[4 + 4 * r: 8 + 4 * r] for r in range(8)]
-    assert all(sorted(r) == list("abcd") for r in rounds)
-    for k in "abcd":
-        assert sorted(r.index(k) for r in rounds[:4]) == [0, 1, 2, 3]
-    assert set(times) == set("abcd") and all(len(v) == 8 and all(t >= 0 for t in v) for v in times.values())
+    def order_of(repeats: int) -> list[list[str]]:
+        calls: list[str] = []
+        times = interleaved_rounds({k: (lambda k=k: calls.append(k)) for k in "abcde"}, repeats=repeats, warmup=1)
+        assert set(times) == set("abcde") and all(len(v) == repeats and min(v) >= 0 for v in times.values())
+        return [calls[5 + 5 * r: 10 + 5 * r] for r in range(repeats)]
+
+    rounds = order_of(30)
+    assert all(sorted(r) == list("abcde") for r in rounds)
+    assert rounds == order_of(30)
+    for k in "abcde":
+        assert len({r.index(k) for r in rounds}) >= 4
+        assert len({r[r.index(k) - 1] for r in rounds if r.index(k) > 0}) >= 3
