@@ -1,8 +1,9 @@
 """Benchmarks: conversion time, and dense vs static twin vs the MoE under every execution strategy.
 
 Timings are interleaved (every variant once per round, in a fresh seeded order each round) in one
-process and reported as medians, so machine noise and what ran just before hit every variant alike. ``mode="train"`` times a training step
-(forward + backward of a cross-entropy loss, train-mode BatchNorm) instead of eval inference.
+process and reported as medians, so machine noise and what ran just before hit every variant
+alike. ``mode="train"`` times a training step (forward + backward of a cross-entropy loss,
+train-mode BatchNorm) instead of eval inference.
 """
 from __future__ import annotations
 

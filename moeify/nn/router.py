@@ -45,7 +45,8 @@ class LayerRouter(nn.Module):
         h = pool_mean(x, dims)
         if self.norm:
             return self._standardised(h, experts)
-        params = self._modules["proj"]._parameters  # read directly: at batch 1 a module call or attribute lookups cost more than the product
+        # read directly: at batch 1 a module call or attribute lookups cost more than the product
+        params = self._modules["proj"]._parameters
         w = params["weight"]
         if experts is not None:
             w = self._columns(w, experts, h.shape[1] // len(experts), (w,))

@@ -44,9 +44,10 @@ class Executor:
         return self
 
     # -- routing ------------------------------------------------------------------------------
-    def follow(self, layer: nn.Module, x, in_route: Route) -> Route | None:
-        """The route of a layer whose input carries ``in_route``, a route this strategy made in
-        the same call, without resolving the strategy again; None: resolve and route as usual."""
+    def follow(self, layer: nn.Module, x, in_route: Route | None) -> Route | None:
+        """The route of a layer later in a call where this strategy made a route (the one the
+        layer's input carries, ``in_route``, or one made before it), without resolving the
+        strategy again; None: resolve and route as usual."""
         return None
 
     def route(self, layer: nn.Module, x, in_route: Route | None) -> Route:
