@@ -457,13 +457,20 @@ def add_packed(stream: torch.Tensor, branch: PackedBranch, by_pattern: bool = Tr
     into = writable(stream, into, y)
     experts = shared_selection(route, by_pattern)
     if experts is not None:
-        if runs(experts):  # the branch added to the stream's slice in place (of a copy, unless free)
-            out = stream if into else stream.clone()
-            out.narrow(cdim, experts[0] * per, len(experts) * per).add_(y)
-            return out
-        index = expert_channels(experts, per, y.device)
-        return stream.index_add_(cdim, index, y) if into else stream.index_add(cdim, index, y)
+        return add_selection(stream, y, experts, per, cdim, into)
     return scatter_add_channels(stream, y, route, cdim, into)
+
+
+def add_selection(stream: torch.Tensor, y: torch.Tensor, experts: list[int], per: int, cdim: int,
+                  into: bool) -> torch.Tensor:
+    """``stream`` plus packed ``y`` whose samples all selected ``experts``, at their channels: the
+    stream's slice added in place (of a copy, unless ``into``) when they are adjacent, else by index."""
+    if runs(experts):
+        out = stream if into else stream.clone()
+        out.narrow(cdim, experts[0] * per, len(experts) * per).add_(y)
+        return out
+    index = expert_channels(experts, per, y.device)
+    return stream.index_add_(cdim, index, y) if into else stream.index_add(cdim, index, y)
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor, experts: list[int], per: int, cdim: int) -> torch.Tensor:

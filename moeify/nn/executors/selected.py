@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packing import PackedBranch, expert_channels, kernel_slices, kept, place, take
+from ..channelwise import sliced_bn
+from ..packing import PackedBranch, add_selection, kernel_slices, kept, place, take
 from ..policy import current_policy
 from ..route import Route, select_one
 from .base import Kernel
@@ -78,32 +79,18 @@ class Selected(Grouped):
         per = bn.num_features // route.experts
 
         def make() -> tuple:
-            return tuple(None if t is None else take(t, 0, list(route.one), per) for t in ts)
+            return sliced_bn(bn, list(route.one), per)
 
         owners = ts if ts[2] is not None and ts[3] is not None else tuple(t for t in ts if t is not None)
         rm, rv, w, b = kept(bn.__dict__.setdefault("_moe_kept", {}), route.one, owners, make)
         return torch.batch_norm(x, w, b, rm, rv, False, 0.0, bn.eps, torch.backends.cudnn.enabled)  # F.batch_norm's call
 
-    def gate_branch(self, x, route: Route, cdim: int, lazy: bool):
-        """A packed branch handed to its add as it is (lazy), else placed at the selection's channels."""
-        if not route.packed or route.one is None:
-            return super().gate_branch(x, route, cdim, lazy)
-        channels = x.shape[cdim] * route.experts // route.top_k
-        if lazy:
-            return PackedBranch(x, route, channels, cdim)
-        return place(x, channels, cdim % x.ndim, list(route.one), channels // route.experts)
-
     def add_packed(self, stream: torch.Tensor, branch: PackedBranch, into: bool = False) -> torch.Tensor:
-        """The branch added at the selection's channels: into a slice of the stream (of a copy,
-        unless nothing reads the stream afterwards) when they are adjacent, else by index."""
-        route, one = branch.route, branch.route.one
-        if one is None:
+        """The branch added at the selection's channels, without the gate product (no gradient in
+        this lane) or the pattern lookup."""
+        route = branch.route
+        if route.one is None:
             return super().add_packed(stream, branch, into)
-        y, cdim, per = branch.y, branch.cdim % stream.ndim, branch.channels // route.experts
-        if y.dtype != stream.dtype:
-            y = y.to(stream.dtype)
-        out = stream if into and stream._base is None else stream.clone()  # nothing records in this lane
-        if one[-1] - one[0] == len(one) - 1:  # adjacent experts: one slice
-            out.narrow(cdim, one[0] * per, len(one) * per).add_(y)
-            return out
-        return out.index_add_(cdim, expert_channels(list(one), per, y.device), y)
+        y = branch.y if branch.y.dtype == stream.dtype else branch.y.to(stream.dtype)
+        return add_selection(stream, y, list(route.one), branch.channels // route.experts, branch.cdim % stream.ndim,
+                             into and stream._base is None)  # nothing records in this lane
