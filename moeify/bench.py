@@ -116,18 +116,19 @@ def _medians(t: torch.Tensor) -> torch.Tensor:
     return torch.quantile(t, 0.5, dim=-1)
 
 
-def _intervals(rounds: dict[str, list[float]], variant: str) -> tuple[float, float, float, float]:
-    """95% paired-bootstrap intervals of ``variant``'s speed-up over dense and of its share of
-    the static twin's gain (NaN where the twin gains less than ``MIN_TWIN_GAIN``), from the
+def _intervals(rounds: dict[str, list[float]], variant: str, dense: str = "dense",
+               twin: str = "static twin") -> tuple[float, float, float, float]:
+    """95% paired-bootstrap intervals of ``variant``'s speed-up over ``dense`` and of its share of
+    ``twin``'s gain (NaN where the twin gains less than ``MIN_TWIN_GAIN``), from the
     interleaved rounds: a ratio of medians, as the point estimates are."""
-    cols = {k: rounds[k] for k in ("dense", "static twin", variant)}
+    cols = {k: rounds[k] for k in (dense, twin, variant)}
 
     def speedup(c: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _medians(c["dense"]) / _medians(c[variant])
+        return _medians(c[dense]) / _medians(c[variant])
 
     def share(c: dict[str, torch.Tensor]) -> torch.Tensor:
-        twin = _medians(c["dense"]) / _medians(c["static twin"]) - 1
-        return torch.where(twin >= MIN_TWIN_GAIN, (speedup(c) - 1) / twin, torch.nan)
+        gain = _medians(c[dense]) / _medians(c[twin]) - 1
+        return torch.where(gain >= MIN_TWIN_GAIN, (speedup(c) - 1) / gain, torch.nan)
 
     return paired_bootstrap(cols, speedup) + paired_bootstrap(cols, share)
 
@@ -380,7 +381,8 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
                 overrides: list[str] | None = None, device: str = "cpu") -> list[dict]:
     """Median time of one training batch: dense TRADES, S-Dense (static twin) TRADES, MoE TRADES and
     MoE AdvMoE (router step + expert step, each with its own attack unless the recipe shares one),
-    same backbone, attack and batch, in one process, the MoE under the default strategy. With the
+    same backbone, attack and batch, in one process, the MoE under the default strategy; each
+    with 95% intervals (``_train_row``). With the
     recipe's ``train.compile``, every model's forward and attack run ``torch.compile``d, as
     training runs them."""
     from .attacks import AttackConfig
@@ -442,8 +444,21 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
             opt_e.zero_grad(set_to_none=True)
         sync()
 
-    ms = interleaved({"dense TRADES": trades(dense, run_dense), "S-Dense TRADES": trades(twin, run_twin),
-                      "MoE TRADES": trades(moe, run_moe), "MoE AdvMoE": advmoe}, repeats)
-    base = ms["dense TRADES"]
-    return [{"recipe": recipe.name, "variant": k, "batch": b, "attack_steps": attack.steps, "compiled": compiled,
-             "ms": v, "vs_dense_trades": v / base} for k, v in ms.items()]
+    rounds = interleaved_rounds({"dense TRADES": trades(dense, run_dense), "S-Dense TRADES": trades(twin, run_twin),
+                                 "MoE TRADES": trades(moe, run_moe), "MoE AdvMoE": advmoe}, repeats)
+    return [_train_row(recipe.name, k, b, attack.steps, compiled, rounds) for k in rounds]
+
+
+def _train_row(recipe: str, variant: str, batch: int, steps: int, compiled: bool,
+               rounds: dict[str, list[float]]) -> dict:
+    """One ``train_steps`` row: the variant's median step, its time relative to dense TRADES and
+    its share of S-Dense's gain over dense TRADES (speed-ups minus one, as ``moeify bench``'s
+    share of the twin's gain), each with its 95% paired-bootstrap interval."""
+    ms = {k: statistics.median(v) for k, v in rounds.items()}
+    low, high, share_low, share_high = _intervals(rounds, variant, "dense TRADES", "S-Dense TRADES")
+    gain = ms["dense TRADES"] / ms["S-Dense TRADES"] - 1
+    share = (ms["dense TRADES"] / ms[variant] - 1) / gain if gain >= MIN_TWIN_GAIN else math.nan
+    return {"recipe": recipe, "variant": variant, "batch": batch, "attack_steps": steps, "compiled": compiled,
+            "ms": ms[variant], "vs_dense_trades": ms[variant] / ms["dense TRADES"],
+            "vs_dense_trades_low": 1 / high, "vs_dense_trades_high": 1 / low,
+            "of_sdense_gain": share, "of_sdense_gain_low": share_low, "of_sdense_gain_high": share_high}

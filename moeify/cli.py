@@ -277,8 +277,8 @@ def bench_train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Recipe override, e.g. attack.steps=10.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
 ) -> None:
-    """Time one training batch: dense TRADES vs MoE TRADES vs MoE AdvMoE (medians, interleaved;
-    ``--set train.compile=true`` compiles every model as training does)."""
+    """Time one training batch: dense TRADES vs MoE TRADES vs MoE AdvMoE (medians, interleaved,
+    with 95% intervals; ``--set train.compile=true`` compiles every model as training does)."""
     from rich.table import Table
 
     from .bench import machine, train_steps
@@ -287,12 +287,19 @@ def bench_train(
     rows = train_steps(recipe, batch, repeats, set_ or [], device)
     t = Table(title=f"one training batch, recipe {recipe}, batch {rows[0]['batch']}, "
                     f"{rows[0]['attack_steps']}-step attacks{', compiled' if rows[0]['compiled'] else ''} "
-                    f"on {device} ({machine(device)})")
-    for col in ("variant", "ms / batch", "vs dense TRADES"):
-        t.add_column(col, justify="right")
+                    f"on {device} ({machine(device)})",
+              caption="(95% intervals: paired bootstrap over the interleaved rounds)")
+    for col in ("variant", "ms / batch", "vs dense TRADES", "of S-Dense's gain"):
+        t.add_column(col, justify="right", overflow="fold")
     for r in rows:
-        t.add_row(r["variant"], f"{r['ms']:.1f}", f"{r['vs_dense_trades']:.2f}x")
-    console.print(t)
+        fixed = r["variant"] in ("dense TRADES", "S-Dense TRADES")  # the references: no interval
+        ratio = f"{r['vs_dense_trades']:.2f}x" + ("" if fixed else _interval(
+            r["vs_dense_trades_low"], r["vs_dense_trades_high"], "{:.2f}"))
+        share = "" if fixed else ("-" if math.isnan(r["of_sdense_gain"]) else f"{r['of_sdense_gain']:.0%}" + _interval(
+            r["of_sdense_gain_low"], r["of_sdense_gain_high"], "{:.0%}"))
+        t.add_row(r["variant"], f"{r['ms']:.1f}", ratio, share)
+    out = console if console.is_terminal else Console(width=max(console.width, 100))
+    out.print(t)
 
 
 @app.command()

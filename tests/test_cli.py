@@ -1,4 +1,5 @@
 """The command line: tables, saved files, and one-line errors with non-zero exits."""
+import math
 import os
 import subprocess
 import sys
@@ -117,6 +118,32 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     assert macs[1, "static twin"] < macs[1, "twin + routers"] <= macs[1, "moe grouped"]
     again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, monkeypatch):
+    """``bench-train`` times the four training steps in interleaved rounds and reports each ratio
+    to dense TRADES with a 95% interval that holds its point estimate, and each row's share of
+    S-Dense's gain over dense TRADES (the issue's training target), in its rows and its table."""
+    import moeify.bench
+
+    seen, measure = [], moeify.bench.train_steps
+
+    def rows(*args, **kwargs):
+        seen.extend(measure(*args, **kwargs))
+        return seen
+
+    monkeypatch.setattr(moeify.bench, "train_steps", rows)
+    r = run_here(capsys, "bench-train", "--batch", "4", "--repeats", "3", "--set", "model.kwargs.width=4")
+    assert r.returncode == 0, r.stderr
+    assert [x["variant"] for x in seen] == ["dense TRADES", "S-Dense TRADES", "MoE TRADES", "MoE AdvMoE"]
+    for x in seen:
+        assert x["vs_dense_trades_low"] <= x["vs_dense_trades"] + 1e-9 <= x["vs_dense_trades_high"] + 2e-9, x
+        speedup, gain = 1 / x["vs_dense_trades"], 1 / seen[1]["vs_dense_trades"] - 1
+        if gain >= moeify.bench.MIN_TWIN_GAIN:  # else noise over noise: NaN, as bench's share of the twin's gain
+            assert x["of_sdense_gain"] == pytest.approx((speedup - 1) / gain)
+        else:
+            assert math.isnan(x["of_sdense_gain"])
+    assert "of S-Dense's gain" in r.stdout and "95% intervals" in r.stdout
 
 
 def test_bench_calibrate_sweep_writes_a_table_auto_reads(capsys, tmp_path, monkeypatch):

@@ -92,3 +92,25 @@ def test_interleaved_rounds_vary_who_runs_before_whom():
     for k in "abcde":
         assert len({r.index(k) for r in rounds}) >= 4
         assert len({r[r.index(k) - 1] for r in rounds if r.index(k) > 0}) >= 3
+
+
+def test_training_rows_report_the_share_of_s_dense_gain_with_paired_intervals():
+    """``bench-train``'s rows: with S-Dense exactly 2x and the MoE exactly 1.5x faster than dense
+    TRADES in every round while the machine drifts 3x, the MoE step is 2/3 of dense's time and
+    holds half of S-Dense's gain, both with degenerate intervals (rounds resampled together);
+    S-Dense holds all of its own gain, dense none."""
+    from moeify.bench import _train_row
+
+    drift = torch.linspace(1.0, 3.0, 20, dtype=torch.float64)
+    rounds = {"dense TRADES": (12 * drift).tolist(), "S-Dense TRADES": (6 * drift).tolist(),
+              "MoE TRADES": (8 * drift).tolist(), "MoE AdvMoE": (15 * drift).tolist()}
+    rows = {k: _train_row("r", k, 4, 2, False, rounds) for k in rounds}
+    moe = rows["MoE TRADES"]
+    assert moe["vs_dense_trades"] == pytest.approx(2 / 3)
+    assert moe["vs_dense_trades_low"] == pytest.approx(2 / 3) and moe["vs_dense_trades_high"] == pytest.approx(2 / 3)
+    assert moe["of_sdense_gain"] == pytest.approx(0.5)
+    assert moe["of_sdense_gain_low"] == pytest.approx(0.5) and moe["of_sdense_gain_high"] == pytest.approx(0.5)
+    assert rows["S-Dense TRADES"]["of_sdense_gain"] == pytest.approx(1.0)
+    assert rows["dense TRADES"]["of_sdense_gain"] == pytest.approx(0.0)
+    assert rows["MoE AdvMoE"]["vs_dense_trades"] == pytest.approx(1.25)
+    assert rows["MoE AdvMoE"]["of_sdense_gain"] == pytest.approx(-0.2)
