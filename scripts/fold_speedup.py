@@ -13,29 +13,17 @@ import argparse
 import torch
 
 import moeify
-from moeify.bench import interleaved, spread_routing
-from moeify.cli import _kwargs
+from bench_args import build, model_arguments
+from moeify.bench import interleaved
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", default="cifar_resnet18")
+    model_arguments(ap, repeats=40)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=40)
-    ap.add_argument("--strategy", default="auto")
-    ap.add_argument("--scope", default="paper")
-    ap.add_argument("--experts", type=int, default=2)
-    ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--input-size", default=None)
-    ap.add_argument("--model-kwargs", default=None)
     a = ap.parse_args()
-    size = None if a.input_size is None else tuple(int(v) for v in a.input_size.split(","))
-    torch.manual_seed(0)
-    dense = moeify.create_model(a.model, input_size=size, **_kwargs(a.model_kwargs)).eval()
+    dense, spec, moe = build(a)
     size = dense.moeify_input_size
-    spec = moeify.MoESpec(experts=a.experts, top_k=a.top_k, scope=a.scope)
-    moe = moeify.convert(dense, spec=spec).eval()
-    spread_routing(moe)
     built = {"dense": dense, "static twin": moeify.static_twin(dense, spec=spec).eval(), "moe": moe}
     models = {}  # each folded variant timed right after its unfolded one
     for k, m in built.items():

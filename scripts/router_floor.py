@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import moeify
-from moeify.bench import interleaved_rounds, noise_in_biases, spread_routing, with_routers
-from moeify.cli import _kwargs
+from bench_args import build, model_arguments
+from moeify.bench import interleaved_rounds, noise_in_biases, with_routers
 from moeify.stats import paired_bootstrap
 
 
@@ -69,25 +69,13 @@ def bare(twin_with_routers: torch.nn.Module, mixin: type = BareRouted) -> torch.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", default="cifar_resnet18")
-    ap.add_argument("--repeats", type=int, default=300)
-    ap.add_argument("--scope", default="paper")
-    ap.add_argument("--experts", type=int, default=2)
-    ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--input-size", default=None)
-    ap.add_argument("--model-kwargs", default=None)
-    ap.add_argument("--strategy", default="auto")
+    model_arguments(ap, repeats=300)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile every variant (the bare router keeps its choice on the device)")
     a = ap.parse_args()
-    size = None if a.input_size is None else tuple(int(v) for v in a.input_size.split(","))
-    torch.manual_seed(0)
-    dense = moeify.create_model(a.model, input_size=size, **_kwargs(a.model_kwargs)).eval()
+    dense, spec, moe = build(a)
     size = dense.moeify_input_size
-    spec = moeify.MoESpec(experts=a.experts, top_k=a.top_k, scope=a.scope)
     twin = moeify.static_twin(dense, spec=spec).eval()
-    moe = moeify.convert(dense, spec=spec).eval()
-    spread_routing(moe)
     routed = with_routers(twin, moe)
     n = sum("moeify_bench_router" in m._modules for m in routed.modules())
     models = {"dense": dense, "static twin": twin, "twin + routers": routed,
