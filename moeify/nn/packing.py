@@ -364,10 +364,32 @@ def _slot_index(route: Route, per: int, moved_shape: torch.Size) -> torch.Tensor
     return ch.expand(moved_shape[:-1] + (ch.shape[-1],))
 
 
+def _channel_slots(route: Route, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``channel_index``: [B, C] the packed slot each full-width channel has in its
+    sample, and [B, C] whether the sample selected that channel at all."""
+    per = channels // route.experts
+    c = torch.arange(channels, device=route.idx.device)
+    hit = route.idx[:, :, None] == torch.div(c, per, rounding_mode="floor")  # [B, K, C]
+    return hit.to(torch.uint8).argmax(1) * per + c % per, hit.any(1)
+
+
+def _unpacked_by_gather(y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
+    """``scatter_channels`` as a gather: each full-width channel reads its slot, or is zero. A
+    compiler fuses this with its neighbours (a scatter becomes a kernel of its own, on the CPU an
+    ATen fallback); eager keeps the scatter, which makes fewer passes."""
+    slot, selected = _channel_slots(route, channels)
+    moved = y.movedim(cdim, -1)
+    shape = [slot.shape[0]] + [1] * (moved.ndim - 2) + [channels]
+    index = slot.reshape(shape).expand(tuple(moved.shape[:-1]) + (channels,))
+    return torch.where(selected.reshape(shape), moved.gather(-1, index), 0).movedim(-1, cdim)
+
+
 def scatter_channels(y: torch.Tensor, route: Route, channels: int, cdim: int) -> torch.Tensor:
     """Full width from packed ``y``, per sample (each row its own selection): selected channels
     in place, zeros elsewhere. Static shapes, no host read."""
     cdim = cdim % y.ndim
+    if torch.compiler.is_compiling():
+        return _unpacked_by_gather(y, route, channels, cdim)
     shape = list(y.shape)
     shape[cdim] = channels
     out = zeros(y, shape).movedim(cdim, -1)
@@ -388,6 +410,8 @@ def scatter_add_channels(stream: torch.Tensor, y: torch.Tensor, route: Route, cd
     """``stream`` plus packed ``y`` at each sample's selected channels (per sample); with ``into``,
     written into ``stream`` itself."""
     cdim = cdim % stream.ndim
+    if torch.compiler.is_compiling():  # never into: a compiled graph plans its own buffers (``writable``)
+        return stream + _unpacked_by_gather(y, route, stream.shape[cdim], cdim)
     moved = stream.movedim(cdim, -1)
     ch = _slot_index(route, stream.shape[cdim] // route.experts, moved.shape)
     add = moved.scatter_add_ if into else moved.scatter_add
