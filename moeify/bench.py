@@ -382,9 +382,8 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     """Median time of one training batch: dense TRADES, S-Dense (static twin) TRADES, MoE TRADES and
     MoE AdvMoE (router step + expert step, each with its own attack unless the recipe shares one),
     same backbone, attack and batch, in one process, the MoE under the default strategy; each
-    with 95% intervals (``_train_row``). With the
-    recipe's ``train.compile``, every model's forward and attack run ``torch.compile``d, as
-    training runs them."""
+    with 95% intervals (``_train_row``). With the recipe's ``train.compile``, every model's
+    forward and attack run ``torch.compile``d, as training runs them."""
     from .attacks import AttackConfig
     from .data import SIZES, CLASSES, DataBundle, synthetic
     from .recipes import load_recipe
