@@ -77,7 +77,8 @@ def test_one_sample_lane_equals_masked(cls, scope, experts, top_k, norm, monkeyp
     """Batch 1 in inference under grouped (auto's choice there on the CPU) runs each routed op on
     the sample's selection alone (``executors/selected.py``): outputs equal masked execution for
     samples on different routes (adjacent and split selections, packed and full-width layers,
-    depthwise convs, a functional conv, standardised routers), in float32 and float64."""
+    depthwise convs, a functional conv, standardised routers), in float32 and float64. So does
+    static, which at batch 1 on the CPU runs one sample's gathered weight slices."""
     from moeify.nn.executors.selected import Selected
 
     ran = []
@@ -94,12 +95,12 @@ def test_one_sample_lane_equals_masked(cls, scope, experts, top_k, norm, monkeyp
             hooks = spread_routing(moe, seed=seed)
             with torch.inference_mode():
                 outs = {}
-                for mode in ("auto", "grouped", "masked"):
+                for mode in ("auto", "grouped", "static", "masked"):
                     with moeify.execution(mode):
                         outs[mode] = moe(x)
             for h in hooks:
                 h.remove()
-            for mode in ("auto", "grouped"):
+            for mode in ("auto", "grouped", "static"):
                 assert torch.allclose(outs[mode], outs["masked"], rtol=rtol, atol=rtol * outs["masked"].abs().max()), mode
     assert {"contract", "batch_norm", "follow"} <= set(ran)
 
