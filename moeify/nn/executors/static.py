@@ -31,18 +31,14 @@ CPU than the full conv it replaces (calibration at batches 4 and 16: 2.6x and 3.
 def per_sample_weight(w: torch.Tensor, ch_in: torch.Tensor | None, ch_out: torch.Tensor | None) -> torch.Tensor:
     """[B, O', I', *kernel]: weight [O, I, *kernel] restricted, per sample b, to output channels
     ``ch_out[b]`` and input channels ``ch_in[b]`` (None: all of them). A channels-last weight is
-    gathered in its own layout (input channels innermost), so the result is channels-last too. One
-    sample's input channels are an ``index_select`` (one index list for every row), not a
-    ``gather`` of an expanded index, which a compiler reads element by element."""
+    gathered in its own layout (input channels innermost), so the result is channels-last too."""
     last = memory_format(w) is not torch.contiguous_format
     v = w.movedim(1, -1) if last else w  # [O, *kernel, I] (contiguous when channels-last) or [O, I, *kernel]
     idim = v.ndim - 1 if last else 1
     b = (ch_out if ch_out is not None else ch_in).shape[0]
     if ch_out is not None:
         v = v.index_select(0, ch_out.reshape(-1)).reshape(b, ch_out.shape[1], *v.shape[1:])
-        if ch_in is not None and b == 1:
-            v = v.index_select(idim + 1, ch_in[0])
-        elif ch_in is not None:
+        if ch_in is not None:
             d = idim + 1
             shape = [b] + [1] * (v.ndim - 1)
             shape[d] = ch_in.shape[1]
