@@ -59,7 +59,7 @@ class LayerRouter(nn.Module):
         batch 1, than the copy it needs once)."""
         if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             return take(w, 1, experts, per)
-        return kept(self.__dict__.setdefault("_moe_kept", {}), (len(owners),) + tuple(experts), owners,
+        return kept(self.__dict__.setdefault("_moe_kept", {}), tuple(experts), owners,
                     lambda: take(w, 1, experts, per).contiguous())
 
     def _standardised(self, h: torch.Tensor, experts: list[int] | None) -> torch.Tensor:
