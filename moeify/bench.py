@@ -266,13 +266,15 @@ def _hashed_noise(like: torch.Tensor, key: int) -> torch.Tensor:
 def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",
             mode: str = "eval", channels_last: bool = True, compile: bool = False,
             routing: str = "spread", input_size: tuple[int, ...] | None = None,
-            model_kwargs: dict | None = None, fold_bn: bool = False) -> list[BenchRow]:
+            model_kwargs: dict | None = None, fold_bn: bool = False,
+            compile_mode: str = "default") -> list[BenchRow]:
     """Median latency per batch of dense, static twin (+ routers) and the MoE under each execution
     strategy, with executed MACs.
 
     ``routing="spread"`` routes samples independently at random (the case a trained model is
     in); ``"model"`` keeps the freshly initialised routers' choices. ``fold_bn``: every variant
-    with its BatchNorms folded into the convs (``fold_batchnorm``; inference only).
+    with its BatchNorms folded into the convs (``fold_batchnorm``; inference only). ``compile``:
+    every variant through ``torch.compile`` in ``compile_mode`` (``"reduce-overhead"``: CUDA graphs).
     """
     if fold_bn and mode != "eval":
         raise MoeifyError("folded BatchNorm is for inference: benchmark it in eval mode")
@@ -289,7 +291,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
         m.train(mode == "train").to(device, memory_format=fmt)
     runners = {k: models["moe" if k.startswith("moe ") else k] for k in VARIANTS}
     if compile:  # one compiled wrapper per variant: a strategy is fixed when its graph is traced
-        runners = {k: torch.compile(m) for k, m in runners.items()}
+        runners = {k: torch.compile(m, mode=compile_mode) for k, m in runners.items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows: list[BenchRow] = []
     for b in batches:

@@ -166,6 +166,7 @@ def bench(
     mode: Annotated[str, typer.Option(help="eval (inference) | train (forward + backward step)")] = "eval",
     routing: Annotated[str, typer.Option(help="spread (samples take different routes, as after training) | model (the untrained routers' choice)")] = "spread",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile every variant.")] = False,
+    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile's mode (implies --compile): default | reduce-overhead (CUDA graphs) | max-autotune | ...")] = None,
     input_size: Annotated[Optional[str], typer.Option("--input-size", help="C,H,W of one input.")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="experts 2, 4, 8 at top_k = experts/2 (ignores --experts/--top-k; with --calibrate, every reference model at each).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
@@ -189,13 +190,19 @@ def bench(
         raise MoeifyError(f"{json_out} exists; choose another --json path (nothing was overwritten)")
     if fold_bn and (mode != "eval" or calibrate):
         raise MoeifyError("--fold-bn folds inference BatchNorm: use it with --mode eval and without --calibrate")
+    if compile_mode is not None:
+        import torch._inductor
+
+        modes = list(torch._inductor.list_mode_options())
+        if compile_mode not in modes:
+            raise MoeifyError(f"--compile-mode must be one of {', '.join(modes)}, not {compile_mode!r}")
     batches = _int_list(batch, "--batch", "1,16", positive=True)
     if calibrate:
         _calibrate(calibrate, batches, repeats, device, mode, (2, 4, 8) if sweep else (2,))
         return
     size = _size(input_size)
-    kw = dict(repeats=repeats, device=device, mode=mode, compile=compile, routing=routing, input_size=size,
-              model_kwargs=_kwargs(model_kwargs), fold_bn=fold_bn)
+    kw = dict(repeats=repeats, device=device, mode=mode, compile=compile or compile_mode is not None, routing=routing,
+              input_size=size, model_kwargs=_kwargs(model_kwargs), fold_bn=fold_bn, compile_mode=compile_mode or "default")
     if sweep:
         conv_s = None
         rows = run_sweep(model, batches, scope=scope, cuts=cuts, **kw)
@@ -206,6 +213,8 @@ def bench(
     title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}"
     if fold_bn:
         title += ", BatchNorm folded"
+    if kw["compile"]:
+        title += f", compiled (mode {kw['compile_mode']})"
     if conv_s is not None:
         title += f"; convert: {conv_s:.2f} s"
     # piped output has no width to fit: wide enough that no interval folds

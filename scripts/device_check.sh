@@ -3,7 +3,9 @@
 # accelerate, typer, rich, safetensors and matplotlib. Carried beside the tree: .whl/site (the
 # pyautoattack package), .fmnist (the four Fashion-MNIST IDX files). The calibration it writes
 # (calibration_cuda.json) merges into moeify/nn/executors/calibration.json under "devices".
-# Writes the log and JSON results to $OUT (default: ./device-out). Steps run most important first.
+# Writes the log and JSON results to $OUT (default: ./device-out). Steps run most important first,
+# each within what is left of BUDGET_S seconds (default 420: a lent machine's 15 minutes hold its
+# start-up, this run and a short rerun); a step that no longer fits is logged as skipped.
 # Prepare the carried folders here (both ignored through .git/info/exclude):
 #   mkdir -p .whl/site && cp -r .venv/lib/python3*/site-packages/pyautoattack .whl/site/ \
 #     && rm -rf .whl/site/pyautoattack/examples      # its example weights alone are 44 MB
@@ -13,40 +15,47 @@ OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/.whl/site" PYTHONUNBUFFERED=1
 mkdir -p /usr/share/datasets/fashion-mnist && cp .fmnist/* /usr/share/datasets/fashion-mnist/ 2>/dev/null
-step() { echo; echo "=== $* ($(date +%T))"; }
+step() { echo; echo "=== $* ($(date +%T), $(( END - $(date +%s) )) s left)"; }
+END=$(( $(date +%s) + ${BUDGET_S:-420} ))
+# run CAP CMD...: CMD under a timeout of CAP seconds or what is left of the budget, whichever is less
+run() {
+  local cap=$1 left=$(( END - $(date +%s) )); shift
+  if (( left < 20 )); then echo "skipped (budget spent): $*"; return; fi
+  timeout $(( cap < left ? cap : left )) "$@"
+}
 {
   step environment
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, timm, accelerate; print('torch', torch.__version__, 'timm', timm.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())"
   nproc
 
-  step CUDA tests and the static strategy compiled as one graph
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_execution.py -k "cuda or nan or cached or compile or auto" -rs
+  step CUDA tests, the static strategy compiled as one graph and captured in CUDA graphs
+  run 150 python3 -m pytest -q -p no:cacheprovider tests/test_execution.py tests/test_compile.py -k "cuda or nan or cached or torch_compile or auto or refuses" -rs
+
+  step bench default scope, eval: eager, then compiled into CUDA graphs
+  run 90 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,16,256,1024 --repeats 9 --device cuda --json "$OUT/cuda_default.json"
+  run 150 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,256 --repeats 9 --device cuda --compile-mode reduce-overhead --json "$OUT/cuda_default_graphs.json"
 
   step calibration for auto: every strategy on the reference models
-  timeout 150 python3 -m moeify bench --calibrate "$OUT/calibration_cuda.json" --batch 1,16,64,256,1024 --repeats 5 --device cuda
-
-  step bench default scope, eval, eager and compiled
-  timeout 90 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,16,256,1024 --repeats 9 --device cuda --json "$OUT/cuda_default.json"
-  timeout 150 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --batch 1,256 --repeats 9 --device cuda --compile --json "$OUT/cuda_default_compiled.json"
+  run 150 python3 -m moeify bench --calibrate "$OUT/calibration_cuda.json" --batch 1,16,64,256,1024 --repeats 5 --device cuda
 
   step bench the paper CIFAR ResNet-18, BatchNorm folded on every side
-  timeout 60 python3 -m moeify bench cifar_resnet18 --scope paper --experts 2 --top-k 1 --batch 1,128,1024 --repeats 9 --device cuda --fold-bn --json "$OUT/cuda_paper_folded.json"
+  run 60 python3 -m moeify bench cifar_resnet18 --scope paper --experts 2 --top-k 1 --batch 1,128,1024 --repeats 9 --device cuda --fold-bn --json "$OUT/cuda_paper_folded.json"
 
   step bench paper scope, training step
-  timeout 60 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 256 --mode train --repeats 5 --device cuda --json "$OUT/cuda_train.json"
+  run 60 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 256 --mode train --repeats 5 --device cuda --json "$OUT/cuda_train.json"
 
   step robust training step: dense / S-Dense / MoE TRADES and AdvMoE, width 64, eager and compiled
-  timeout 90 python3 -m moeify bench-train --recipe quickstart --set model.kwargs.width=64 --repeats 5 --device cuda
-  timeout 180 python3 -m moeify bench-train --recipe quickstart --set model.kwargs.width=64 --set train.compile=true --repeats 5 --device cuda
+  run 90 python3 -m moeify bench-train --recipe quickstart --set model.kwargs.width=64 --repeats 5 --device cuda
+  run 180 python3 -m moeify bench-train --recipe quickstart --set model.kwargs.width=64 --set train.compile=true --repeats 5 --device cuda
 
   step bench sweep
-  timeout 90 python3 -m moeify bench resnet18 --sweep --batch 16,256 --repeats 5 --device cuda --json "$OUT/cuda_sweep.json"
+  run 90 python3 -m moeify bench resnet18 --sweep --batch 16,256 --repeats 5 --device cuda --json "$OUT/cuda_sweep.json"
 
   step evaluate eager vs --compile: a one-epoch quickstart model, PGD on 1000 images, the same per-example results
-  timeout 90 python3 -m moeify robustify --recipe quickstart --set train.epochs=1 --out "$OUT/qs1"
-  timeout 90 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --out "$OUT/qs1-eval"
-  timeout 150 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --compile --out "$OUT/qs1-eval-compiled"
+  run 90 python3 -m moeify robustify --recipe quickstart --set train.epochs=1 --out "$OUT/qs1"
+  run 90 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --out "$OUT/qs1-eval"
+  run 150 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --compile --out "$OUT/qs1-eval-compiled"
   python3 -c "import json; a, b = (json.load(open(f'$OUT/{d}/report.json')) for d in ('qs1-eval', 'qs1-eval-compiled')); print('timings eager', a['timings_s'], 'compiled', b['timings_s'], 'same per-example results:', a['per_example'] == b['per_example'])"
   step done
 } 2>&1 | tee "$OUT/log.txt"

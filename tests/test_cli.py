@@ -74,6 +74,7 @@ def test_convert_user_file():
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
     (("bench-train", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
     (("bench", "resnet18", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
+    (("bench", "resnet18", "--compile-mode", "fast"), "--compile-mode must be one of default,"),
 ])
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
     r = run_here(capsys, *args)

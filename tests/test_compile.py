@@ -89,3 +89,62 @@ def test_the_static_twin_compiles_as_one_graph():
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(torch.compile(twin, fullgraph=True, backend="eager")(x), twin(x))
+
+
+def _nan_router(moe) -> None:
+    with torch.no_grad():
+        next(iter(moeify.moe_layers(moe).values())).router.proj.weight.fill_(float("nan"))
+
+
+def test_compiled_static_still_refuses_non_finite_routes():
+    """The route check survives compilation as one opaque op that reads one flag per call, and its
+    RoutingError reaches the caller as itself under ``fullgraph=True`` (fx's own error report
+    would turn it into a dynamo error), also for a copy of the model; the op is declared unsafe
+    for CUDA graphs, so inductor captures the rest of the model around it."""
+    import copy
+
+    torch.manual_seed(0)
+    model = moeify.create_model("cifar_resnet18", input_size=(1, 28, 28), width=16, stem_stride=2, in_chans=1)
+    moe = copy.deepcopy(moeify.convert(model, experts=2, top_k=1, scope="paper")).eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad(), moeify.execution("static"):
+        fn = torch.compile(moe, fullgraph=True, backend="aot_eager")
+        assert torch.isfinite(fn(x)).all()
+        _nan_router(moe)
+        with pytest.raises(moeify.RoutingError, match="NaN"):
+            fn(x)
+    if hasattr(torch.Tag, "cudagraph_unsafe"):
+        assert torch.Tag.cudagraph_unsafe in torch.ops.moeify.check_routes.default.tags
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_static_runs_in_cuda_graphs_like_masked(batch):
+    """``torch.compile(moe, mode="reduce-overhead")`` captures the static strategy in CUDA graphs:
+    no part of the model is skipped, replays equal eager masked execution (true fp32), and a NaN
+    route is still refused."""
+    from torch._dynamo.utils import counters
+
+    from moeify.attacks import full_fp32
+
+    torch.manual_seed(0)
+    size = (3, 48, 48)
+    moe = moeify.convert(moeify.create_model("resnet18", input_size=size), experts=2, top_k=1,
+                         example_inputs=torch.rand(2, *size)).cuda().eval()
+    hooks = spread_routing(moe, seed=1)
+    x = torch.rand(batch, *size, device="cuda")
+    counters.clear()
+    with torch.no_grad(), full_fp32():
+        with moeify.execution("masked"):
+            ref = moe(x)
+        with moeify.execution("static"):
+            fn = torch.compile(moe, mode="reduce-overhead", fullgraph=True)
+            outs = [fn(x).clone() for _ in range(3)]  # warm-up, record, replay
+            assert counters["inductor"]["cudagraph_skips"] == 0
+            for out in outs:
+                assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+            _nan_router(moe)
+            with pytest.raises(moeify.RoutingError, match="NaN"):
+                fn(x)
+    for h in hooks:
+        h.remove()

@@ -56,6 +56,20 @@ class MoeifyTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+class TracedModule(fx.GraphModule):
+    """A GraphModule whose errors reach its caller as raised, compiled or not. fx runs every
+    GraphModule call inside a handler that walks a raised exception's traceback with a generator;
+    under ``torch.compile(..., fullgraph=True)`` that handler cannot be compiled, so an error the
+    model raises on purpose (a refused NaN route) would reach the caller as dynamo's "Attempt to
+    trace generator" instead. Here the call goes straight to ``nn.Module.__call__`` (torch's own
+    code, so dynamo still starts each model's trace at its own generated forward)."""
+
+    def recompile(self):
+        code = super().recompile()
+        type(self)._wrapped_call = staticmethod(nn.Module.__call__)  # fx keeps a class's own wrapper
+        return code
+
+
 def _where(exc: BaseException) -> str:
     """The innermost frame of user/model code (not torch internals) where tracing failed."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -90,7 +104,7 @@ def trace(model: nn.Module, concrete: dict | None = None) -> fx.GraphModule:
             + (f" (at {where})" if where else "")
             + "; make that code independent of tensor values or move it into a leaf module"
         ) from e
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = TracedModule(tracer.root, graph, type(model).__name__)
     _keep_non_persistent(model, gm)
     return gm
 

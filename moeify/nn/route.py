@@ -127,10 +127,16 @@ def _non_finite() -> RoutingError:
                         "pick expert 0); check the learning rate and the inputs")
 
 
-@torch.library.custom_op("moeify::check_routes", mutates_args=())
+_HOST_READ = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+"""How an op that reads a device value on the host is declared (torch >= 2.8 knows the tag)."""
+
+
+@torch.library.custom_op("moeify::check_routes", mutates_args=(), **_HOST_READ)
 def _check_routes(finite: torch.Tensor) -> torch.Tensor:
     """Raise RoutingError unless every element of ``finite`` is true; an opaque op, so a compiled
-    graph keeps it whole (one read of one flag per model call)."""
+    graph keeps it whole (one read of one flag per model call). Marked unsafe for CUDA graphs (a
+    host read cannot be captured): inductor's graph partition leaves it out and captures the rest
+    of the model (``mode="reduce-overhead"``)."""
     if not bool(finite.all()):
         raise _non_finite()
     return finite.new_ones((), dtype=torch.float32)
