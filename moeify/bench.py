@@ -27,6 +27,7 @@ from .macs import count_macs
 from .nn import GlobalRouter, LayerRouter, execution
 from .nn.executors import get_executor
 from .nn.gated import with_mixin
+from .nn.route import select_top_k
 from .spec import MoESpec
 from .stats import paired_bootstrap
 from .twin import static_twin
@@ -155,7 +156,9 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
     """A copy of the static twin that also runs one router per MoE layer before the layer's
     producer (global average pool, linear, top-K choice read back to the host) and ignores the
     choice: the least a dynamic MoE with per-layer routers can cost on this machine, so that
-    sparse execution's own dispatch overhead is the gap between it and the MoE."""
+    sparse execution's own dispatch overhead is the gap between it and the MoE. The routers
+    standardise their input where the MoE's do (in training: the batch's statistics, updated
+    running ones); the choice gets no gradient (nothing multiplies by a gate)."""
     twin = copy.deepcopy(twin)
     for i, layer in enumerate(moe_layers(moe).values()):
         try:
@@ -165,7 +168,8 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
         if layer.router is None or not isinstance(producer, (nn.Conv2d, nn.Linear)):
             continue
         width = producer.in_channels if isinstance(producer, nn.Conv2d) else producer.in_features
-        router = LayerRouter(width, layer.experts, layer.top_k, cdim=1 if isinstance(producer, nn.Conv2d) else -1)
+        router = LayerRouter(width, layer.experts, layer.top_k, cdim=1 if isinstance(producer, nn.Conv2d) else -1,
+                             norm=isinstance(layer.router, LayerRouter) and layer.router.norm)
         producer.moeify_bench_router = router  # a submodule: moves with the twin
         with_mixin(producer, _RoutedFirst)
     return twin
@@ -173,11 +177,18 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
 
 class _RoutedFirst:
     """Mixed into a producer of ``with_routers``: runs its router (choice read back, ignored) first.
-    A class, not a forward hook, so the baseline does not pay hooks' slower module call."""
+    A class, not a forward hook, so the baseline does not pay hooks' slower module call. Under
+    ``torch.compile`` the choice stays on the device, as a compiled MoE's does (a host read would
+    be a graph break), and scales the output by exactly 1, so the compiler keeps the router."""
 
     def forward(self, x, *args, **kwargs):
-        self.moeify_bench_router(x).groups()
-        return super().forward(x, *args, **kwargs)
+        router = self.moeify_bench_router
+        if not torch.compiler.is_compiling():
+            router(x).groups()
+            return super().forward(x, *args, **kwargs)
+        idx = select_top_k(router.scores(x), router.top_k, defer_check=True).idx
+        y = super().forward(x, *args, **kwargs)
+        return y * (idx[:, :1] >= 0).to(y.dtype).view(-1, *[1] * (y.ndim - 1))
 
 
 class _Noisy:
@@ -381,10 +392,11 @@ def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
 
 def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
                 overrides: list[str] | None = None, device: str = "cpu") -> list[dict]:
-    """Median time of one training batch: dense TRADES, S-Dense (static twin) TRADES, MoE TRADES and
-    MoE AdvMoE (router step + expert step, each with its own attack unless the recipe shares one),
-    same backbone, attack and batch, in one process, the MoE under the default strategy; each
-    with 95% intervals (``_train_row``). With the recipe's ``train.compile``, every model's
+    """Median time of one training batch: dense TRADES, S-Dense (static twin) TRADES, S-Dense with
+    the MoE's routers (``with_routers``: what routing costs at the least, so the floor under the
+    MoE's share of S-Dense's gain), MoE TRADES and MoE AdvMoE (router step + expert step, each
+    with its own attack unless the recipe shares one), same backbone, attack and batch, in one
+    process, the MoE under the default strategy; each with 95% intervals (``_train_row``). With the recipe's ``train.compile``, every model's
     forward and attack run ``torch.compile``d, as training runs them."""
     from .attacks import AttackConfig
     from .data import SIZES, CLASSES, DataBundle, synthetic
@@ -411,12 +423,13 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     twin = build_model(recipe, bundle).train().to(device)
     recipe.model.kind = "moe"
     moe = build_model(recipe, bundle).train().to(device)
+    routed = with_routers(twin, moe).train().to(device)
     spread_routing(moe)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     none = contextlib.nullcontext
     beta = recipe.train.beta
     compiled = recipe.train.compile
-    run_dense, run_twin, run_moe = (torch.compile(m) if compiled else m for m in (dense, twin, moe))
+    run_dense, run_twin, run_routed, run_moe = (torch.compile(m) if compiled else m for m in (dense, twin, routed, moe))
 
     def trades(model, run):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -446,6 +459,7 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
         sync()
 
     rounds = interleaved_rounds({"dense TRADES": trades(dense, run_dense), "S-Dense TRADES": trades(twin, run_twin),
+                                 "S-Dense + routers TRADES": trades(routed, run_routed),
                                  "MoE TRADES": trades(moe, run_moe), "MoE AdvMoE": advmoe}, repeats)
     return [_train_row(recipe.name, k, b, attack.steps, compiled, rounds) for k in rounds]
 

@@ -286,8 +286,9 @@ def bench_train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Recipe override, e.g. attack.steps=10.")] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
 ) -> None:
-    """Time one training batch: dense TRADES vs MoE TRADES vs MoE AdvMoE (medians, interleaved,
-    with 95% intervals; ``--set train.compile=true`` compiles every model as training does)."""
+    """Time one training batch: dense TRADES vs S-Dense TRADES (with and without the MoE's
+    routers: the floor under the MoE) vs MoE TRADES vs MoE AdvMoE (medians, interleaved, with 95%
+    intervals; ``--set train.compile=true`` compiles every model as training does)."""
     from rich.table import Table
 
     from .bench import machine, train_steps

@@ -122,7 +122,7 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
 
 
 def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, monkeypatch):
-    """``bench-train`` times the four training steps in interleaved rounds and reports each ratio
+    """``bench-train`` times the five training steps in interleaved rounds and reports each ratio
     to dense TRADES with a 95% interval that holds its point estimate, and each row's share of
     S-Dense's gain over dense TRADES (the issue's training target), in its rows and its table."""
     import moeify.bench
@@ -136,7 +136,8 @@ def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, mon
     monkeypatch.setattr(moeify.bench, "train_steps", rows)
     r = run_here(capsys, "bench-train", "--batch", "4", "--repeats", "3", "--set", "model.kwargs.width=4")
     assert r.returncode == 0, r.stderr
-    assert [x["variant"] for x in seen] == ["dense TRADES", "S-Dense TRADES", "MoE TRADES", "MoE AdvMoE"]
+    assert [x["variant"] for x in seen] == ["dense TRADES", "S-Dense TRADES", "S-Dense + routers TRADES", "MoE TRADES",
+                                           "MoE AdvMoE"]
     for x in seen:
         assert x["vs_dense_trades_low"] <= x["vs_dense_trades"] + 1e-9 <= x["vs_dense_trades_high"] + 2e-9, x
         speedup, gain = 1 / x["vs_dense_trades"], 1 / seen[1]["vs_dense_trades"] - 1

@@ -91,6 +91,31 @@ def test_the_static_twin_compiles_as_one_graph():
         assert torch.equal(torch.compile(twin, fullgraph=True, backend="eager")(x), twin(x))
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_the_twin_with_routers_compiles_as_one_graph(train):
+    """The routing floor under a compiled MoE (``with_routers``: the twin plus the MoE's routers,
+    standardised as the MoE's are) keeps its choices on the device when compiled: one graph, and
+    the twin's outputs (the choice scales by exactly 1) with the routers still run (their
+    running statistics move in training)."""
+    from moeify.bench import with_routers
+    from moeify.twin import static_twin
+
+    torch.manual_seed(0)
+    model = moeify.create_model("cifar_resnet18", input_size=(1, 28, 28), width=8, stem_stride=2, in_chans=1)
+    spec = moeify.MoESpec(experts=2, top_k=1, scope="paper", router_norm=True)
+    twin = static_twin(model, spec=spec)
+    routed = with_routers(twin, moeify.convert(model, spec=spec)).train(train)
+    twin.train(train)
+    x = torch.rand(4, 1, 28, 28)
+    before = [b.clone() for n, b in routed.named_buffers() if n.endswith("in_mean")]
+    assert before, "with_routers added no standardised router"
+    with torch.set_grad_enabled(train):
+        out = torch.compile(routed, fullgraph=True, backend="aot_eager" if train else "eager")(x)
+        assert torch.equal(out, twin(x))
+    after = [b for n, b in routed.named_buffers() if n.endswith("in_mean")]
+    assert any(not torch.equal(a, b) for a, b in zip(after, before)) == train
+
+
 def _nan_router(moe) -> None:
     with torch.no_grad():
         next(iter(moeify.moe_layers(moe).values())).router.proj.weight.fill_(float("nan"))
