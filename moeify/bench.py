@@ -397,7 +397,8 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     MoE's share of S-Dense's gain), MoE TRADES and MoE AdvMoE (router step + expert step, each
     with its own attack unless the recipe shares one), same backbone, attack and batch, in one
     process, the MoE under the default strategy; each with 95% intervals (``_train_row``). With the recipe's ``train.compile``, every model's
-    forward and attack run ``torch.compile``d, as training runs them."""
+    forward and attack run ``torch.compile``d, and with ``model.channels_last`` models and inputs
+    are channels-last, as training runs them."""
     from .attacks import AttackConfig
     from .data import SIZES, CLASSES, DataBundle, synthetic
     from .recipes import load_recipe
@@ -414,16 +415,17 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
 
     bundle = DataBundle(name, ds, ds, ds, classes, size, *STATS[name])
     b = batch or recipe.data.batch_size
+    fmt = torch.channels_last if recipe.model.channels_last else torch.contiguous_format  # as training lays them out
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(b, *size, generator=gen).to(device)
+    x = torch.rand(b, *size, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (b,), generator=gen).to(device)
     recipe.model.kind = "dense"
-    dense = build_model(recipe, bundle).train().to(device)
+    dense = build_model(recipe, bundle).train().to(device, memory_format=fmt)
     recipe.model.kind = "s-dense"
-    twin = build_model(recipe, bundle).train().to(device)
+    twin = build_model(recipe, bundle).train().to(device, memory_format=fmt)
     recipe.model.kind = "moe"
-    moe = build_model(recipe, bundle).train().to(device)
-    routed = with_routers(twin, moe).train().to(device)
+    moe = build_model(recipe, bundle).train().to(device, memory_format=fmt)
+    routed = with_routers(twin, moe).train().to(device, memory_format=fmt)
     spread_routing(moe)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     none = contextlib.nullcontext
@@ -461,7 +463,8 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     rounds = interleaved_rounds({"dense TRADES": trades(dense, run_dense), "S-Dense TRADES": trades(twin, run_twin),
                                  "S-Dense + routers TRADES": trades(routed, run_routed),
                                  "MoE TRADES": trades(moe, run_moe), "MoE AdvMoE": advmoe}, repeats)
-    return [_train_row(recipe.name, k, b, attack.steps, compiled, rounds) for k in rounds]
+    rows = [_train_row(recipe.name, k, b, attack.steps, compiled, rounds) for k in rounds]
+    return [dict(r, channels_last=recipe.model.channels_last) for r in rows]
 
 
 def _train_row(recipe: str, variant: str, batch: int, steps: int, compiled: bool,

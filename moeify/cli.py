@@ -296,7 +296,8 @@ def bench_train(
     _check_device(device)
     rows = train_steps(recipe, batch, repeats, set_ or [], device)
     t = Table(title=f"one training batch, recipe {recipe}, batch {rows[0]['batch']}, "
-                    f"{rows[0]['attack_steps']}-step attacks{', compiled' if rows[0]['compiled'] else ''} "
+                    f"{rows[0]['attack_steps']}-step attacks{', compiled' if rows[0]['compiled'] else ''}"
+                    f"{', channels-last' if rows[0]['channels_last'] else ''} "
                     f"on {device} ({machine(device)})",
               caption="(95% intervals: paired bootstrap over the interleaved rounds)")
     for col in ("variant", "ms / batch", "vs dense TRADES", "of S-Dense's gain"):

@@ -134,7 +134,8 @@ def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, mon
         return seen
 
     monkeypatch.setattr(moeify.bench, "train_steps", rows)
-    r = run_here(capsys, "bench-train", "--batch", "4", "--repeats", "3", "--set", "model.kwargs.width=4")
+    r = run_here(capsys, "bench-train", "--batch", "4", "--repeats", "3", "--set", "model.kwargs.width=4",
+                 "--set", "model.channels_last=true")
     assert r.returncode == 0, r.stderr
     assert [x["variant"] for x in seen] == ["dense TRADES", "S-Dense TRADES", "S-Dense + routers TRADES", "MoE TRADES",
                                            "MoE AdvMoE"]
@@ -145,7 +146,7 @@ def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, mon
             assert x["of_sdense_gain"] == pytest.approx((speedup - 1) / gain)
         else:
             assert math.isnan(x["of_sdense_gain"])
-    assert "of S-Dense's gain" in r.stdout and "95% intervals" in r.stdout
+    assert "of S-Dense's gain" in r.stdout and "95% intervals" in r.stdout and "channels-last" in r.stdout
 
 
 def test_bench_calibrate_sweep_writes_a_table_auto_reads(capsys, tmp_path, monkeypatch):
