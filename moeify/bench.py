@@ -158,7 +158,7 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
     choice: the least a dynamic MoE with per-layer routers can cost on this machine, so that
     sparse execution's own dispatch overhead is the gap between it and the MoE. The routers
     standardise their input where the MoE's do (in training: the batch's statistics, updated
-    running ones); the choice gets no gradient (nothing multiplies by a gate)."""
+    running ones) and, where autograd records, get a gradient through one gate (``_RoutedFirst``)."""
     twin = copy.deepcopy(twin)
     for i, layer in enumerate(moe_layers(moe).values()):
         try:
@@ -177,18 +177,26 @@ def with_routers(twin: nn.Module, moe: nn.Module) -> nn.Module:
 
 class _RoutedFirst:
     """Mixed into a producer of ``with_routers``: runs its router (choice read back, ignored) first.
-    A class, not a forward hook, so the baseline does not pay hooks' slower module call. Under
-    ``torch.compile`` the choice stays on the device, as a compiled MoE's does (a host read would
-    be a graph break), and scales the output by exactly 1, so the compiler keeps the router."""
+    A class, not a forward hook, so the baseline does not pay hooks' slower module call. Where
+    autograd records, the output is multiplied by the first chosen expert's gate (value 1), so
+    the router gets its gradient, as an MoE's must. Under ``torch.compile`` the choice stays on
+    the device, as a compiled MoE's does (a host read would be a graph break); without a gate it
+    scales the output by exactly 1 instead, so the compiler keeps the router."""
 
     def forward(self, x, *args, **kwargs):
         router = self.moeify_bench_router
-        if not torch.compiler.is_compiling():
-            router(x).groups()
-            return super().forward(x, *args, **kwargs)
-        idx = select_top_k(router.scores(x), router.top_k, defer_check=True).idx
+        compiling = torch.compiler.is_compiling()
+        route = select_top_k(router.scores(x), router.top_k, defer_check=compiling)
+        if not compiling:
+            route.groups()
         y = super().forward(x, *args, **kwargs)
-        return y * (idx[:, :1] >= 0).to(y.dtype).view(-1, *[1] * (y.ndim - 1))
+        if route.needs_grad:
+            factor = route.gate[:, :1]
+        elif compiling:
+            factor = (route.idx[:, :1] >= 0).to(y.dtype)
+        else:
+            return y
+        return y * factor.to(y.dtype).view(-1, *[1] * (y.ndim - 1))
 
 
 class _Noisy:

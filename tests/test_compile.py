@@ -96,7 +96,7 @@ def test_the_twin_with_routers_compiles_as_one_graph(train):
     """The routing floor under a compiled MoE (``with_routers``: the twin plus the MoE's routers,
     standardised as the MoE's are) keeps its choices on the device when compiled: one graph, and
     the twin's outputs (the choice scales by exactly 1) with the routers still run (their
-    running statistics move in training)."""
+    running statistics move in training, and they get a gradient, as an MoE's routers do)."""
     from moeify.bench import with_routers
     from moeify.twin import static_twin
 
@@ -114,6 +114,10 @@ def test_the_twin_with_routers_compiles_as_one_graph(train):
         assert torch.equal(out, twin(x))
     after = [b for n, b in routed.named_buffers() if n.endswith("in_mean")]
     assert any(not torch.equal(a, b) for a, b in zip(after, before)) == train
+    if train:
+        out.square().mean().backward()
+        grads = [p.grad for n, p in routed.named_parameters() if "moeify_bench_router" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def _nan_router(moe) -> None:
