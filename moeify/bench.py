@@ -405,12 +405,12 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     MoE's share of S-Dense's gain), MoE TRADES and MoE AdvMoE (router step + expert step, each
     with its own attack unless the recipe shares one), same backbone, attack and batch, in one
     process, the MoE under the default strategy; each with 95% intervals (``_train_row``). With the recipe's ``train.compile``, every model's
-    forward and attack run ``torch.compile``d, and with ``model.channels_last`` models and inputs
-    are channels-last, as training runs them."""
+    forward and attack run ``torch.compile``d, and models and inputs are laid out as training
+    lays them out (``memory_format``)."""
     from .attacks import AttackConfig
     from .data import SIZES, CLASSES, DataBundle, synthetic
     from .recipes import load_recipe
-    from .train.build import build_model, split_parameters
+    from .train.build import build_model, memory_format, split_parameters
     from .train.methods import robust_loss
 
     recipe = load_recipe(recipe_name, overrides or [])
@@ -423,7 +423,7 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
 
     bundle = DataBundle(name, ds, ds, ds, classes, size, *STATS[name])
     b = batch or recipe.data.batch_size
-    fmt = torch.channels_last if recipe.model.channels_last else torch.contiguous_format  # as training lays them out
+    fmt = memory_format(recipe, device)  # as training lays them out
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(b, *size, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (b,), generator=gen).to(device)
@@ -472,7 +472,7 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
                                  "S-Dense + routers TRADES": trades(routed, run_routed),
                                  "MoE TRADES": trades(moe, run_moe), "MoE AdvMoE": advmoe}, repeats)
     rows = [_train_row(recipe.name, k, b, attack.steps, compiled, rounds) for k in rounds]
-    return [dict(r, channels_last=recipe.model.channels_last) for r in rows]
+    return [dict(r, channels_last=fmt is torch.channels_last) for r in rows]
 
 
 def _train_row(recipe: str, variant: str, batch: int, steps: int, compiled: bool,

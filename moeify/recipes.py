@@ -26,7 +26,8 @@ class ModelCfg:
     name: str = "cifar_resnet18"
     kind: str = "moe"  # dense | moe | s-dense
     kwargs: dict = field(default_factory=dict)  # constructor arguments (e.g. width)
-    channels_last: bool = False
+    channels_last: bool | None = None  # train in channels-last layout; default (null): on a CPU (oneDNN's own
+    # layout: no reorder around every conv), off elsewhere (not measured on GPUs)
 
 
 @dataclass

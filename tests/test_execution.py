@@ -70,6 +70,29 @@ def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, r
         assert torch.allclose(stats_s[name].to(v.dtype), v, rtol=rtol, atol=rtol), name
 
 
+@pytest.mark.parametrize("mode", ["masked", "grouped", "static"])
+def test_channels_last_trains_like_contiguous(mode):
+    """Training lays models and images out channels-last on a CPU (``train.build.memory_format``):
+    every strategy's training step computes in that layout what it does on contiguous tensors
+    (outputs, input and parameter gradients, BatchNorm running statistics; float64, routes spread)."""
+    moe = _moe(PreActResNet, "paper", experts=4, top_k=2, train=True).double()
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    x = torch.rand(8, 3, 16, 16, dtype=torch.float64)
+    out_c, gx_c, gp_c = _grads(moe, x, mode, spread=True)
+    stats_c = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe.load_state_dict(state)
+    moe.to(memory_format=torch.channels_last)
+    out_l, gx_l, gp_l = _grads(moe, x.contiguous(memory_format=torch.channels_last), mode, spread=True)
+    assert gx_l.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out_l, out_c, rtol=1e-10, atol=1e-10 * out_c.abs().max())
+    assert torch.allclose(gx_l, gx_c, rtol=1e-10, atol=1e-10 * gx_c.abs().max())
+    assert set(gp_l) == set(gp_c)
+    for name in gp_c:
+        assert torch.allclose(gp_l[name], gp_c[name], rtol=1e-10, atol=1e-10 * gp_c[name].abs().max() + 1e-14), name
+    for name, v in moe.state_dict().items():
+        assert torch.allclose(v.double(), stats_c[name].double(), rtol=1e-10, atol=1e-12), name
+
+
 @pytest.mark.parametrize("cls,scope,experts,top_k,norm", [
     (PreActResNet, "paper", 2, 1, False), (PreActResNet, "branches", 4, 2, False), (PreActResNet, "paper", 4, 2, True),
     (Zoo, "hidden", 4, 2, False)])

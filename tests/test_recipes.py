@@ -7,7 +7,7 @@ import torch
 import moeify
 from moeify.data import DataBundle, synthetic
 from moeify.recipes import RECIPE_DIRS, load_recipe
-from moeify.train.build import build_model, split_parameters
+from moeify.train.build import build_model, memory_format, split_parameters
 
 RECIPES = sorted(p.stem for p in RECIPE_DIRS[0].glob("*.yaml"))
 
@@ -74,6 +74,18 @@ def test_overrides_apply_and_unknown_recipe_lists_builtins():
     assert (r.train.epochs, r.moe.experts, r.attack.eps) == (5, 4, 0.2)
     with pytest.raises(moeify.MoeifyError, match="built-in recipes: .*quickstart"):
         load_recipe("quikstart")
+
+
+def test_training_layout_is_channels_last_on_a_cpu_unless_the_recipe_says():
+    """``model.channels_last`` unset: channels-last on a CPU (oneDNN's layout), contiguous on other
+    devices; set, it is followed everywhere."""
+    r = load_recipe("quickstart")
+    assert r.model.channels_last is None
+    assert memory_format(r, "cpu") is torch.channels_last
+    assert memory_format(r, "cuda") is torch.contiguous_format
+    for value, fmt in (("false", torch.contiguous_format), ("true", torch.channels_last)):
+        r = load_recipe("quickstart", [f"model.channels_last={value}"])
+        assert memory_format(r, "cpu") is fmt and memory_format(r, "cuda") is fmt
 
 
 def test_balance_loss_is_one_when_even_and_grows_with_collapse():

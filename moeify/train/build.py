@@ -15,6 +15,16 @@ from ..twin import static_twin
 from ..zoo import create_model, resolve
 
 
+def memory_format(recipe: Recipe, device: torch.device | str) -> torch.memory_format:
+    """The layout a recipe's model and images train in: ``model.channels_last``, or when unset,
+    channels-last on a CPU (oneDNN computes convolutions in it: a contiguous tensor is reordered
+    before and after every conv, forward and backward) and contiguous elsewhere."""
+    last = recipe.model.channels_last
+    if last is None:
+        last = torch.device(device).type == "cpu"
+    return torch.channels_last if last else torch.contiguous_format
+
+
 def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     """The model a recipe trains, with random weights (``train.init`` is loaded by the trainer), or
     with ``moe.experts_by: cluster`` converted from ``train.init``'s trained dense weights."""
