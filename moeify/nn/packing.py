@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import torch
 
-from .route import Route, repeat_columns
+from .route import Route
 
 T = TypeVar("T")
 
@@ -34,8 +34,24 @@ def _runs(experts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+_CHANNELS: dict[tuple[tuple[int, ...], int, torch.device], torch.Tensor] = {}
+"""Index tensors made by ``expert_channels``, per (experts, channels per expert, device): a
+selection's index is a constant, made once instead of in five ops per use."""
+
+
 def expert_channels(experts: list[int], per: int, device: torch.device) -> torch.Tensor:
     """Channel indices of ``experts``' contiguous blocks, in order."""
+    if torch.compiler.is_compiling():  # a traced constant, never kept outside the graph
+        return _channels(experts, per, device)
+    key = (tuple(experts), per, torch.device(device))
+    idx = _CHANNELS.get(key)
+    if idx is None:
+        with torch.inference_mode(False):  # usable outside inference mode too (autograd saves indices)
+            idx = _CHANNELS[key] = _channels(experts, per, device)
+    return idx
+
+
+def _channels(experts: list[int], per: int, device: torch.device) -> torch.Tensor:
     idx = torch.tensor(experts, device=device)
     return (idx[:, None] * per + torch.arange(per, device=device)).reshape(-1)
 
@@ -309,16 +325,11 @@ def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
-def slot_gates(route: Route, rows: torch.Tensor | None, per: int) -> torch.Tensor:
-    """[B or len(rows), K * per]: each packed slot's gate."""
-    return repeat_columns(route.gate if rows is None else route.gate.index_select(0, rows), per)
-
-
 def times_gates(y: torch.Tensor, route: Route, rows: torch.Tensor | None, per: int, cdim: int) -> torch.Tensor:
     """``y`` (packed) times its gates where the router needs a gradient; untouched otherwise."""
     if not route.needs_grad:
         return y
-    return y * broadcast(slot_gates(route, rows, per), y.ndim, cdim).to(y.dtype)
+    return y * broadcast(route.slot_gates(rows, per), y.ndim, cdim).to(y.dtype)
 
 
 def memory_format(t: torch.Tensor) -> torch.memory_format:

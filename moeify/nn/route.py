@@ -42,7 +42,7 @@ class Route:
         nothing (batch 1 in inference, chosen on the host): each op then needs only the selection."""
         self._groups: list[tuple[list[int], torch.Tensor | None]] | None = None
         self._index: dict[int, torch.Tensor] = {}
-        self._masks: dict[int, torch.Tensor] = {}
+        self._masks: dict = {}  # channel masks by width, slot gates by (rows, width): made once per route
 
     @property
     def gate(self) -> torch.Tensor:
@@ -88,6 +88,17 @@ class Route:
         if channels not in self._masks:
             self._masks[channels] = repeat_columns(self.expert_mask(), channels // self.experts)
         return self._masks[channels]
+
+    def slot_gates(self, rows: torch.Tensor | None, per: int) -> torch.Tensor:
+        """[B or len(rows), K * per]: each packed slot's gate, for the samples ``rows`` (None: all);
+        made once per route, rows and width: a layer's producer and consumer share it (the rows
+        are kept with it, so an id is never matched to other rows)."""
+        key = ("slots", id(rows), per)
+        made = self._masks.get(key)
+        if made is None or made[0] is not rows:
+            g = self.gate if rows is None else self.gate.index_select(0, rows)
+            made = self._masks[key] = (rows, repeat_columns(g, per))
+        return made[1]
 
     def apply(self, x: torch.Tensor, cdim: int, order: torch.Tensor | None = None) -> torch.Tensor:
         """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``); with
