@@ -9,6 +9,7 @@ from ..conversion import convert, is_router
 from ..nn import LayerRouter
 from ..data import DataBundle, calibration_images
 from ..errors import MoeifyError
+from ..layout import image_layout
 from ..recipes import Recipe
 from ..spec import MoESpec
 from ..twin import static_twin
@@ -17,12 +18,8 @@ from ..zoo import create_model, resolve
 
 def memory_format(recipe: Recipe, device: torch.device | str) -> torch.memory_format:
     """The layout a recipe's model and images train in: ``model.channels_last``, or when unset,
-    channels-last on a CPU (oneDNN computes convolutions in it: a contiguous tensor is reordered
-    before and after every conv, forward and backward) and contiguous elsewhere."""
-    last = recipe.model.channels_last
-    if last is None:
-        last = torch.device(device).type == "cpu"
-    return torch.channels_last if last else torch.contiguous_format
+    the device's (``layout.image_layout``: channels-last on a CPU)."""
+    return image_layout(device, recipe.model.channels_last)
 
 
 def build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
