@@ -29,7 +29,8 @@ from .policy import Recorder, current_policy
 class Route:
     """Top-K expert choice per sample: ``idx`` LongTensor[B, K], ``gate`` Tensor[B, K] (value 1)."""
 
-    __slots__ = ("idx", "_gate", "experts", "packed", "executor", "chosen", "one", "_groups", "_index", "_masks")
+    __slots__ = ("idx", "_gate", "experts", "packed", "executor", "chosen", "one", "_groups", "_index", "_masks",
+                 "_slots")
 
     def __init__(self, idx: torch.Tensor, gate: torch.Tensor | None, experts: int, packed: bool = False,
                  chosen: torch.Tensor | None = None) -> None:
@@ -42,7 +43,8 @@ class Route:
         nothing (batch 1 in inference, chosen on the host): each op then needs only the selection."""
         self._groups: list[tuple[list[int], torch.Tensor | None]] | None = None
         self._index: dict[int, torch.Tensor] = {}
-        self._masks: dict = {}  # channel masks by width, slot gates by (rows, width): made once per route
+        self._masks: dict[int, torch.Tensor] = {}
+        self._slots: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     @property
     def gate(self) -> torch.Tensor:
@@ -53,7 +55,8 @@ class Route:
     def adopted(self, executor, packed: bool) -> "Route":
         """The same choice, run by ``executor`` in a layer whose tensors are (or are not) packed."""
         r = Route(self.idx, self._gate, self.experts, packed, self.chosen)
-        r.executor, r.one, r._groups, r._index, r._masks = executor, self.one, self._groups, self._index, self._masks
+        r.executor, r.one, r._groups, r._index = executor, self.one, self._groups, self._index
+        r._masks, r._slots = self._masks, self._slots
         return r
 
     @property
@@ -93,11 +96,11 @@ class Route:
         """[B or len(rows), K * per]: each packed slot's gate, for the samples ``rows`` (None: all);
         made once per route, rows and width: a layer's producer and consumer share it (the rows
         are kept with it, so an id is never matched to other rows)."""
-        key = ("slots", id(rows), per)
-        made = self._masks.get(key)
+        key = (id(rows), per)
+        made = self._slots.get(key)
         if made is None or made[0] is not rows:
             g = self.gate if rows is None else self.gate.index_select(0, rows)
-            made = self._masks[key] = (rows, repeat_columns(g, per))
+            made = self._slots[key] = (rows, repeat_columns(g, per))
         return made[1]
 
     def apply(self, x: torch.Tensor, cdim: int, order: torch.Tensor | None = None) -> torch.Tensor:
