@@ -24,10 +24,9 @@ from .conversion import convert, moe_layers
 from .errors import MoeifyError
 from .fold import fold_batchnorm
 from .macs import count_macs
-from .nn import GlobalRouter, LayerRouter, execution
+from .nn import GlobalRouter, LayerRouter, execution, select_top_k
 from .nn.executors import get_executor
 from .nn.gated import with_mixin
-from .nn.route import select_top_k
 from .spec import MoESpec
 from .stats import paired_bootstrap
 from .twin import static_twin
@@ -193,7 +192,7 @@ class _RoutedFirst:
         if route.needs_grad:
             factor = route.gate[:, :1]
         elif compiling:
-            factor = (route.idx[:, :1] >= 0).to(y.dtype)
+            factor = route.idx[:, :1] >= 0
         else:
             return y
         return y * factor.to(y.dtype).view(-1, *[1] * (y.ndim - 1))
@@ -404,13 +403,13 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     the MoE's routers (``with_routers``: what routing costs at the least, so the floor under the
     MoE's share of S-Dense's gain), MoE TRADES and MoE AdvMoE (router step + expert step, each
     with its own attack unless the recipe shares one), same backbone, attack and batch, in one
-    process, the MoE under the default strategy; each with 95% intervals (``_train_row``). With the recipe's ``train.compile``, every model's
-    forward and attack run ``torch.compile``d, and models and inputs are laid out as training
-    lays them out (``memory_format``)."""
+    process, the MoE under the default strategy; each with 95% intervals (``_train_row``). With
+    the recipe's ``train.compile``, every model's forward and attack run ``torch.compile``d;
+    models and inputs are laid out as training lays them out (``training_layout``)."""
     from .attacks import AttackConfig
     from .data import SIZES, CLASSES, DataBundle, synthetic
     from .recipes import load_recipe
-    from .train.build import build_model, memory_format, split_parameters
+    from .train.build import build_model, split_parameters, training_layout
     from .train.methods import robust_loss
 
     recipe = load_recipe(recipe_name, overrides or [])
@@ -423,7 +422,7 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
 
     bundle = DataBundle(name, ds, ds, ds, classes, size, *STATS[name])
     b = batch or recipe.data.batch_size
-    fmt = memory_format(recipe, device)  # as training lays them out
+    fmt = training_layout(recipe, device)  # as training lays them out
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(b, *size, generator=gen).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (b,), generator=gen).to(device)

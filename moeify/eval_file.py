@@ -21,8 +21,8 @@ import torch
 
 from . import io
 from .errors import MoeifyError
-from .layout import image_layout
 from .evaluate import AA_ATTACKS, AA_TARGETS, ATTACKS, EvalConfig, Part, evaluate, targets_problem
+from .layout import image_layout
 from .lock import folder_lock
 
 
@@ -177,7 +177,7 @@ def evaluate_file(req: EvalRequest, out: Path, resume: bool = False, report_name
     acc = Accelerator(cpu=not torch.cuda.is_available())  # `accelerate launch` / torchrun: shard the examples
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     n = len(y)
-    fmt = image_layout(acc.device) if x.ndim == 4 else torch.contiguous_format  # as training lays them out
+    fmt = image_layout(acc.device) if x.ndim == 4 else torch.contiguous_format  # the layout training runs in
     x, y = x[rank::world].to(acc.device).contiguous(memory_format=fmt), y[rank::world].to(acc.device)
     model = io.load(path).to(acc.device, memory_format=fmt)
 

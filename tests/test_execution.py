@@ -72,7 +72,7 @@ def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, r
 
 @pytest.mark.parametrize("mode", ["masked", "grouped", "static"])
 def test_channels_last_trains_like_contiguous(mode):
-    """Training lays models and images out channels-last on a CPU (``train.build.memory_format``):
+    """Training lays models and images out channels-last on a CPU (``train.build.training_layout``):
     every strategy's training step computes in that layout what it does on contiguous tensors
     (outputs, input and parameter gradients, BatchNorm running statistics; float64, routes spread)."""
     moe = _moe(PreActResNet, "paper", experts=4, top_k=2, train=True).double()

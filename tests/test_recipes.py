@@ -7,7 +7,7 @@ import torch
 import moeify
 from moeify.data import DataBundle, synthetic
 from moeify.recipes import RECIPE_DIRS, load_recipe
-from moeify.train.build import build_model, memory_format, split_parameters
+from moeify.train.build import build_model, split_parameters, training_layout
 
 RECIPES = sorted(p.stem for p in RECIPE_DIRS[0].glob("*.yaml"))
 
@@ -81,11 +81,11 @@ def test_training_layout_is_channels_last_on_a_cpu_unless_the_recipe_says():
     devices; set, it is followed everywhere."""
     r = load_recipe("quickstart")
     assert r.model.channels_last is None
-    assert memory_format(r, "cpu") is torch.channels_last
-    assert memory_format(r, "cuda") is torch.contiguous_format
+    assert training_layout(r, "cpu") is torch.channels_last
+    assert training_layout(r, "cuda") is torch.contiguous_format
     for value, fmt in (("false", torch.contiguous_format), ("true", torch.channels_last)):
         r = load_recipe("quickstart", [f"model.channels_last={value}"])
-        assert memory_format(r, "cpu") is fmt and memory_format(r, "cuda") is fmt
+        assert training_layout(r, "cpu") is fmt and training_layout(r, "cuda") is fmt
 
 
 def test_balance_loss_is_one_when_even_and_grows_with_collapse():

@@ -16,7 +16,7 @@ from ..twin import static_twin
 from ..zoo import create_model, resolve
 
 
-def memory_format(recipe: Recipe, device: torch.device | str) -> torch.memory_format:
+def training_layout(recipe: Recipe, device: torch.device | str) -> torch.memory_format:
     """The layout a recipe's model and images train in: ``model.channels_last``, or when unset,
     the device's (``layout.image_layout``: channels-last on a CPU)."""
     return image_layout(device, recipe.model.channels_last)

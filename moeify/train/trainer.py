@@ -30,7 +30,7 @@ from ..errors import MoeifyError, RoutingError
 from ..macs import count_macs
 from ..recipes import Recipe
 from . import checkpoint as ckpt
-from .build import build_model, hold_frozen_norms, load_init, memory_format, split_parameters
+from .build import build_model, hold_frozen_norms, load_init, split_parameters, training_layout
 from .methods import robust_loss
 from .sampler import EpochSampler
 from .schedule import lr_lambda
@@ -49,7 +49,7 @@ class Trainer:
         self.data = load_data(d.dataset, d.root, d.val_size, self.t.seed, d.download, d.train_subset, d.test_subset)
         if d.batch_size % accelerator.num_processes:
             raise MoeifyError(f"data.batch_size {d.batch_size} must divide among {accelerator.num_processes} processes")
-        self.fmt = memory_format(recipe, accelerator.device)
+        self.fmt = training_layout(recipe, accelerator.device)
         self._build_model()
         self._build_optimisers()
         self._prepare()
