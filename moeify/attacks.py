@@ -130,8 +130,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, l
         start: torch.Tensor | None = None) -> torch.Tensor:
     """Adversarial examples maximising ``loss(model(x_adv), target)`` (per sample; default cross-
     entropy against ``y``) within the ``cfg`` ball around ``x``; over restarts each sample keeps the
-    example with the highest loss (a misclassified one first). ``start``: begin every restart at
-    these inputs (inside the ball) instead of a random or zero start."""
+    example with the highest loss (a misclassified one first); one restart ends at its last step,
+    without a forward to rank it. ``start``: begin every restart at these inputs (inside the
+    ball) instead of a random or zero start."""
     loss = loss or _ce
     target = y if target is None else target
     x = x.detach().float()
@@ -147,6 +148,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AttackConfig, l
                     l = loss(model(x + delta), target).sum()
                     grad = input_grad(l, delta)
                 delta = _project(delta.detach() + _step(grad, cfg), x, cfg)
+            if cfg.restarts == 1:  # nothing to choose between: no forward for the key
+                return (x + delta).detach()
             with torch.no_grad():
                 logits = model(x + delta)
                 key = loss(logits, target) + 1e6 * (logits.argmax(1) != y).float()

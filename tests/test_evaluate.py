@@ -11,6 +11,7 @@ from torch import nn
 
 import moeify
 from conftest import randomize
+from moeify.attacks import AttackConfig, pgd
 from moeify.evaluate import EvalConfig, correct_from_bits, evaluate, pgd_accuracy, ra_e
 from moeify.zoo import create_model
 
@@ -186,3 +187,17 @@ def test_two_processes_evaluate_every_example_once(tmp_path):
     # every example's correctness comes back in the examples' order, whichever process ran it
     assert r2["per_example"]["clean"] == r1["per_example"]["clean"]
     assert sum(sum(l["load"]) for l in r2["load_clean"]) == pytest.approx(len(r2["layers"]))
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_pgd_spends_a_forward_on_ranking_only_between_restarts(restarts):
+    """One restart returns where its steps end without another forward (ranking one candidate
+    keeps it anyway); with several, each restart's end is ranked by one more forward."""
+    model = _backbone()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    x, y = _data(8)
+    cfg = AttackConfig(eps=0.1, steps=3, alpha=0.03, restarts=restarts)
+    adv = pgd(model, x, y, cfg, gen=torch.Generator().manual_seed(0))
+    assert len(calls) == restarts * 3 + (restarts > 1) * restarts
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and not adv.requires_grad
