@@ -28,25 +28,34 @@ CPU than the full conv it replaces (calibration at batches 4 and 16: 2.6x and 3.
 (batch x K/N of a layer's weight)."""
 
 
-def per_sample_weight(w: torch.Tensor, ch_in: torch.Tensor | None, ch_out: torch.Tensor | None) -> torch.Tensor:
-    """[B, O', I', *kernel]: weight [O, I, *kernel] restricted, per sample b, to output channels
-    ``ch_out[b]`` and input channels ``ch_in[b]`` (None: all of them). A channels-last weight is
-    gathered in its own layout (input channels innermost), so the result is channels-last too."""
+def take_experts(v: torch.Tensor, dim: int, idx: torch.Tensor, experts: int, batched: bool) -> torch.Tensor:
+    """``v`` with dim ``dim`` (C channels, ``experts`` contiguous blocks) cut, per sample b, to the
+    blocks ``idx[b]`` ([B, K], slot order): whole blocks move, so the copy runs over contiguous
+    runs of C/N values instead of one index per value. ``batched``: ``v`` already has a leading
+    sample dim (of size B); otherwise one is added in front."""
+    u = v.unflatten(dim, (experts, v.shape[dim] // experts))
+    if batched:
+        shape = [1] * u.ndim
+        shape[0], shape[dim] = idx.shape
+        size = list(u.shape)
+        size[dim] = idx.shape[1]
+        return u.gather(dim, idx.reshape(shape).expand(size)).flatten(dim, dim + 1)
+    u = u.index_select(dim, idx.reshape(-1)).unflatten(dim, tuple(idx.shape)).movedim(dim, 0)
+    return u.flatten(dim + 1, dim + 2)
+
+
+def per_sample_weight(w: torch.Tensor, in_route: Route | None, out_route: Route | None) -> torch.Tensor:
+    """[B, O', I', *kernel]: weight [O, I, *kernel] restricted, per sample b, to the output
+    channels of ``out_route``'s selected experts and the input channels of ``in_route``'s (None:
+    all of them), in slot order. A channels-last weight is gathered in its own layout (input
+    channels innermost), so the result is channels-last too."""
     last = memory_format(w) is not torch.contiguous_format
     v = w.movedim(1, -1) if last else w  # [O, *kernel, I] (contiguous when channels-last) or [O, I, *kernel]
     idim = v.ndim - 1 if last else 1
-    b = (ch_out if ch_out is not None else ch_in).shape[0]
-    if ch_out is not None:
-        v = v.index_select(0, ch_out.reshape(-1)).reshape(b, ch_out.shape[1], *v.shape[1:])
-        if ch_in is not None:
-            d = idim + 1
-            shape = [b] + [1] * (v.ndim - 1)
-            shape[d] = ch_in.shape[1]
-            size = list(v.shape)
-            size[d] = ch_in.shape[1]
-            v = v.gather(d, ch_in.reshape(shape).expand(size))
-    else:
-        v = v.index_select(idim, ch_in.reshape(-1)).unflatten(idim, (b, ch_in.shape[1])).movedim(idim, 0)
+    if out_route is not None:
+        v = take_experts(v, 0, out_route.idx, out_route.experts, batched=False)
+    if in_route is not None:
+        v = take_experts(v, idim + (out_route is not None), in_route.idx, in_route.experts, batched=out_route is not None)
     return v.movedim(-1, 2) if last else v
 
 
@@ -55,20 +64,18 @@ def gathered_contract(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Rout
     """The layer on each sample's selected channels only, with per-sample gathered weights."""
     w, bias = kernel.weight, kernel.bias
     bsz, c_out = x.shape[0], w.shape[0]
-    ch_in = ch_out = None
     if in_route is not None:
         per_in = w.shape[1] // in_route.experts
         if not in_route.packed:
             x = gather_channels(x, in_route, cdim)
         x = times_gates(x, in_route, None, per_in, cdim)
-        ch_in = in_route.channel_index(per_in)
     if out_route is not None:
         per_out = c_out // out_route.experts
-        ch_out = out_route.channel_index(per_out)
-    ws = per_sample_weight(w, ch_in, ch_out)
+    ws = per_sample_weight(w, in_route, out_route)
     bs = None
     if bias is not None:
-        bs = bias.index_select(0, ch_out.reshape(-1)).reshape(bsz, -1) if ch_out is not None else bias.expand(bsz, -1)
+        bs = bias.expand(bsz, -1) if out_route is None else \
+            take_experts(bias, 0, out_route.idx, out_route.experts, batched=False)
     if kernel.linear:
         flat = x.reshape(bsz, -1, x.shape[-1])
         wt = ws.transpose(1, 2)
