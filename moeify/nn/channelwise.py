@@ -15,7 +15,7 @@ from torch import nn
 
 from .gated import with_mixin
 from .kernel import PLAIN_CONV_FORWARDS
-from .packing import broadcast, cached, expert_channels, take
+from .packing import broadcast, cached, expert_channels, remember, take
 from .route import Route
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -163,9 +163,8 @@ class MoEChannelwiseMixin:
             return super().forward(x)  # type: ignore[misc]
         kind = self.__dict__.get("_moe_channelwise")
         if kind is None:  # decided once per module
-            kind = self.__dict__["_moe_channelwise"] = (
-                "depthwise" if not isinstance(self, nn.modules.batchnorm._BatchNorm)
-                else "norm act" if is_norm_act(type(self).__mro__[2]) else "norm")
+            kind = remember(self, "_moe_channelwise", "depthwise" if not isinstance(self, nn.modules.batchnorm._BatchNorm)
+                            else "norm act" if is_norm_act(type(self).__mro__[2]) else "norm")
         if kind == "depthwise":
             return route.executor.depthwise(self, x, route)
         y = route.executor.batch_norm(self, x, route)

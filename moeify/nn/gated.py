@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernel import PLAIN_CONV_FORWARDS, WEIGHT_RULES, Kernel
-from .packing import PackedBranch, cached
+from .packing import PackedBranch, cached, remember
 from .route import Route
 from .rowgroups import as_tensor
 
@@ -67,7 +67,7 @@ class MoEGatedMixin:
         d = self.__dict__
         kind = d.get("_moe_sparse_kind", "")
         if kind == "":  # decided once per module
-            kind = d["_moe_sparse_kind"] = self._moe_kind()
+            kind = remember(self, "_moe_sparse_kind", self._moe_kind())
         if kind is None:
             return None
         params = self._parameters
@@ -79,7 +79,7 @@ class MoEGatedMixin:
             run = {"linear": _linear, "conv": self._moe_conv, "computed": self._moe_computed_conv}[kind]
             k = Kernel(w, b, run, linear=kind == "linear")
             if w.is_leaf:  # a weight computed under autograd is made anew each call: not kept
-                d["_moe_kernel_obj"] = k
+                remember(self, "_moe_kernel_obj", k)
         return k
 
     def _computed_weight(self) -> torch.Tensor:

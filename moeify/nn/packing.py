@@ -124,6 +124,15 @@ def _trim(store: dict, budget: float, value: Callable) -> None:
         store.pop(next(iter(store)))
 
 
+def remember(module: torch.nn.Module, key: str, value: T) -> T:
+    """``value``, kept in ``module.__dict__[key]`` for the module's later calls; not while
+    compiling, where dynamo would replay the store, remaking the value, after every call of the
+    compiled graph (a compiled call reads what an eager call kept, or makes its own)."""
+    if not torch.compiler.is_compiling():
+        module.__dict__[key] = value
+    return value
+
+
 def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
     """``make()``, kept in ``store`` (a dict its caller owns: a layer's, a Kernel's) under ``key``
     while every owner keeps its version and storage: the one-selection lane's lookup (a dict read
