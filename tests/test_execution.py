@@ -70,11 +70,15 @@ def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, r
         assert torch.allclose(stats_s[name].to(v.dtype), v, rtol=rtol, atol=rtol), name
 
 
-@pytest.mark.parametrize("mode", ["masked", "grouped", "static"])
-def test_channels_last_trains_like_contiguous(mode):
+@pytest.mark.parametrize("mode", ["masked", "grouped", "static", "static-gather"])
+def test_channels_last_trains_like_contiguous(mode, monkeypatch):
     """Training lays models and images out channels-last on a CPU (``train.build.training_layout``):
     every strategy's training step computes in that layout what it does on contiguous tensors
-    (outputs, input and parameter gradients, BatchNorm running statistics; float64, routes spread)."""
+    (outputs, input and parameter gradients, BatchNorm running statistics; float64, routes spread).
+    ``static-gather``: static's per-sample weight blocks, gathered in the weight's own layout."""
+    if mode == "static-gather":
+        monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cpu", 8)
+        mode = "static"
     moe = _moe(PreActResNet, "paper", experts=4, top_k=2, train=True).double()
     state = {k: v.clone() for k, v in moe.state_dict().items()}
     x = torch.rand(8, 3, 16, 16, dtype=torch.float64)

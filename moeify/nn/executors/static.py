@@ -55,7 +55,8 @@ def per_sample_weight(w: torch.Tensor, in_route: Route | None, out_route: Route 
     if out_route is not None:
         v = take_experts(v, 0, out_route.idx, out_route.experts, batched=False)
     if in_route is not None:
-        v = take_experts(v, idim + (out_route is not None), in_route.idx, in_route.experts, batched=out_route is not None)
+        batched = out_route is not None
+        v = take_experts(v, idim + batched, in_route.idx, in_route.experts, batched=batched)
     return v.movedim(-1, 2) if last else v
 
 
@@ -83,8 +84,10 @@ def gathered_contract(x: torch.Tensor, kernel: Kernel, cdim: int, in_route: Rout
         y = y.reshape(*x.shape[:-1], ws.shape[1])
     elif bsz == 1:
         y = kernel.run(x, ws[0], None if bs is None else bs[0])
-    else:
-        y = kernel.run(x.reshape(1, bsz * x.shape[1], *x.shape[2:]), ws.reshape(-1, *ws.shape[2:]),
+    else:  # the samples as conv groups. Contiguous first: a reshape of another layout can be a view whose
+        # size-1 batch dim has an odd stride, and the CPU's native grouped conv (float64) then computes
+        # a wrong weight gradient from it (torch 2.14; the output is right)
+        y = kernel.run(x.contiguous().reshape(1, bsz * x.shape[1], *x.shape[2:]), ws.reshape(-1, *ws.shape[2:]),
                        None if bs is None else bs.reshape(-1), groups=bsz)
         y = y.reshape(bsz, -1, *y.shape[2:])
     if out_route is not None:
