@@ -163,8 +163,9 @@ class MoEChannelwiseMixin:
             return super().forward(x)  # type: ignore[misc]
         kind = self.__dict__.get("_moe_channelwise")
         if kind is None:  # decided once per module
-            kind = remember(self, "_moe_channelwise", "depthwise" if not isinstance(self, nn.modules.batchnorm._BatchNorm)
-                            else "norm act" if is_norm_act(type(self).__mro__[2]) else "norm")
+            kind = ("depthwise" if not isinstance(self, nn.modules.batchnorm._BatchNorm)
+                    else "norm act" if is_norm_act(type(self).__mro__[2]) else "norm")
+            remember(self, "_moe_channelwise", kind)
         if kind == "depthwise":
             return route.executor.depthwise(self, x, route)
         y = route.executor.batch_norm(self, x, route)
