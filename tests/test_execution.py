@@ -97,6 +97,26 @@ def test_channels_last_trains_like_contiguous(mode, monkeypatch):
         assert torch.allclose(v.double(), stats_c[name].double(), rtol=1e-10, atol=1e-12), name
 
 
+@pytest.mark.parametrize("shape,layout", [((8, 12), torch.contiguous_format), ((8, 12, 3), torch.contiguous_format),
+                                          ((8, 12, 3, 3), torch.contiguous_format), ((8, 12, 3, 3), torch.channels_last)])
+@pytest.mark.parametrize("sides", ["in", "out", "both"])
+def test_static_weight_blocks_are_each_samples_channels(shape, layout, sides):
+    """``static`` gathers whole expert blocks of a weight per sample (its GPU path up to 64
+    samples): sample b's weight is the layer's weight at b's selected output and input channels, in
+    slot order, for linear layers and convs, in either weight layout."""
+    from moeify.nn.executors.static import per_sample_weight
+    from moeify.nn.route import Route
+    experts = 4
+    r_in = Route(torch.tensor([[0, 2], [1, 3], [0, 1]]), None, experts) if sides != "out" else None
+    r_out = Route(torch.tensor([[1, 2], [0, 3], [3, 2]]), None, experts) if sides != "in" else None
+    w = torch.randn(*shape)
+    ws = per_sample_weight(w.contiguous(memory_format=layout), r_in, r_out)
+    for b in range(3):
+        want = w if r_out is None else w[r_out.channel_index(shape[0] // experts)[b]]
+        want = want if r_in is None else want[:, r_in.channel_index(shape[1] // experts)[b]]
+        assert torch.equal(ws[b], want)
+
+
 @pytest.mark.parametrize("cls,scope,experts,top_k,norm", [
     (PreActResNet, "paper", 2, 1, False), (PreActResNet, "branches", 4, 2, False), (PreActResNet, "paper", 4, 2, True),
     (Zoo, "hidden", 4, 2, False)])
