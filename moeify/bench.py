@@ -307,20 +307,20 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
     fmt = torch.channels_last if channels_last and len(size) == 3 else torch.contiguous_format
     for m in models.values():
         m.train(mode == "train").to(device, memory_format=fmt)
-    runners = {k: models["moe" if k.startswith("moe ") else k] for k in VARIANTS}
-    if compile:  # one compiled wrapper per variant: a strategy is fixed when its graph is traced. Each
-        # strategy compiles its own copy of the MoE: dynamo keeps one cache per code object, so on a
-        # shared module every call would first check the guards of the other strategies' graphs
-        runners = {k: torch.compile(copy.deepcopy(m) if k.startswith("moe ") else m, mode=compile_mode)
-                   for k, m in runners.items()}
-    moes = {id(m): m for m in (getattr(r, "_orig_mod", r) for k, r in runners.items() if k.startswith("moe "))}
+    # compiled, each strategy runs its own copy of the MoE: dynamo keeps one cache per code object,
+    # so on a shared module every call would first check the guards of the other strategies' graphs
+    runners = {k: (copy.deepcopy(models["moe"]) if compile else models["moe"]) if k.startswith("moe ") else models[k]
+               for k in VARIANTS}
+    moes = list({id(m): m for k, m in runners.items() if k.startswith("moe ")}.values())
+    if compile:  # one compiled wrapper per variant: a strategy is fixed when its graph is traced
+        runners = {k: torch.compile(m, mode=compile_mode) for k, m in runners.items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows: list[BenchRow] = []
     for b in batches:
         x = torch.rand(b, *size, device=device).contiguous(memory_format=fmt)
         fns = {k: _step(runners[k], k[4:] if k.startswith("moe ") else "auto", x, mode, sync) for k in VARIANTS}
         with contextlib.ExitStack() as stack:
-            for m in moes.values() if routing == "spread" and b == 1 else []:
+            for m in moes if routing == "spread" and b == 1 else []:
                 stack.enter_context(noise_in_biases(m))
             rounds = interleaved_rounds(fns, repeats, warmup=2)
         ms = {k: statistics.median(v) for k, v in rounds.items()}

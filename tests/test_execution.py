@@ -9,6 +9,8 @@ from models import PreActResNet, Zoo
 from moeify.bench import spread_routing
 from moeify.nn import select_top_k
 from moeify.nn.executors import EXECUTORS
+from moeify.nn.executors.static import per_sample_weight
+from moeify.nn.route import Route
 
 
 def _moe(cls=PreActResNet, scope="branches", experts=4, top_k=2, train=False):
@@ -104,8 +106,6 @@ def test_static_weight_blocks_are_each_samples_channels(shape, layout, sides):
     """``static`` gathers whole expert blocks of a weight per sample (its GPU path up to 64
     samples): sample b's weight is the layer's weight at b's selected output and input channels, in
     slot order, for linear layers and convs, in either weight layout."""
-    from moeify.nn.executors.static import per_sample_weight
-    from moeify.nn.route import Route
     experts = 4
     r_in = Route(torch.tensor([[0, 2], [1, 3], [0, 1]]), None, experts) if sides != "out" else None
     r_out = Route(torch.tensor([[1, 2], [0, 3], [3, 2]]), None, experts) if sides != "in" else None
