@@ -454,13 +454,18 @@ def test_inference_weight_slices_stay_within_their_memory_budget(monkeypatch):
         assert nbytes <= packing.CACHE_BUDGET * w.numel() * w.element_size()
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("batch", [3, 1])
-def test_cached_slices_follow_the_weights_they_were_made_from(batch):
+def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, monkeypatch):
     """Weights updated in place (an optimizer step), moved (``.to``) or replaced (``param.data =
     ...``) between inference calls: sparse execution (per pattern, or batch 1's one-selection
-    lane) never reuses slices of old values or memory and still equals masked execution."""
-    moe = _moe(experts=4, top_k=2).eval()
-    x = torch.rand(batch, 3, 16, 16)
+    lane) never reuses slices of old values or memory, nor their blocked oneDNN copies
+    (channels-last on the CPU), and still equals masked execution."""
+    from moeify.nn import packing
+
+    monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
+    moe = _moe(experts=4, top_k=2).eval().to(memory_format=layout)
+    x = torch.rand(batch, 3, 16, 16).contiguous(memory_format=layout)
 
     def both():
         with torch.inference_mode():
@@ -471,6 +476,7 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch):
         return s, m
 
     both()  # fills the caches
+    assert _holds_blocked_weights() == (layout == torch.channels_last and onednn_available())
     with torch.no_grad():
         for p in moe.parameters():
             p.mul_(0.9).add_(0.01)
@@ -486,6 +492,79 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch):
     moe.double()
     s, m = both()
     assert s.dtype == torch.float64 and torch.allclose(s, m, rtol=1e-10, atol=1e-12)
+
+
+def onednn_available() -> bool:
+    from moeify.nn import onednn
+    return onednn.available()
+
+
+def _holds_blocked_weights() -> bool:
+    """Whether the inference caches hold a weight in oneDNN's blocked layout (``nn/onednn.py``)."""
+    from moeify.nn import packing
+    return any(getattr(v, "is_mkldnn", False) for _, cache in packing._SLICES.values() for v in cache.values())
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
+@pytest.mark.parametrize("batch", [8, 1])
+@pytest.mark.parametrize("cls,scope", [(PreActResNet, "paper"), (Zoo, "hidden")])
+def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
+    """Channels-last inference on the CPU runs a routed conv with its weight slice kept in
+    oneDNN's blocked layout; grouped, auto and the one-sample lane still equal masked execution
+    (routes spread), and a call whose input needs a gradient (an attack) takes the plain conv."""
+    from moeify.nn import packing
+
+    monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
+    moe = _moe(cls, scope, experts=4, top_k=2).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    hooks = spread_routing(moe, seed=batch)
+    outs = {}
+    with torch.inference_mode():
+        for mode in ("grouped", "auto", "masked"):
+            with moeify.execution(mode):
+                outs[mode] = moe(x)
+    assert _holds_blocked_weights()
+    for mode in ("grouped", "auto"):
+        assert torch.allclose(outs[mode], outs["masked"], rtol=1e-5, atol=1e-5 * outs["masked"].abs().max()), mode
+    xg = x.clone().requires_grad_(True)
+    with moeify.execution("grouped"):
+        y = moe(xg)
+    y.square().sum().backward()
+    assert torch.allclose(y.detach(), outs["masked"], rtol=1e-5, atol=1e-5 * outs["masked"].abs().max())
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    for h in hooks:
+        h.remove()
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
+def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monkeypatch):
+    """``onednn.conv2d`` gives F.conv2d's values for strides, paddings, dilations, with and
+    without bias, at several batch sizes from one blocked copy; a contiguous input, float64 and a
+    weight that is not a kept slice take F.conv2d itself."""
+    import torch.nn.functional as F
+    from moeify.nn import onednn, packing
+
+    monkeypatch.setattr(packing, "_SLICES", {})
+    w0 = torch.randn(12, 6, 3, 3)
+    b = torch.randn(12)
+    w = packing.cached(w0, ("test slice",), lambda: w0[:, :4].contiguous(memory_format=torch.channels_last))
+    assert packing.is_kept(w) and not packing.is_kept(w0)
+    for stride, padding, dilation in ((1, 1, 1), (2, 0, 1), ((1, 2), (2, 1), 2)):
+        for batch in (1, 5):
+            x = torch.randn(batch, 4, 11, 9).contiguous(memory_format=torch.channels_last)
+            for bias in (None, b):
+                with torch.no_grad():
+                    y = onednn.conv2d(x, w, bias, stride, padding, dilation)
+                ref = F.conv2d(x, w, bias, stride, padding, dilation)
+                assert y.is_contiguous(memory_format=torch.channels_last)
+                assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max()), (stride, padding, dilation)
+    assert _holds_blocked_weights()
+    x = torch.randn(2, 4, 11, 9)
+    plain = torch.randn(12, 4, 3, 3)
+    for args in ((x, w), (x.contiguous(memory_format=torch.channels_last), plain),
+                 (x.double().contiguous(memory_format=torch.channels_last), w.double())):
+        assert not onednn.usable(args[0], args[1], None, 1)
+        assert torch.equal(onednn.conv2d(*args, None, 1, 1, 1), F.conv2d(*args, None, 1, 1, 1))
 
 
 def test_router_pool_has_the_gradient_of_mean():

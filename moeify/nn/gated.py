@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .kernel import PLAIN_CONV_FORWARDS, WEIGHT_RULES, Kernel
 from .packing import PackedBranch, cached, remember
 from .route import Route
@@ -98,6 +99,8 @@ class MoEGatedMixin:
 
     def _moe_conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
         if groups == 1:
+            if w.ndim == 4 and self.padding_mode == "zeros":
+                return onednn.conv2d(x, w, b, self.stride, self.padding, self.dilation)
             return self._conv_forward(x, w, b)
         conv = (F.conv1d, F.conv2d, F.conv3d)[w.ndim - 3]
         if self.padding_mode != "zeros":
@@ -155,6 +158,9 @@ def _functional(conv: Callable, name: str, cdim: int):
             groups = opts.pop("groups", 1)
 
             def run(x, w, b, groups: int = 1):
+                if conv is F.conv2d and groups == 1:
+                    return onednn.conv2d(x, w, b, opts.get("stride", 1), opts.get("padding", 0),
+                                         opts.get("dilation", 1))
                 return conv(x, w, b, groups=groups, **opts)
 
             kernel = Kernel(weight, bias, run) if groups == 1 else None

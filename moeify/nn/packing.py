@@ -90,6 +90,23 @@ def _same_storages(refs: list, owners: tuple[torch.Tensor, ...]) -> bool:
     return True
 
 
+_KEPT: dict[int, weakref.ref] = {}
+"""id -> weak reference of each tensor that ``cached`` or ``kept`` made and holds: values nothing
+writes to while they are kept, so a form derived from one (``onednn``) may be kept with it."""
+
+
+def _mark_kept(value) -> None:
+    for t in value if isinstance(value, tuple) else (value,):
+        if isinstance(t, torch.Tensor) and not is_kept(t):
+            _KEPT[id(t)] = weakref.ref(t, lambda _, i=id(t): _KEPT.pop(i, None))
+
+
+def is_kept(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a value a cache here made and holds (a weight slice, a computed weight)."""
+    ref = _KEPT.get(id(t))
+    return ref is not None and ref() is t
+
+
 def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Callable[[], T]) -> T:
     """``make()``, kept with ``owners`` (a tensor or several) under ``key`` (which must name the
     versions it depends on), so an op under no_grad or inference does not slice or copy the same
@@ -108,6 +125,7 @@ def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Ca
     if hit is None:
         with torch.no_grad():
             hit = make()
+        _mark_kept(hit)
         _trim(cache, _budget(first) - _nbytes(hit), lambda v: v)
     cache[key] = hit
     return hit
@@ -152,6 +170,7 @@ def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], 
         stamp = tuple((t._version, weakref.ref(t.untyped_storage())) for t in owners)
     except RuntimeError:  # an inference tensor has no version counter to check a kept value against
         return value
+    _mark_kept(value)
     _trim(store, _budget(owners[0]) - _nbytes(value), lambda v: v[0])
     store[key] = value, stamp
     return value

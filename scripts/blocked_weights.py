@@ -1,0 +1,76 @@
+"""What keeping routed conv weights in oneDNN's blocked layout (``moeify/nn/onednn.py``) brings,
+and what the same would bring the dense model and the static twin: each timed as built and with
+blocked weights, interleaved in one process (routes spread, channels-last, inference).
+
+The MoE's blocked weights are part of its engine (on by default); dense and twin get them here
+only to show how much of the MoE's gain a dense model could also have: each of their plain convs
+is given a blocked copy of its weight. Usage:
+    python scripts/blocked_weights.py [MODEL] [--batch 16] [--repeats 20] [--strategy auto]
+        [--scope hidden] [--experts 2] [--top-k 1] [--input-size 3,224,224] [--model-kwargs ...]
+Prints each variant's median ms, its speed-up over plain dense and its share of the plain twin's
+gain, with 95% paired-bootstrap intervals, and the same for the blocked variants against
+blocked dense and the blocked twin.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch import nn
+
+import moeify
+from bench_args import build, model_arguments
+from moeify.bench import _intervals, interleaved_rounds
+from moeify.nn import onednn
+
+
+def with_blocked_convs(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose plain 2-D convs run with a blocked copy of their weight."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            packed = onednn.blocked(m.weight.detach(), m.stride, m.padding, m.dilation)
+            m.forward = lambda x, m=m, packed=packed: onednn.blocked_conv(x, packed, m.bias, m.stride, m.padding,
+                                                                           m.dilation)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_arguments(ap, repeats=20)
+    ap.add_argument("--batch", type=int, default=16)
+    a = ap.parse_args()
+    if not onednn.available():
+        raise SystemExit("this PyTorch build has no oneDNN convolution: nothing to compare")
+    dense, spec, moe = build(a)
+    twin = moeify.static_twin(dense, spec=spec).eval()
+    models = {"dense": dense, "dense, blocked": with_blocked_convs(dense),
+              "static twin": twin, "twin, blocked": with_blocked_convs(twin), "moe, plain convs": moe, "moe": moe}
+    for m in models.values():
+        m.to(memory_format=torch.channels_last)
+    x = torch.rand(a.batch, *dense.moeify_input_size).contiguous(memory_format=torch.channels_last)
+
+    def call(name: str, m: nn.Module):
+        def f() -> None:
+            with torch.inference_mode(), moeify.execution(a.strategy), onednn.blocked_weights(name != "moe, plain convs"):
+                m(x)
+        return f
+
+    rounds = interleaved_rounds({k: call(k, m) for k, m in models.items()}, a.repeats, warmup=3)
+    print(f"{a.model} {spec.experts} experts top-{spec.top_k}, scope {spec.scope}, batch {a.batch}, "
+          f"strategy {a.strategy}, {a.repeats} rounds, {torch.get_num_threads()} threads")
+    for k, v in rounds.items():
+        blocked = k in ("dense, blocked", "twin, blocked")
+        line = f"  {k:18s} {sorted(v)[len(v) // 2]:9.2f} ms"
+        if k != "dense":
+            s, slo, shi, g, glo, ghi = _intervals(rounds, k)
+            line += f"  {s:5.2f}x ({slo:.2f}-{shi:.2f}) plain dense, {g:5.0%} ({glo:.0%}-{ghi:.0%}) of the plain twin's gain"
+        if k == "moe":
+            s, slo, shi, g, glo, ghi = _intervals(rounds, k, "dense, blocked", "twin, blocked")
+            line += f"; {s:5.2f}x blocked dense, {g:5.0%} ({glo:.0%}-{ghi:.0%}) of the blocked twin's gain"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
