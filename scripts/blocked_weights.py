@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
 import torch
 from torch import nn
@@ -60,15 +61,19 @@ def main() -> None:
     rounds = interleaved_rounds({k: call(k, m) for k, m in models.items()}, a.repeats, warmup=3)
     print(f"{a.model} {spec.experts} experts top-{spec.top_k}, scope {spec.scope}, batch {a.batch}, "
           f"strategy {a.strategy}, {a.repeats} rounds, {torch.get_num_threads()} threads")
-    for k, v in rounds.items():
-        blocked = k in ("dense, blocked", "twin, blocked")
-        line = f"  {k:18s} {sorted(v)[len(v) // 2]:9.2f} ms"
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+
+    def against(k: str, dense: str, twin: str) -> str:
+        speedup, gain = med[dense] / med[k], med[dense] / med[twin] - 1
+        slo, shi, glo, ghi = _intervals(rounds, k, dense, twin)
+        return f"{speedup:5.2f}x ({slo:.2f}-{shi:.2f}) {dense}, {(speedup - 1) / gain:4.0%} ({glo:.0%}-{ghi:.0%}) of {twin}'s gain"
+
+    for k, v in med.items():
+        line = f"  {k:16s} {v:8.2f} ms"
         if k != "dense":
-            s, slo, shi, g, glo, ghi = _intervals(rounds, k)
-            line += f"  {s:5.2f}x ({slo:.2f}-{shi:.2f}) plain dense, {g:5.0%} ({glo:.0%}-{ghi:.0%}) of the plain twin's gain"
+            line += "  " + against(k, "dense", "static twin")
         if k == "moe":
-            s, slo, shi, g, glo, ghi = _intervals(rounds, k, "dense, blocked", "twin, blocked")
-            line += f"; {s:5.2f}x blocked dense, {g:5.0%} ({glo:.0%}-{ghi:.0%}) of the blocked twin's gain"
+            line += "; " + against(k, "dense, blocked", "twin, blocked")
         print(line)
 
 
