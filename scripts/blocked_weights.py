@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 
 import torch
@@ -27,14 +28,20 @@ from moeify.nn import onednn
 
 
 def with_blocked_convs(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose plain 2-D convs run with a blocked copy of their weight."""
+    """A copy of ``model`` whose plain 2-D convs run with a blocked copy of their weight where
+    the MoE's would (``onednn.pays``)."""
     model = copy.deepcopy(model)
     for m in model.modules():
         if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
-            packed = onednn.blocked(m.weight.detach(), m.stride, m.padding, m.dilation)
-            m.forward = lambda x, m=m, packed=packed: onednn.blocked_conv(x, packed, m.bias, m.stride, m.padding,
-                                                                           m.dilation)
+            m.forward = functools.partial(_blocked_forward, m, onednn.blocked(m.weight.detach(), m.stride, m.padding,
+                                                                               m.dilation))
     return model
+
+
+def _blocked_forward(m: nn.Conv2d, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if onednn.pays(x, m.weight) and x.is_contiguous(memory_format=torch.channels_last):
+        return onednn.blocked_conv(x, packed, m.bias, m.stride, m.padding, m.dilation)
+    return m._conv_forward(x, m.weight, m.bias)
 
 
 def main() -> None:

@@ -461,9 +461,10 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, mon
     ...``) between inference calls: sparse execution (per pattern, or batch 1's one-selection
     lane) never reuses slices of old values or memory, nor their blocked oneDNN copies
     (channels-last on the CPU), and still equals masked execution."""
-    from moeify.nn import packing
+    from moeify.nn import onednn, packing
 
     monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
+    monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)  # blocked weights for one small sample too
     moe = _moe(experts=4, top_k=2).eval().to(memory_format=layout)
     x = torch.rand(batch, 3, 16, 16).contiguous(memory_format=layout)
 
@@ -512,9 +513,10 @@ def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
     """Channels-last inference on the CPU runs a routed conv with its weight slice kept in
     oneDNN's blocked layout; grouped, auto and the one-sample lane still equal masked execution
     (routes spread), and a call whose input needs a gradient (an attack) takes the plain conv."""
-    from moeify.nn import packing
+    from moeify.nn import onednn, packing
 
     monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
+    monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)  # blocked weights for one small sample too
     moe = _moe(cls, scope, experts=4, top_k=2).eval().to(memory_format=torch.channels_last)
     x = torch.rand(batch, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     hooks = spread_routing(moe, seed=batch)
@@ -539,12 +541,15 @@ def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
 def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monkeypatch):
     """``onednn.conv2d`` gives F.conv2d's values for strides, paddings, dilations, with and
-    without bias, at several batch sizes from one blocked copy; a contiguous input, float64 and a
-    weight that is not a kept slice take F.conv2d itself."""
+    without bias, at several batch sizes from one blocked copy; a contiguous input, float64, a
+    weight that is not a kept slice and a small single sample (where PyTorch's native kernel is
+    faster) take F.conv2d itself."""
     import torch.nn.functional as F
     from moeify.nn import onednn, packing
 
     monkeypatch.setattr(packing, "_SLICES", {})
+    large = onednn.LARGE_WEIGHT
+    monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)
     w0 = torch.randn(12, 6, 3, 3)
     b = torch.randn(12)
     w = packing.cached(w0, ("test slice",), lambda: w0[:, :4].contiguous(memory_format=torch.channels_last))
@@ -561,8 +566,11 @@ def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monke
     assert _holds_blocked_weights()
     x = torch.randn(2, 4, 11, 9)
     plain = torch.randn(12, 4, 3, 3)
+    one = x[:1].contiguous(memory_format=torch.channels_last)
+    assert onednn.usable(one, w, None, 1)
+    monkeypatch.setattr(onednn, "LARGE_WEIGHT", large)
     for args in ((x, w), (x.contiguous(memory_format=torch.channels_last), plain),
-                 (x.double().contiguous(memory_format=torch.channels_last), w.double())):
+                 (x.double().contiguous(memory_format=torch.channels_last), w.double()), (one, w)):
         assert not onednn.usable(args[0], args[1], None, 1)
         assert torch.equal(onednn.conv2d(*args, None, 1, 1, 1), F.conv2d(*args, None, 1, 1, 1))
 

@@ -9,8 +9,11 @@ once here, and the blocked copy is kept with it, as inductor's freezing does for
 
 Used only where nothing records (autograd off, or nothing requires a gradient), in eager mode, for
 float32 convolutions of channels-last 4-D inputs on the CPU with numeric padding (the op returns
-channels-last), and while ``blocked_weights`` allows it (the default). Everything else takes the
-plain call.
+channels-last), and while ``blocked_weights`` allows it (the default). And only where it pays:
+where PyTorch's own call would run oneDNN too (a batch above 1 or an input above ``NATIVE_INPUT``
+values, its rule), or where the weight is large enough (``LARGE_WEIGHT``) that the reorder saved
+outweighs oneDNN's call overhead over PyTorch's native kernel for a small single-sample input.
+Everything else takes the plain call.
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ def _pointwise_op():
 
 
 _OP = _pointwise_op()
+NATIVE_INPUT = 20480
+"""PyTorch's CPU conv runs its native kernel, not oneDNN, for one sample of at most this many values."""
+LARGE_WEIGHT = 2 ** 17
+"""Weight values from which a blocked call beats the native kernel on such an input (measured on
+a 2-core CPU: docs/benchmarks.md)."""
 _ENABLED = contextvars.ContextVar("moeify_blocked_weights", default=True)
 
 if _OP is not None and _OP not in flop_registry:
@@ -73,8 +81,14 @@ def usable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding) ->
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return False
-    return _ENABLED.get() and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() \
+    return pays(x, w) and _ENABLED.get() and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() \
         and memory_format(x) is torch.channels_last
+
+
+def pays(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a blocked weight is worth its call here: PyTorch would run oneDNN anyway, or the
+    weight is ``LARGE_WEIGHT`` or more (see the module's docstring)."""
+    return x.shape[0] > 1 or x.numel() > NATIVE_INPUT or w.numel() >= LARGE_WEIGHT
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
