@@ -60,8 +60,10 @@ def main() -> None:
     x = torch.rand(a.batch, *dense.moeify_input_size).contiguous(memory_format=torch.channels_last)
 
     def call(name: str, m: nn.Module):
+        blocked = name != "moe, plain convs"
+
         def f() -> None:
-            with torch.inference_mode(), moeify.execution(a.strategy), onednn.blocked_weights(name != "moe, plain convs"):
+            with torch.inference_mode(), moeify.execution(a.strategy), onednn.blocked_weights(blocked):
                 m(x)
         return f
 
@@ -73,7 +75,8 @@ def main() -> None:
     def against(k: str, dense: str, twin: str) -> str:
         speedup, gain = med[dense] / med[k], med[dense] / med[twin] - 1
         slo, shi, glo, ghi = _intervals(rounds, k, dense, twin)
-        return f"{speedup:5.2f}x ({slo:.2f}-{shi:.2f}) {dense}, {(speedup - 1) / gain:4.0%} ({glo:.0%}-{ghi:.0%}) of {twin}'s gain"
+        return (f"{speedup:5.2f}x ({slo:.2f}-{shi:.2f}) {dense}, "
+                f"{(speedup - 1) / gain:4.0%} ({glo:.0%}-{ghi:.0%}) of {twin}'s gain")
 
     for k, v in med.items():
         line = f"  {k:16s} {v:8.2f} ms"

@@ -476,7 +476,8 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, mon
                 m = moe(x.to(next(moe.parameters()).dtype))
         return s, m
 
-    both()  # fills the caches
+    for _ in range(onednn.PLAIN_USES + 1):
+        both()  # fills the caches (a slice's blocked copy is made after PLAIN_USES plain calls)
     assert _holds_blocked_weights() == (layout == torch.channels_last and onednn_available())
     with torch.no_grad():
         for p in moe.parameters():
@@ -500,10 +501,14 @@ def onednn_available() -> bool:
     return onednn.available()
 
 
-def _holds_blocked_weights() -> bool:
-    """Whether the inference caches hold a weight in oneDNN's blocked layout (``nn/onednn.py``)."""
+def _blocked_count() -> int:
+    """How many weights the inference caches hold in oneDNN's blocked layout (``nn/onednn.py``)."""
     from moeify.nn import packing
-    return any(getattr(v, "is_mkldnn", False) for _, cache in packing._SLICES.values() for v in cache.values())
+    return sum(getattr(v, "is_mkldnn", False) for _, cache in packing._SLICES.values() for v in cache.values())
+
+
+def _holds_blocked_weights() -> bool:
+    return _blocked_count() > 0
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
@@ -522,6 +527,9 @@ def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
     hooks = spread_routing(moe, seed=batch)
     outs = {}
     with torch.inference_mode():
+        with moeify.execution("grouped"):
+            for _ in range(onednn.PLAIN_USES):
+                moe(x)  # a slice's blocked copy is made after PLAIN_USES plain calls
         for mode in ("grouped", "auto", "masked"):
             with moeify.execution(mode):
                 outs[mode] = moe(x)
@@ -541,9 +549,10 @@ def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
 @pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
 def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monkeypatch):
     """``onednn.conv2d`` gives F.conv2d's values for strides, paddings, dilations, with and
-    without bias, at several batch sizes from one blocked copy; a contiguous input, float64, a
-    weight that is not a kept slice and a small single sample (where PyTorch's native kernel is
-    faster) take F.conv2d itself."""
+    without bias, at several batch sizes from one blocked copy, made after a slice's first
+    ``PLAIN_USES`` calls (a slice used once or twice is not worth it); a contiguous input,
+    float64, a weight that is not a kept slice and a small single sample (where PyTorch's native
+    kernel is faster) take F.conv2d itself."""
     import torch.nn.functional as F
     from moeify.nn import onednn, packing
 
@@ -554,6 +563,10 @@ def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monke
     b = torch.randn(12)
     w = packing.cached(w0, ("test slice",), lambda: w0[:, :4].contiguous(memory_format=torch.channels_last))
     assert packing.is_kept(w) and not packing.is_kept(w0)
+    for _ in range(onednn.PLAIN_USES):
+        with torch.no_grad():
+            onednn.conv2d(torch.randn(2, 4, 11, 9).contiguous(memory_format=torch.channels_last), w, None, 1, 1, 1)
+    assert not _holds_blocked_weights()  # the slice's first uses: no blocked copy yet
     for stride, padding, dilation in ((1, 1, 1), (2, 0, 1), ((1, 2), (2, 1), 2)):
         for batch in (1, 5):
             x = torch.randn(batch, 4, 11, 9).contiguous(memory_format=torch.channels_last)

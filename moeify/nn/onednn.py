@@ -5,7 +5,8 @@ routed layer calls its convolution once per routing pattern, each time with anot
 so it pays that reorder once per pattern where the dense layer pays it once, and at small batches
 the reorder of a deep layer's weight costs as much as a good part of the convolution. A weight
 slice the engine keeps anyway (``packing.is_kept``: it is never written while kept) is reordered
-once here, and the blocked copy is kept with it, as inductor's freezing does for a compiled model.
+once here, after a few uses (``PLAIN_USES``), and the blocked copy is kept with it, as
+inductor's freezing does for a compiled model.
 
 Used only where nothing records (autograd off, or nothing requires a gradient), in eager mode, for
 float32 convolutions of channels-last 4-D inputs on the CPU with numeric padding (the op returns
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
-from .packing import cached, is_kept, memory_format
+from .packing import cached, count_use, is_kept, memory_format, peek
 
 Pair = tuple[int, int]
 
@@ -45,6 +46,10 @@ NATIVE_INPUT = 20480
 LARGE_WEIGHT = 2 ** 17
 """Weight values from which a blocked call beats the native kernel on such an input (measured on
 a 2-core CPU: docs/benchmarks.md)."""
+PLAIN_USES = 2
+"""A slice's first uses run the plain conv; the next one makes its blocked copy. Where a layer's
+selections outnumber its slice cache (8 experts, routes that keep changing) most slices are
+dropped after a use or two, and a blocked copy made for them would cost more than it saves."""
 _ENABLED = contextvars.ContextVar("moeify_blocked_weights", default=True)
 
 if _OP is not None and _OP not in flop_registry:
@@ -97,7 +102,11 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, pad
         return F.conv2d(x, w, b, stride, padding, dilation)
     version = None if w.is_inference() else w._version
     key = ("onednn", _pair(stride), _pair(padding), _pair(dilation), version)
-    packed = cached(w, key, lambda: blocked(w, stride, padding, dilation))
+    packed = peek(w, key)
+    if packed is None:
+        if count_use(w) <= PLAIN_USES:
+            return F.conv2d(x, w, b, stride, padding, dilation)
+        packed = cached(w, key, lambda: blocked(w, stride, padding, dilation))
     return blocked_conv(x, packed, b, stride, padding, dilation)
 
 

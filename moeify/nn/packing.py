@@ -90,21 +90,30 @@ def _same_storages(refs: list, owners: tuple[torch.Tensor, ...]) -> bool:
     return True
 
 
-_KEPT: dict[int, weakref.ref] = {}
-"""id -> weak reference of each tensor that ``cached`` or ``kept`` made and holds: values nothing
-writes to while they are kept, so a form derived from one (``onednn``) may be kept with it."""
+_KEPT: dict[int, tuple[weakref.ref, list[int]]] = {}
+"""id -> (weak reference, [uses]) of each tensor that ``cached`` or ``kept`` made and holds: values
+nothing writes to while they are kept, so a form derived from one (``onednn``) may be kept with it."""
 
 
 def _mark_kept(value) -> None:
     for t in value if isinstance(value, tuple) else (value,):
         if isinstance(t, torch.Tensor) and not is_kept(t):
-            _KEPT[id(t)] = weakref.ref(t, lambda _, i=id(t): _KEPT.pop(i, None))
+            _KEPT[id(t)] = (weakref.ref(t, lambda _, i=id(t): _KEPT.pop(i, None)), [0])
 
 
 def is_kept(t: torch.Tensor) -> bool:
     """Whether ``t`` is a value a cache here made and holds (a weight slice, a computed weight)."""
-    ref = _KEPT.get(id(t))
-    return ref is not None and ref() is t
+    hit = _KEPT.get(id(t))
+    return hit is not None and hit[0]() is t
+
+
+def count_use(t: torch.Tensor) -> int:
+    """One more use of the kept tensor ``t``: how many so far (0 for a tensor that is not kept)."""
+    hit = _KEPT.get(id(t))
+    if hit is None or hit[0]() is not t:
+        return 0
+    hit[1][0] += 1
+    return hit[1][0]
 
 
 def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Callable[[], T]) -> T:
@@ -131,6 +140,14 @@ def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Ca
     return hit
 
 
+def peek(owner: torch.Tensor, key: tuple):
+    """What ``cached`` holds for the single ``owner`` under ``key``, or None; makes nothing."""
+    entry = _SLICES.get(id(owner))
+    if entry is None or not _same_storages(entry[0], (owner,)):
+        return None
+    return entry[1].get(key)
+
+
 def _budget(t: torch.Tensor) -> float:
     """Bytes of copies kept for owner ``t``: ``CACHE_BUDGET`` times its size, at least ``CACHE_FLOOR``."""
     return max(CACHE_BUDGET * t.numel() * t.element_size(), CACHE_FLOOR)
@@ -138,8 +155,9 @@ def _budget(t: torch.Tensor) -> float:
 
 def _trim(store: dict, budget: float, value: Callable) -> None:
     """Drop ``store``'s oldest entries until the copies in the rest fit in ``budget`` bytes."""
-    while store and sum(_nbytes(value(v)) for v in store.values()) > budget:
-        store.pop(next(iter(store)))
+    total = sum(_nbytes(value(v)) for v in store.values())
+    while store and total > budget:
+        total -= _nbytes(value(store.pop(next(iter(store)))))
 
 
 def remember(module: torch.nn.Module, key: str, value: T) -> T:
