@@ -24,7 +24,7 @@ from .conversion import convert, moe_layers
 from .errors import MoeifyError
 from .fold import fold_batchnorm
 from .macs import count_macs
-from .nn import GlobalRouter, LayerRouter, execution, select_top_k
+from .nn import GlobalRouter, LayerRouter, execution, onednn, select_top_k
 from .nn.executors import get_executor
 from .nn.gated import with_mixin
 from .spec import MoESpec
@@ -322,7 +322,8 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
         with contextlib.ExitStack() as stack:
             for m in moes if routing == "spread" and b == 1 else []:
                 stack.enter_context(noise_in_biases(m))
-            rounds = interleaved_rounds(fns, repeats, warmup=2)
+            # warm-up: the caches filled and the weight slices' blocked copies made (``nn/onednn.py``)
+            rounds = interleaved_rounds(fns, repeats, warmup=1 + onednn.PLAIN_USES)
         ms = {k: statistics.median(v) for k, v in rounds.items()}
         macs = _macs(models, x[:min(b, 8)].float().cpu().contiguous(), mode, device)
         macs["moe auto"] = macs[f"moe {_auto_choice(models['moe'], x, mode)}"]  # its choice at this batch size
