@@ -81,13 +81,14 @@ def _pair(v: int | tuple[int, ...] | list[int]) -> Pair:
 
 def usable(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding) -> bool:
     """Whether ``conv2d`` runs this call with a kept blocked weight (else it is the plain call)."""
-    if _OP is None or isinstance(padding, str) or x.ndim != 4 or x.dtype != torch.float32 \
-            or w.dtype != torch.float32 or x.device.type != "cpu" or not is_kept(w):
+    if _OP is None or torch.compiler.is_compiling():  # first: a compiler never traces the registry of kept tensors
+        return False
+    if isinstance(padding, str) or x.ndim != 4 or x.dtype != torch.float32 or w.dtype != torch.float32 \
+            or x.device.type != "cpu" or not is_kept(w):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return False
-    return pays(x, w) and _ENABLED.get() and torch.backends.mkldnn.enabled and not torch.compiler.is_compiling() \
-        and memory_format(x) is torch.channels_last
+    return pays(x, w) and _ENABLED.get() and torch.backends.mkldnn.enabled and memory_format(x) is torch.channels_last
 
 
 def pays(x: torch.Tensor, w: torch.Tensor) -> bool:
