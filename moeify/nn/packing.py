@@ -91,29 +91,34 @@ def _same_storages(refs: list, owners: tuple[torch.Tensor, ...]) -> bool:
 
 
 _KEPT: dict[int, tuple[weakref.ref, list[int]]] = {}
-"""id -> (weak reference, [uses]) of each tensor that ``cached`` or ``kept`` made and holds: values
-nothing writes to while they are kept, so a form derived from one (``onednn``) may be kept with it."""
+"""id -> (weak reference, [uses]) of each tensor ``cached`` made: values the cache replaces rather
+than writes to, so a form derived from one (``onednn``) may be kept with it (a view of a
+parameter changes with it; its version counter says when)."""
 
 
 def _mark_kept(value) -> None:
     for t in value if isinstance(value, tuple) else (value,):
-        if isinstance(t, torch.Tensor) and not is_kept(t):
+        if isinstance(t, torch.Tensor) and _kept_entry(t) is None:
             _KEPT[id(t)] = (weakref.ref(t, lambda _, i=id(t): _KEPT.pop(i, None)), [0])
 
 
-def is_kept(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a value a cache here made and holds (a weight slice, a computed weight)."""
+def _kept_entry(t: torch.Tensor) -> list[int] | None:
     hit = _KEPT.get(id(t))
-    return hit is not None and hit[0]() is t
+    return hit[1] if hit is not None and hit[0]() is t else None
+
+
+def is_kept(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a value ``cached`` made (a weight slice, a computed weight)."""
+    return _kept_entry(t) is not None
 
 
 def count_use(t: torch.Tensor) -> int:
     """One more use of the kept tensor ``t``: how many so far (0 for a tensor that is not kept)."""
-    hit = _KEPT.get(id(t))
-    if hit is None or hit[0]() is not t:
+    uses = _kept_entry(t)
+    if uses is None:
         return 0
-    hit[1][0] += 1
-    return hit[1][0]
+    uses[0] += 1
+    return uses[0]
 
 
 def cached(owners: torch.Tensor | tuple[torch.Tensor, ...], key: tuple, make: Callable[[], T]) -> T:
@@ -188,7 +193,6 @@ def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], 
         stamp = tuple((t._version, weakref.ref(t.untyped_storage())) for t in owners)
     except RuntimeError:  # an inference tensor has no version counter to check a kept value against
         return value
-    _mark_kept(value)
     _trim(store, _budget(owners[0]) - _nbytes(value), lambda v: v[0])
     store[key] = value, stamp
     return value
