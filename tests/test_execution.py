@@ -2,12 +2,13 @@
 independence, routers learn from the task loss, deterministic ties, NaN scores refuse to route."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import moeify
 from conftest import randomize
 from models import PreActResNet, Zoo
 from moeify.bench import spread_routing
-from moeify.nn import select_top_k
+from moeify.nn import onednn, packing, select_top_k
 from moeify.nn.executors import EXECUTORS
 from moeify.nn.executors.static import per_sample_weight
 from moeify.nn.route import Route
@@ -428,8 +429,6 @@ def test_row_groups_behave_like_the_tensor_they_split():
 def test_inference_weight_slices_stay_within_their_memory_budget(monkeypatch):
     """Routes that keep changing (8 experts, top-4: 70 selections) must not make a layer hold a
     copy of its weights for every selection it has seen; outputs stay those of masked execution."""
-    from moeify.nn import packing
-
     monkeypatch.setattr(packing, "CACHE_FLOOR", 0)
     moe = _moe(experts=8, top_k=4).eval()
 
@@ -461,8 +460,6 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, mon
     ...``) between inference calls: sparse execution (per pattern, or batch 1's one-selection
     lane) never reuses slices of old values or memory, nor their blocked oneDNN copies
     (channels-last on the CPU), and still equals masked execution."""
-    from moeify.nn import onednn, packing
-
     monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
     monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)  # blocked weights for one small sample too
     moe = _moe(experts=4, top_k=2).eval().to(memory_format=layout)
@@ -478,7 +475,7 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, mon
 
     for _ in range(onednn.PLAIN_USES + 1):
         both()  # fills the caches (a slice's blocked copy is made after PLAIN_USES plain calls)
-    assert _holds_blocked_weights() == (layout == torch.channels_last and onednn_available())
+    assert (_blocked_count() > 0) == (layout == torch.channels_last and onednn.available())
     with torch.no_grad():
         for p in moe.parameters():
             p.mul_(0.9).add_(0.01)
@@ -496,30 +493,18 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, mon
     assert s.dtype == torch.float64 and torch.allclose(s, m, rtol=1e-10, atol=1e-12)
 
 
-def onednn_available() -> bool:
-    from moeify.nn import onednn
-    return onednn.available()
-
-
 def _blocked_count() -> int:
     """How many weights the inference caches hold in oneDNN's blocked layout (``nn/onednn.py``)."""
-    from moeify.nn import packing
     return sum(getattr(v, "is_mkldnn", False) for _, cache in packing._SLICES.values() for v in cache.values())
 
 
-def _holds_blocked_weights() -> bool:
-    return _blocked_count() > 0
-
-
-@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
+@pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
 @pytest.mark.parametrize("batch", [8, 1])
 @pytest.mark.parametrize("cls,scope", [(PreActResNet, "paper"), (Zoo, "hidden")])
 def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
     """Channels-last inference on the CPU runs a routed conv with its weight slice kept in
     oneDNN's blocked layout; grouped, auto and the one-sample lane still equal masked execution
     (routes spread), and a call whose input needs a gradient (an attack) takes the plain conv."""
-    from moeify.nn import onednn, packing
-
     monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
     monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)  # blocked weights for one small sample too
     moe = _moe(cls, scope, experts=4, top_k=2).eval().to(memory_format=torch.channels_last)
@@ -533,7 +518,7 @@ def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
         for mode in ("grouped", "auto", "masked"):
             with moeify.execution(mode):
                 outs[mode] = moe(x)
-    assert _holds_blocked_weights()
+    assert _blocked_count() > 0
     for mode in ("grouped", "auto"):
         assert torch.allclose(outs[mode], outs["masked"], rtol=1e-5, atol=1e-5 * outs["masked"].abs().max()), mode
     xg = x.clone().requires_grad_(True)
@@ -546,16 +531,13 @@ def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
         h.remove()
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
+@pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
 def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monkeypatch):
     """``onednn.conv2d`` gives F.conv2d's values for strides, paddings, dilations, with and
     without bias, at several batch sizes from one blocked copy, made after a slice's first
     ``PLAIN_USES`` calls (a slice used once or twice is not worth it); a contiguous input,
     float64, a weight that is not a kept slice and a small single sample (where PyTorch's native
     kernel is faster) take F.conv2d itself."""
-    import torch.nn.functional as F
-    from moeify.nn import onednn, packing
-
     monkeypatch.setattr(packing, "_SLICES", {})
     large = onednn.LARGE_WEIGHT
     monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)
@@ -566,7 +548,7 @@ def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monke
     for _ in range(onednn.PLAIN_USES):
         with torch.no_grad():
             onednn.conv2d(torch.randn(2, 4, 11, 9).contiguous(memory_format=torch.channels_last), w, None, 1, 1, 1)
-    assert not _holds_blocked_weights()  # the slice's first uses: no blocked copy yet
+    assert _blocked_count() == 0  # the slice's first uses: no blocked copy yet
     for stride, padding, dilation in ((1, 1, 1), (2, 0, 1), ((1, 2), (2, 1), 2)):
         for batch in (1, 5):
             x = torch.randn(batch, 4, 11, 9).contiguous(memory_format=torch.channels_last)
@@ -576,7 +558,7 @@ def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monke
                 ref = F.conv2d(x, w, bias, stride, padding, dilation)
                 assert y.is_contiguous(memory_format=torch.channels_last)
                 assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max()), (stride, padding, dilation)
-    assert _holds_blocked_weights()
+    assert _blocked_count() > 0
     x = torch.randn(2, 4, 11, 9)
     plain = torch.randn(12, 4, 3, 3)
     one = x[:1].contiguous(memory_format=torch.channels_last)
