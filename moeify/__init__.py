@@ -1,4 +1,5 @@
 """moeify: turn any CNN into a sparsely-gated Mixture-of-Experts CNN by torch.fx graph rewriting."""
+from .allocator import keep_freed_memory
 from .conversion import convert, moe_layers, plan, router_parameters, routing
 from .errors import ConversionError, MoeifyError, RoutingError
 from .fit import distil, fit_routers
@@ -14,6 +15,6 @@ from .zoo import create_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "fit_routers", "distil", "fold_batchnorm", "static_twin", "plan", "moe_layers", "router_parameters", "routing", "count_macs", "execution", "save", "load", "create_model",
+    "convert", "fit_routers", "keep_freed_memory", "distil", "fold_batchnorm", "static_twin", "plan", "moe_layers", "router_parameters", "routing", "count_macs", "execution", "save", "load", "create_model",
     "MoESpec", "ConversionPlan", "ConversionError", "MoeifyError", "RoutingError",
 ]

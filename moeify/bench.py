@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
+from .allocator import allocator_name
 from .conversion import convert, moe_layers
 from .errors import MoeifyError
 from .fold import fold_batchnorm
@@ -62,7 +63,7 @@ class BenchRow:
 def machine(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, allocator {allocator_name()}"
 
 
 def _cpu_name() -> str:

@@ -20,8 +20,17 @@ _DEBUG = {"on": False}
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+          allocator: Annotated[str, typer.Option(
+              help="CPU memory: 'kept' reuses freed memory for the next tensor (glibc; no fresh pages per "
+                   "activation), 'system' leaves the C library's defaults.")] = "kept") -> None:
     _DEBUG["on"] = debug
+    if allocator not in ("kept", "system"):
+        raise MoeifyError(f"--allocator must be kept or system, not {allocator!r}")
+    if allocator == "kept":
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()
 
 
 def _int_list(text: str, option: str, example: str = "0,1,2", positive: bool = False) -> list[int]:

@@ -1,6 +1,7 @@
 """The command line: tables, saved files, and one-line errors with non-zero exits."""
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,7 @@ def test_convert_user_file():
     (("bench-train", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
     (("bench", "resnet18", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
     (("bench", "resnet18", "--compile-mode", "fast"), "--compile-mode must be one of default,"),
+    (("--allocator", "jemalloc", "convert", "resnet18"), "--allocator must be kept or system, not 'jemalloc'"),
 ])
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
     r = run_here(capsys, *args)
@@ -103,7 +105,10 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     assert r.returncode == 0, r.stderr
     import json
 
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    kept = platform.libc_ver()[0] == "glibc"  # the command line keeps freed memory by default (glibc)
+    assert record["machine"].endswith("allocator kept" if kept else "allocator system")
+    rows = record["rows"]
     assert {(x["batch"], x["variant"]) for x in rows} == {
         (b, v) for b in (1, 4) for v in ("dense", "static twin", "twin + routers", "moe masked", "moe grouped",
                                           "moe static", "moe auto")}
