@@ -411,14 +411,15 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     the MoE's routers (``with_routers``: what routing costs at the least, so the floor under the
     MoE's share of S-Dense's gain), MoE TRADES and MoE AdvMoE (router step + expert step, each
     with its own attack unless the recipe shares one), same backbone, attack and batch, in one
-    process, the MoE under the default strategy; each with 95% intervals (``_train_row``). With
+    process, the MoE under the default strategy; each with 95% intervals (``_train_row``). AdvMoE's
+    two steps use the recipe's ``advmoe.loss`` (TRADES, or cross-entropy on the attack), as training does. With
     the recipe's ``train.compile``, every model's forward and attack run ``torch.compile``d;
     models and inputs are laid out as training lays them out (``training_layout``)."""
     from .attacks import AttackConfig
     from .data import SIZES, CLASSES, DataBundle, synthetic
     from .recipes import load_recipe
     from .train.build import build_model, split_parameters, training_layout
-    from .train.methods import robust_loss
+    from .train.methods import advmoe_kind, robust_loss
 
     recipe = load_recipe(recipe_name, overrides or [])
     a = recipe.attack
@@ -463,11 +464,12 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
     opt_r, opt_e = torch.optim.SGD(routers, lr=1e-3), torch.optim.SGD(experts, lr=1e-3)
 
     shared = recipe.advmoe.shared_attack
+    kind = advmoe_kind(recipe.advmoe.loss)  # as the trainer's router and expert steps
 
     def advmoe():
         x_adv = None
         for params, opt in ((routers, opt_r), (experts, opt_e)):
-            loss, _, made = robust_loss(run_moe, run_moe, x, y, "trades", beta, attack, none, x_adv=x_adv)
+            loss, _, made = robust_loss(run_moe, run_moe, x, y, kind, beta, attack, none, x_adv=x_adv)
             x_adv = made if shared else None
             loss.backward(inputs=params)
             opt.step()
@@ -479,7 +481,8 @@ def train_steps(recipe_name: str, batch: int | None = None, repeats: int = 5,
                                  "S-Dense + routers TRADES": trades(routed, run_routed),
                                  "MoE TRADES": trades(moe, run_moe), "MoE AdvMoE": advmoe}, repeats)
     rows = [_train_row(recipe.name, k, b, attack.steps, compiled, rounds) for k in rounds]
-    return [dict(r, channels_last=fmt is torch.channels_last) for r in rows]
+    return [dict(r, channels_last=fmt is torch.channels_last, advmoe_loss=recipe.advmoe.loss, shared_attack=shared)
+            for r in rows]
 
 
 def _train_row(recipe: str, variant: str, batch: int, steps: int, compiled: bool,

@@ -306,7 +306,8 @@ def bench_train(
     rows = train_steps(recipe, batch, repeats, set_ or [], device)
     t = Table(title=f"one training batch, recipe {recipe}, batch {rows[0]['batch']}, "
                     f"{rows[0]['attack_steps']}-step attacks{', compiled' if rows[0]['compiled'] else ''}"
-                    f"{', channels-last' if rows[0]['channels_last'] else ''} "
+                    f"{', channels-last' if rows[0]['channels_last'] else ''}, AdvMoE loss {rows[0]['advmoe_loss']}"
+                    f"{', one shared attack' if rows[0]['shared_attack'] else ', an attack per step'} "
                     f"on {device} ({machine(device)})",
               caption="(95% intervals: paired bootstrap over the interleaved rounds)")
     for col in ("variant", "ms / batch", "vs dense TRADES", "of S-Dense's gain"):

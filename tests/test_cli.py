@@ -152,6 +152,7 @@ def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, mon
         else:
             assert math.isnan(x["of_sdense_gain"])
     assert "of S-Dense's gain" in r.stdout and "95% intervals" in r.stdout and "channels-last" in r.stdout
+    assert "AdvMoE loss ce, one shared attack" in r.stdout  # the quickstart's AdvMoE, timed as it trains
 
 
 def test_bench_calibrate_sweep_writes_a_table_auto_reads(capsys, tmp_path, monkeypatch):

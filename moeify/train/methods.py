@@ -34,6 +34,12 @@ def z_loss(rec: Recorder) -> torch.Tensor | float:
     return torch.stack(terms).mean() if terms else 0.0
 
 
+def advmoe_kind(loss: str) -> str:
+    """The ``robust_loss`` kind of AdvMoE's router and expert steps for a recipe's ``advmoe.loss``:
+    TRADES, or cross-entropy on the attack (``at``)."""
+    return "trades" if loss == "trades" else "at"
+
+
 def robust_loss(model: nn.Module, attacked: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, beta: float,
                 attack: AttackConfig, autocast: Callable, x_adv: torch.Tensor | None = None,
                 gen: torch.Generator | None = None, balance: float = 0.0,

@@ -31,7 +31,7 @@ from ..macs import count_macs
 from ..recipes import Recipe
 from . import checkpoint as ckpt
 from .build import build_model, hold_frozen_norms, load_init, split_parameters, training_layout
-from .methods import robust_loss
+from .methods import advmoe_kind, robust_loss
 from .sampler import EpochSampler
 from .schedule import lr_lambda
 from .summary import checksums, print_summary, write_csv
@@ -158,7 +158,7 @@ class Trainer:
         return loss, logits
 
     def _part_step(self, params, opt, name: str, x, y, x_adv, balance: float, zloss: float):
-        kind = "trades" if self.recipe.advmoe.loss == "trades" else "at"
+        kind = advmoe_kind(self.recipe.advmoe.loss)
         loss, logits, x_adv = robust_loss(self.fwd, self.attacked, x, y, kind, self.t.beta, self.attack,
                                           self._autocast, x_adv=x_adv, gen=self.gen, balance=balance, zloss=zloss)
         self._check_finite(loss, name)
