@@ -21,10 +21,15 @@ def model_arguments(ap: argparse.ArgumentParser, repeats: int) -> None:
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--input-size", default=None)
     ap.add_argument("--model-kwargs", default=None)
+    ap.add_argument("--allocator", choices=("kept", "system"), default="kept",
+                    help="CPU memory, as the command line's --allocator: freed memory kept, or glibc's defaults")
 
 
 def build(a: argparse.Namespace) -> tuple[torch.nn.Module, moeify.MoESpec, torch.nn.Module]:
-    """(dense model in eval, the spec, its MoE in eval with routes spread), seeded."""
+    """(dense model in eval, the spec, its MoE in eval with routes spread), seeded; the process's
+    allocator set first, as ``moeify`` sets it."""
+    if a.allocator == "kept":
+        moeify.keep_freed_memory()
     size = None if a.input_size is None else tuple(int(v) for v in a.input_size.split(","))
     torch.manual_seed(0)
     dense = moeify.create_model(a.model, input_size=size, **_kwargs(a.model_kwargs)).eval()
