@@ -155,6 +155,27 @@ def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, mon
     assert "AdvMoE loss ce, one shared attack" in r.stdout  # the quickstart's AdvMoE, timed as it trains
 
 
+@pytest.mark.parametrize("loss,kind", [("ce", "at"), ("trades", "trades")])
+def test_bench_train_times_advmoe_with_the_recipes_loss(monkeypatch, loss, kind):
+    """``bench-train``'s AdvMoE steps take the recipe's ``advmoe.loss``, as the trainer's do: the
+    quickstart trains AdvMoE with cross-entropy on the attack, the other rows are TRADES steps."""
+    import moeify.bench
+    import moeify.train.methods
+
+    kinds, measure = [], moeify.train.methods.robust_loss
+
+    def recording(*args, **kwargs):
+        kinds.append(args[4])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(moeify.train.methods, "robust_loss", recording)
+    rows = moeify.bench.train_steps("quickstart", batch=4, repeats=1,
+                                    overrides=["model.kwargs.width=4", f"advmoe.loss={loss}"])
+    assert rows[-1]["variant"] == "MoE AdvMoE" and rows[-1]["advmoe_loss"] == loss
+    # a warm-up round and a timed one (variants in shuffled order): four TRADES rows, AdvMoE's two steps
+    assert sorted(kinds) == sorted(2 * (["trades"] * 4 + [kind] * 2))
+
+
 def test_bench_calibrate_sweep_writes_a_table_auto_reads(capsys, tmp_path, monkeypatch):
     """``bench --calibrate --sweep``: points for 2, 4 and 8 experts, which ``auto`` reads and picks
     the measured-fastest strategy from (a tiny reference model stands in for the real ones)."""
