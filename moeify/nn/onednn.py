@@ -5,9 +5,8 @@ routed layer calls its convolution once per routing pattern, each time with anot
 so it pays that reorder once per pattern where the dense layer pays it once, and at small batches
 the reorder of a deep layer's weight costs as much as a good part of the convolution. A weight
 slice the engine keeps anyway (``packing.is_kept``: replaced, never written, when its weight
-changes) is reordered
-once here, after a few uses (``PLAIN_USES``), and the blocked copy is kept with it, as
-inductor's freezing does for a compiled model.
+changes) is reordered once here, after a few uses (``PLAIN_USES``), and the blocked copy is kept
+with it, as inductor's freezing does for a compiled model.
 
 Used only where nothing records (autograd off, or nothing requires a gradient), in eager mode, for
 float32 convolutions of channels-last 4-D inputs on the CPU with numeric padding (the op returns
