@@ -8,7 +8,7 @@ import moeify
 from conftest import randomize
 from models import PreActResNet, Zoo
 from moeify.bench import spread_routing
-from moeify.nn import onednn, packing, select_top_k
+from moeify.nn import cache, onednn, select_top_k
 from moeify.nn.executors import EXECUTORS
 from moeify.nn.executors.static import per_sample_weight
 from moeify.nn.route import Route
@@ -429,7 +429,7 @@ def test_row_groups_behave_like_the_tensor_they_split():
 def test_inference_weight_slices_stay_within_their_memory_budget(monkeypatch):
     """Routes that keep changing (8 experts, top-4: 70 selections) must not make a layer hold a
     copy of its weights for every selection it has seen; outputs stay those of masked execution."""
-    monkeypatch.setattr(packing, "CACHE_FLOOR", 0)
+    monkeypatch.setattr(cache, "CACHE_FLOOR", 0)
     moe = _moe(experts=8, top_k=4).eval()
 
     def run(x, seed, mode):  # the same seed: the same routes
@@ -446,11 +446,11 @@ def test_inference_weight_slices_stay_within_their_memory_budget(monkeypatch):
             x = torch.rand(1, 3, 16, 16)
             assert torch.allclose(run(x, seed, "sparse"), run(x, seed, "masked"), rtol=1e-5, atol=1e-6)
     weights = {id(p): p for p in moe.parameters()}
-    held = {i: sum(packing._nbytes(v) for v in c.values()) for i, (_, c) in packing._SLICES.items() if i in weights}
+    held = {i: sum(cache._nbytes(v) for v in c.values()) for i, (_, c) in cache._SLICES.items() if i in weights}
     assert held and any(v > 0 for v in held.values())
     for i, nbytes in held.items():
         w = weights[i]
-        assert nbytes <= packing.CACHE_BUDGET * w.numel() * w.element_size()
+        assert nbytes <= cache.CACHE_BUDGET * w.numel() * w.element_size()
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -460,7 +460,7 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, mon
     ...``) between inference calls: sparse execution (per pattern, or batch 1's one-selection
     lane) never reuses slices of old values or memory, nor their blocked oneDNN copies
     (channels-last on the CPU), and still equals masked execution."""
-    monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
+    monkeypatch.setattr(cache, "_SLICES", {})  # this test's caches only
     monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)  # blocked weights for one small sample too
     moe = _moe(experts=4, top_k=2).eval().to(memory_format=layout)
     x = torch.rand(batch, 3, 16, 16).contiguous(memory_format=layout)
@@ -495,7 +495,7 @@ def test_cached_slices_follow_the_weights_they_were_made_from(batch, layout, mon
 
 def _blocked_count() -> int:
     """How many weights the inference caches hold in oneDNN's blocked layout (``nn/onednn.py``)."""
-    return sum(getattr(v, "is_mkldnn", False) for _, cache in packing._SLICES.values() for v in cache.values())
+    return sum(getattr(v, "is_mkldnn", False) for _, store in cache._SLICES.values() for v in store.values())
 
 
 @pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN (mkldnn) convolution")
@@ -505,7 +505,7 @@ def test_blocked_weights_run_like_plain_convs(cls, scope, batch, monkeypatch):
     """Channels-last inference on the CPU runs a routed conv with its weight slice kept in
     oneDNN's blocked layout; grouped, auto and the one-sample lane still equal masked execution
     (routes spread), and a call whose input needs a gradient (an attack) takes the plain conv."""
-    monkeypatch.setattr(packing, "_SLICES", {})  # this test's caches only
+    monkeypatch.setattr(cache, "_SLICES", {})  # this test's caches only
     monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)  # blocked weights for one small sample too
     moe = _moe(cls, scope, experts=4, top_k=2).eval().to(memory_format=torch.channels_last)
     x = torch.rand(batch, 3, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -538,13 +538,13 @@ def test_blocked_conv_equals_f_conv2d_and_falls_back_where_it_cannot_serve(monke
     ``PLAIN_USES`` calls (a slice used once or twice is not worth it); a contiguous input,
     float64, a weight that is not a kept slice and a small single sample (where PyTorch's native
     kernel is faster) take F.conv2d itself."""
-    monkeypatch.setattr(packing, "_SLICES", {})
+    monkeypatch.setattr(cache, "_SLICES", {})
     large = onednn.LARGE_WEIGHT
     monkeypatch.setattr(onednn, "LARGE_WEIGHT", 0)
     w0 = torch.randn(12, 6, 3, 3)
     b = torch.randn(12)
-    w = packing.cached(w0, ("test slice",), lambda: w0[:, :4].contiguous(memory_format=torch.channels_last))
-    assert packing.is_kept(w) and not packing.is_kept(w0)
+    w = cache.cached(w0, ("test slice",), lambda: w0[:, :4].contiguous(memory_format=torch.channels_last))
+    assert cache.is_kept(w) and not cache.is_kept(w0)
     for _ in range(onednn.PLAIN_USES):
         with torch.no_grad():
             onednn.conv2d(torch.randn(2, 4, 11, 9).contiguous(memory_format=torch.channels_last), w, None, 1, 1, 1)

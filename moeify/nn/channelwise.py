@@ -15,7 +15,8 @@ from torch import nn
 
 from .gated import with_mixin
 from .kernel import PLAIN_CONV_FORWARDS
-from .packing import broadcast, cached, expert_channels, remember, take
+from .cache import cached, remember
+from .packing import broadcast, expert_channels, take
 from .route import Route
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

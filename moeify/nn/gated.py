@@ -15,7 +15,8 @@ from torch import nn
 
 from . import onednn
 from .kernel import PLAIN_CONV_FORWARDS, WEIGHT_RULES, Kernel
-from .packing import PackedBranch, cached, remember
+from .cache import cached, remember
+from .packing import PackedBranch
 from .route import Route
 from .rowgroups import as_tensor
 

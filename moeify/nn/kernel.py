@@ -15,7 +15,7 @@ from torch import nn
 class Kernel:
     """A contraction's sparse kernel: ``run(x, weight, bias, groups)`` computes the layer with any
     weight slice (conv: the layer's stride, padding and dilation; linear: ``F.linear``). ``kept``:
-    the one-selection lane's slices of this weight and bias (``packing.kept``)."""
+    the one-selection lane's slices of this weight and bias (``cache.kept``)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None

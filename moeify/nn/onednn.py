@@ -4,7 +4,7 @@ PyTorch's CPU convolution reorders a plain weight into oneDNN's blocked layout o
 routed layer calls its convolution once per routing pattern, each time with another weight slice,
 so it pays that reorder once per pattern where the dense layer pays it once, and at small batches
 the reorder of a deep layer's weight costs as much as a good part of the convolution. A weight
-slice the engine keeps anyway (``packing.is_kept``: replaced, never written, when its weight
+slice the engine keeps anyway (``cache.is_kept``: replaced, never written, when its weight
 changes) is reordered once here, after a few uses (``PLAIN_USES``), and the blocked copy is kept
 with it, as inductor's freezing does for a compiled model.
 
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
 
-from .packing import cached, count_use, is_kept, memory_format, peek
+from .cache import cached, count_use, is_kept, peek
+from .packing import memory_format
 
 Pair = tuple[int, int]
 

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .executors import current_executor
-from .packing import cached, expert_channels, kept, take
+from .cache import cached, kept
+from .packing import expert_channels, take
 from .pool import pool_mean
 from .route import Route, select_top_k
 

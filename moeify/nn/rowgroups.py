@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_map
 
 from ..graph.ops import ELEMENTWISE, PER_SAMPLE
 
-from .packing import merge_rows, split_rows
+from .rows import merge_rows, split_rows
 
 Groups = list[tuple[list[int], torch.Tensor | None]]
 

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..channelwise import (bn_selection, bn_state, per_sample_batch_norm, per_sample_depthwise, selection_depthwise,
                            sliced_bn)
-from ..packing import (PackedBranch, add_rows, kernel_slices, merge_rows, place, split_rows, take, times_gates,
-                       weight_slice, weight_slices)
+from ..packing import PackedBranch, place, take, times_gates
+from ..rows import add_rows, merge_rows, split_rows
+from ..weights import kernel_slices, weight_slice, weight_slices
 from ..pool import pool_mean
 from ..route import Route, pattern_groups
 from ..rowgroups import RowGroups, as_tensor, by_own_patterns, parts_for, routed_parts, subsplit

@@ -4,7 +4,7 @@ picks there on the CPU).
 
 Not a strategy to choose: ``grouped`` hands such a route to it (``Route.one``), and the next
 layers of the call follow it without resolving the strategy again (``follow``). Each op is one
-kernel call on the selection's parameter slices, kept with the layer (``packing.kept``: one dict
+kernel call on the selection's parameter slices, kept with the layer (``cache.kept``: one dict
 read and a version and storage check per parameter), without the per-pattern bookkeeping a mixed
 batch needs: at batch 1 a small layer's convolution costs about as much as the Python around it,
 so every call saved there shows in the latency.
@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..channelwise import sliced_bn
-from ..packing import PackedBranch, add_selection, kernel_slices, kept, place, take
+from ..cache import kept
+from ..packing import PackedBranch, add_selection, place, take
+from ..weights import kernel_slices
 from ..policy import current_policy
 from ..route import Route, select_one
 from .base import Kernel
