@@ -188,6 +188,7 @@ def bench(
 
     from .bench import compare, convert_seconds, machine, rows_as_dicts
     from .bench import sweep as run_sweep
+    from .nn.executors.auto import table_source
     from .spec import MoESpec
 
     _check_device(device)
@@ -219,7 +220,7 @@ def bench(
         spec = MoESpec(experts=experts, top_k=top_k, scope=scope, cuts=cuts)
         conv_s = convert_seconds(model, spec, input_size=size, model_kwargs=kw["model_kwargs"])
         rows = compare(model, spec, batches, **kw)
-    title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}"
+    title = f"{model} scope={scope} {mode} on {device} ({machine(device)}), routing {routing}, auto's table {table_source()}"
     if fold_bn:
         title += ", BatchNorm folded"
     if kw["compile"]:
@@ -231,8 +232,8 @@ def bench(
     out.print(_bench_table(rows, title))
     if json_out:
         with open(json_out, "w") as f:
-            json.dump({"machine": machine(device), "convert_seconds": conv_s, "batchnorm_folded": fold_bn,
-                       "rows": rows_as_dicts(rows)}, f, indent=2)
+            json.dump({"machine": machine(device), "auto_table": table_source(), "convert_seconds": conv_s,
+                       "batchnorm_folded": fold_bn, "rows": rows_as_dicts(rows)}, f, indent=2)
 
 
 def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: str,
@@ -241,14 +242,16 @@ def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: s
     import json
 
     from .bench import calibrate
+    from .nn.executors.auto import MACHINE_TABLE
 
     if os.path.exists(path):
         raise MoeifyError(f"{path} exists; choose another --calibrate path (nothing was overwritten)")
     table = calibrate(batches, repeats, device, mode, experts)
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
-    console.print(f"calibration for {device} ({table['machine']}) written to {path}; ship it as "
-                  "moeify/nn/executors/calibration.json (merging device types) for auto to use it")
+    console.print(f"calibration for {device} ({table['machine']}) written to {path}; auto reads it where "
+                  f"{MACHINE_TABLE}={path} is set (in place of the shipped table's {device} {mode} points)",
+                  soft_wrap=True)  # unbroken: the path is there to copy
 
 
 def _bench_table(rows: list, title: str):

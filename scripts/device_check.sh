@@ -38,6 +38,8 @@ run() {
 
   step calibration for auto: every strategy on the reference models
   run 150 python3 -m moeify bench --calibrate "$OUT/calibration_cuda.json" --batch 1,16,64,256,1024 --repeats 5 --device cuda
+  # the steps below run auto from this table (the shipped one has no GPU points)
+  [ -s "$OUT/calibration_cuda.json" ] && export MOEIFY_CALIBRATION="$OUT/calibration_cuda.json"
 
   step bench the paper CIFAR ResNet-18, BatchNorm folded on every side
   run 60 python3 -m moeify bench cifar_resnet18 --scope paper --experts 2 --top-k 1 --batch 1,128,1024 --repeats 9 --device cuda --fold-bn --json "$OUT/cuda_paper_folded.json"

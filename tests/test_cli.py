@@ -193,6 +193,10 @@ def test_bench_calibrate_sweep_writes_a_table_auto_reads(capsys, tmp_path, monke
     assert sorted(n for _, _, n, _ in points) == [2, 4, 8]
     for macs, batch, n, times in points:
         assert times[auto.fastest("cpu", batch, macs, "eval", n, table=table)] == min(times.values())
+    assert f"MOEIFY_CALIBRATION={out}" in r.stdout
+    monkeypatch.setenv("MOEIFY_CALIBRATION", str(out))  # what the message says: auto now reads it
+    assert auto.active_table()["cpu", "eval"] == points
+    assert auto.active_table()["cpu", "train"] == auto.calibration()["cpu", "train"]
     again = run_here(capsys, "bench", "--calibrate", str(out), "--batch", "4")
     assert again.returncode != 0 and "exists" in again.stderr
 

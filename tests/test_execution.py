@@ -397,6 +397,52 @@ def test_auto_picks_the_fastest_measured_strategy():
     assert chosen[0].name == auto.fastest("cpu", 3, layer.model_macs, experts=layer.experts)
 
 
+def test_a_machines_own_table_replaces_the_shipped_points(tmp_path, monkeypatch):
+    """``$MOEIFY_CALIBRATION`` (tables ``moeify bench --calibrate`` wrote on this machine) replaces
+    the shipped points of each device type and mode it measured, keeps the others, and is what a
+    model call under ``auto`` follows; a missing or foreign file is a one-line error."""
+    import json
+
+    from moeify.errors import MoeifyError
+    from moeify.nn.executors import EXECUTORS, auto
+
+    shipped = auto.calibration()
+    own = {"machine": "test", "devices": {
+        "cpu": [{"mode": "eval", "macs": 1e6, "batch": 4, "relative_ms": {"masked": 0.5, "grouped": 2.0, "static": 3.0}}],
+        "cuda": [{"mode": "eval", "macs": 1e6, "batch": 4, "relative_ms": {"masked": 2.0, "grouped": 0.5, "static": 3.0}}]}}
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(own))
+    monkeypatch.setenv(auto.MACHINE_TABLE, str(path))
+    table = auto.active_table()
+    assert table["cpu", "eval"] == [(1e6, 4, 2, {"masked": 0.5, "grouped": 2.0, "static": 3.0})]
+    assert table["cpu", "train"] == shipped["cpu", "train"]  # not measured here: shipped
+    assert auto.fastest("cuda", 256, 1e9) == "grouped" and auto.fastest("cpu", 256, 1e9) == "masked"
+    assert str(path) in auto.table_source()
+    moe = _moe()
+    chosen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, r: chosen.append(r.executor.name))
+             for m in moeify.moe_layers(moe).values()]
+    monkeypatch.setattr(EXECUTORS["auto"], "_chosen", {})
+    with torch.no_grad():
+        moe(torch.rand(3, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    assert set(chosen) == {"masked"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"devices": {"cpu": [{"batch": 4}]}}))
+    for name, message in ((tmp_path / "none.json", "no such file"), (bad, "not a table")):
+        monkeypatch.setenv(auto.MACHINE_TABLE, str(name))
+        monkeypatch.setattr(EXECUTORS["auto"], "_chosen", {})
+        with pytest.raises(MoeifyError, match=message), torch.no_grad():
+            moe(torch.rand(3, 3, 16, 16))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"devices": {"cpu": [{"macs": 1e6, "batch": 4, "relative_ms": {"fused": 0.1}}]}}))
+    monkeypatch.setenv(auto.MACHINE_TABLE, str(unknown))
+    monkeypatch.setattr(EXECUTORS["auto"], "_chosen", {})
+    with pytest.raises(MoeifyError, match="'fused'"), torch.no_grad():
+        moe(torch.rand(3, 3, 16, 16))
+
+
 def test_row_groups_behave_like_the_tensor_they_split():
     """Sparse execution hands a layer's interior its tensor split by routing pattern; every op
     must see the same values as on the merged tensor (per-sample ops per part, the rest merged)."""

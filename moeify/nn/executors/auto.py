@@ -7,23 +7,31 @@ The table ships with moeify (``calibration.json``, written by ``moeify bench --c
 latencies per strategy, relative to dense, measured with spread routing on reference models of
 several sizes. A shipped table rather than a micro-benchmark at first use, so that a model's speed
 does not depend on what a noisy machine measured once, and results are reproducible;
-re-calibrate a machine with the bench command. A device type without measurements uses ``static``: it never reads routes back,
-which is what stalls an accelerator.
+a machine measures its own with ``moeify bench --calibrate PATH`` and points
+``$MOEIFY_CALIBRATION`` at it: the device types and modes it measured replace the shipped ones
+(a GPU user's first step: the shipped table has no GPU). A device type without measurements uses
+``static``: it never reads routes back, which is what stalls an accelerator.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from ...errors import MoeifyError
 from ..route import Route
 from .base import Executor
 
 CALIBRATION = Path(__file__).with_name("calibration.json")
 UNMEASURED = "static"
+MACHINE_TABLE = "MOEIFY_CALIBRATION"
+"""The environment variable naming this machine's own tables (written by ``moeify bench
+--calibrate PATH``; several joined by ``os.pathsep``). Set it before the first model call:
+``auto`` keeps each choice it makes."""
 
 
 Point = tuple[float, int, int, dict[str, float]]  # (dense MACs / sample, batch, experts, {strategy: relative latency})
@@ -41,7 +49,39 @@ def calibration(path: str = str(CALIBRATION)) -> dict[tuple[str, str], list[Poin
     for dev, points in raw["devices"].items():
         for p in points:
             table.setdefault((dev, p.get("mode", "eval")), []).append(
-                (float(p["macs"]), int(p["batch"]), int(p.get("experts", 2)), dict(p["relative_ms"])))
+                (float(p["macs"]), int(p["batch"]), int(p.get("experts", 2)),
+                 {name: float(ms) for name, ms in p["relative_ms"].items()}))
+    return table
+
+
+def table_source() -> str:
+    """Which table ``auto`` reads: ``shipped``, or ``$MOEIFY_CALIBRATION``'s path over it."""
+    machine = os.environ.get(MACHINE_TABLE)
+    return f"{machine} over the shipped one" if machine else "shipped"
+
+
+def active_table() -> dict[tuple[str, str], list[Point]]:
+    """The shipped table, with every (device type, mode) that ``$MOEIFY_CALIBRATION``'s table
+    measured replaced by its points (a machine's own measurements beat another machine's)."""
+    return _overlaid(os.environ.get(MACHINE_TABLE) or "")
+
+
+@lru_cache(maxsize=None)
+def _overlaid(machine: str) -> dict[tuple[str, str], list[Point]]:
+    """The shipped table overlaid by each file of ``machine`` (paths joined by ``os.pathsep``, as
+    in ``PATH``: say one table per mode), later files over earlier ones."""
+    table = calibration()
+    for name in filter(None, machine.split(os.pathsep)):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise MoeifyError(f"{MACHINE_TABLE} names {name}: no such file; write it with `moeify bench "
+                              f"--calibrate {name}` or unset {MACHINE_TABLE}")
+        try:
+            own = calibration(str(path))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MoeifyError(f"{MACHINE_TABLE} names {name}, which is not a table `moeify bench --calibrate` "
+                              f"wrote ({type(e).__name__}: {e}); write it again or unset {MACHINE_TABLE}") from None
+        table = {**table, **own}
     return table
 
 
@@ -49,8 +89,8 @@ def fastest(device_type: str, batch: int, macs: float, mode: str = "eval", exper
             table: dict | None = None) -> str:
     """The measured-fastest strategy at the calibration point nearest (in log batch size, log
     model MACs per sample and log experts) to this call; ``mode`` train for calls that will be
-    differentiated."""
-    table = calibration() if table is None else table
+    differentiated. ``table``: ``active_table()`` unless given."""
+    table = active_table() if table is None else table
     points = table.get((device_type, mode)) or table.get((device_type, "eval"))
     if not points:
         return UNMEASURED
@@ -85,5 +125,10 @@ class Auto(Executor):
                getattr(layer, "experts", 2))
         chosen = self._chosen.get(key)
         if chosen is None:
-            chosen = self._chosen[key] = self.strategies[fastest(*key)]
+            name = fastest(*key)
+            if name == self.name or name not in self.strategies:
+                raise MoeifyError(f"auto's calibration table ({table_source()}) names strategy {name!r}, which is "
+                                  f"not one of {', '.join(self.strategies)}; write the table again with `moeify bench "
+                                  "--calibrate PATH`")
+            chosen = self._chosen[key] = self.strategies[name]
         return chosen
