@@ -22,10 +22,11 @@ from .base import Executor, Kernel
 
 GATHER_MAX_BATCH = {"cpu": 1, "cuda": 64}
 """Per device type, the largest batch whose layers gather per-sample weights (any other type:
-the CUDA value). CPU: 1, since a grouped conv with one group per sample runs far slower on the
-CPU than the full conv it replaces (calibration at batches 4 and 16: 2.6x and 3.9x dense, masked
-1.5x and 1.3x). CUDA: not yet measured on a GPU; 64 keeps the per-sample weight copies small
-(batch x K/N of a layer's weight)."""
+the CUDA value). CPU: 1. The grouped conv itself is cheap there, but each sample's copy of its
+weight slices (batch x K/N of a layer's weight) and the layout copies around the grouped conv
+cost more than the MACs it saves wherever weights outweigh activations (docs/benchmarks.md,
+"Per-sample weights on the CPU"). CUDA: not yet measured on a GPU; 64 keeps the per-sample weight
+copies small."""
 
 
 def take_experts(v: torch.Tensor, dim: int, idx: torch.Tensor, experts: int, batched: bool) -> torch.Tensor:
