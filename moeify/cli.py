@@ -180,7 +180,7 @@ def bench(
     sweep: Annotated[bool, typer.Option("--sweep", help="experts 2, 4, 8 at top_k = experts/2 (ignores --experts/--top-k; with --calibrate, every reference model at each).")] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="Constructor arguments, e.g. width=16,stem_stride=2.")] = None,
-    calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Instead: measure the table the auto strategy reads (reference models, --batch sizes, --device) and write it here.")] = None,
+    calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Instead: measure the table the auto strategy reads (reference models, --batch sizes, --device) and write it here; auto uses it where MOEIFY_CALIBRATION names it.")] = None,
     fold_bn: Annotated[bool, typer.Option("--fold-bn", help="Fold every variant's BatchNorms into its convs first, as deployed inference does (eval only).")] = False,
 ) -> None:
     """Time dense, static twin (+ routers) and the MoE under every execution strategy (interleaved, medians)."""
