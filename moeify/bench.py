@@ -380,12 +380,13 @@ CALIBRATION_MODELS = (  # name, spec, input size, constructor kwargs: small and 
 
 
 def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu", mode: str = "eval",
-              experts: tuple[int, ...] = (2,)) -> dict:
+              experts: tuple[int, ...] = (2,), measured: Callable[[dict], None] | None = None) -> dict:
     """The table ``auto`` reads: for each reference model (``CALIBRATION_MODELS``), number of
     ``experts`` (top-K = N/2) and batch size, each exact strategy's latency relative to dense
     (routing spread), for inference (``eval``) or a training step (``train``: forward and
-    backward, what training and attacks run)."""
-    points = []
+    backward, what training and attacks run). ``measured``: called with the table so far after
+    each reference model, so a run that is stopped keeps what it measured (a lent GPU's time)."""
+    points: list[dict] = []
     for name, base, size, kwargs in CALIBRATION_MODELS:
         if mode == "train" and name == "resnet18":
             size = (3, 112, 112)  # a training step at 224 x 224 takes too long to calibrate on a CPU
@@ -398,6 +399,8 @@ def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu", mode: s
                 points.append({"model": f"{name} {kwargs or ''} {spec.experts}/{spec.top_k} {spec.scope} {size}".replace("  ", " "),
                                "mode": mode, "macs": by["dense"].macs, "batch": b, "experts": n,
                                "relative_ms": {s: 1.0 / by[f"moe {s}"].speedup for s in STRATEGIES if s != "auto"}})
+        if measured is not None:
+            measured({"machine": machine(device), "devices": {torch.device(device).type: list(points)}})
     return {"machine": machine(device), "devices": {torch.device(device).type: points}}
 
 

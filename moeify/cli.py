@@ -238,7 +238,8 @@ def bench(
 
 def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: str,
                experts: tuple[int, ...]) -> None:
-    """Measure the table the auto strategy reads and write it to ``path`` (never over a file)."""
+    """Measure the table the auto strategy reads and write it to ``path`` (never over a file that
+    was there), rewritten after each reference model."""
     import json
 
     from .bench import calibrate
@@ -246,9 +247,13 @@ def _calibrate(path: str, batches: list[int], repeats: int, device: str, mode: s
 
     if os.path.exists(path):
         raise MoeifyError(f"{path} exists; choose another --calibrate path (nothing was overwritten)")
-    table = calibrate(batches, repeats, device, mode, experts)
-    with open(path, "w") as f:
-        json.dump(table, f, indent=2)
+
+    def write(table: dict) -> None:  # after each reference model, whole (a stopped run keeps what it measured)
+        with open(f"{path}.part", "w") as f:
+            json.dump(table, f, indent=2)
+        os.replace(f"{path}.part", path)
+
+    table = calibrate(batches, repeats, device, mode, experts, measured=write)
     console.print(f"calibration for {device} ({table['machine']}) written to {path}; auto reads it where "
                   f"{MACHINE_TABLE}={path} is set (in place of the shipped table's {device} {mode} points)",
                   soft_wrap=True)  # unbroken: the path is there to copy

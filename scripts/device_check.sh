@@ -38,7 +38,8 @@ run() {
 
   step calibration for auto: every strategy on the reference models
   run 150 python3 -m moeify bench --calibrate "$OUT/calibration_cuda.json" --batch 1,16,64,256,1024 --repeats 5 --device cuda
-  # the steps below run auto from this table (the shipped one has no GPU points)
+  # the steps below run auto from this table (the shipped one has no GPU points); it is rewritten after
+  # each reference model, so a step cut short by its cap keeps the models it measured
   [ -s "$OUT/calibration_cuda.json" ] && export MOEIFY_CALIBRATION="$OUT/calibration_cuda.json"
 
   step bench the paper CIFAR ResNet-18, BatchNorm folded on every side

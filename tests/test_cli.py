@@ -201,6 +201,31 @@ def test_bench_calibrate_sweep_writes_a_table_auto_reads(capsys, tmp_path, monke
     assert again.returncode != 0 and "exists" in again.stderr
 
 
+def test_a_stopped_calibration_keeps_the_reference_models_it_measured(capsys, tmp_path, monkeypatch):
+    """``bench --calibrate`` rewrites its table after each reference model: a run stopped during the
+    second model (a lent GPU's time running out) leaves the first model's points, which auto reads."""
+    import moeify.bench
+    from moeify.errors import MoeifyError
+    from moeify.nn.executors import auto
+    from moeify.spec import MoESpec
+
+    tiny = ("cifar_resnet_small", MoESpec(experts=2, top_k=1, scope="hidden"), (1, 16, 16), {"width": 8, "in_chans": 1})
+    monkeypatch.setattr(moeify.bench, "CALIBRATION_MODELS", (tiny, (*tiny[:3], {"width": 4, "in_chans": 1})))
+    compare = moeify.bench.compare
+
+    def stopped_at_the_second(name, spec, batches, **kw):
+        if kw["model_kwargs"]["width"] == 4:
+            raise MoeifyError("stopped")
+        return compare(name, spec, batches, **kw)
+
+    monkeypatch.setattr(moeify.bench, "compare", stopped_at_the_second)
+    out = tmp_path / "cal.json"
+    r = run_here(capsys, "bench", "--calibrate", str(out), "--batch", "2", "--repeats", "1")
+    assert r.returncode != 0 and "stopped" in r.stderr
+    points = auto.calibration(str(out))["cpu", "eval"]
+    assert [batch for _, batch, _, _ in points] == [2] and not (tmp_path / "cal.json.part").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (("robustify", "--recipe", "nosuchrecipe"), "unknown recipe 'nosuchrecipe'"),
     (("robustify", "--recipe", "quickstart", "--set", "train.epochz=1"), "unknown key 'train.epochz'"),
