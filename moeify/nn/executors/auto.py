@@ -128,7 +128,7 @@ class Auto(Executor):
             name = fastest(*key)
             if name == self.name or name not in self.strategies:
                 raise MoeifyError(f"auto's calibration table ({table_source()}) names strategy {name!r}, which is "
-                                  f"not one of {', '.join(self.strategies)}; write the table again with `moeify bench "
-                                  "--calibrate PATH`")
+                                  f"not one of {', '.join(n for n in self.strategies if n != self.name)}; write the table "
+                                  "again with `moeify bench --calibrate PATH`")
             chosen = self._chosen[key] = self.strategies[name]
         return chosen
