@@ -1,5 +1,7 @@
 """Execution semantics a user relies on: sparse == masked (values and gradients), batch
 independence, routers learn from the task loss, deterministic ties, NaN scores refuse to route."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -435,6 +437,14 @@ def test_a_machines_own_table_replaces_the_shipped_points(tmp_path, monkeypatch)
         monkeypatch.setattr(EXECUTORS["auto"], "_chosen", {})
         with pytest.raises(MoeifyError, match=message), torch.no_grad():
             moe(torch.rand(3, 3, 16, 16))
+    monkeypatch.setattr(EXECUTORS["auto"], "_told", set())
+    monkeypatch.setenv(auto.MACHINE_TABLE, str(path))
+    on_meta = torch.empty(2, 3, 4, 4, device="meta")  # a device type no table measured
+    with pytest.warns(UserWarning, match="no measurements for meta"):
+        assert EXECUTORS["auto"].resolve(on_meta).name == "static"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device type
+        EXECUTORS["auto"].resolve(torch.empty(3, 3, 4, 4, device="meta"))
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"devices": {"cpu": [{"macs": 1e6, "batch": 4, "relative_ms": {"fused": 0.1}}]}}))
     monkeypatch.setenv(auto.MACHINE_TABLE, str(unknown))

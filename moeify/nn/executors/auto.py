@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -85,6 +86,11 @@ def _overlaid(machine: str) -> dict[tuple[str, str], list[Point]]:
     return table
 
 
+def measured(device_type: str, table: dict | None = None) -> bool:
+    """Whether ``table`` (``active_table()`` unless given) has points for ``device_type``."""
+    return any(dev == device_type for dev, _ in (active_table() if table is None else table))
+
+
 def fastest(device_type: str, batch: int, macs: float, mode: str = "eval", experts: int = 2,
             table: dict | None = None) -> str:
     """The measured-fastest strategy at the calibration point nearest (in log batch size, log
@@ -109,6 +115,7 @@ class Auto(Executor):
     def __init__(self, strategies: dict[str, Executor]) -> None:
         self.strategies = strategies
         self._chosen: dict[tuple[str, int, float, str, int], Executor] = {}  # a lookup per layer call, not a search
+        self._told: set[str] = set()  # device types already warned about as unmeasured
 
     def resolve(self, x, layer=None) -> Executor:
         """Every layer of one call agrees: the choice depends on the batch, the device, whether
@@ -125,6 +132,7 @@ class Auto(Executor):
                getattr(layer, "experts", 2))
         chosen = self._chosen.get(key)
         if chosen is None:
+            self._tell_if_unmeasured(device.type)
             name = fastest(*key)
             if name == self.name or name not in self.strategies:
                 raise MoeifyError(f"auto's calibration table ({table_source()}) names strategy {name!r}, which is "
@@ -132,3 +140,12 @@ class Auto(Executor):
                                   "again with `moeify bench --calibrate PATH`")
             chosen = self._chosen[key] = self.strategies[name]
         return chosen
+
+    def _tell_if_unmeasured(self, device_type: str) -> None:
+        """Warn once per device type that no table measured it, so auto runs ``static`` there."""
+        if device_type in self._told or measured(device_type):
+            return
+        self._told.add(device_type)
+        warnings.warn(f"auto has no measurements for {device_type} and runs static there; measure this machine "
+                      f"with `moeify bench --calibrate PATH --device {device_type}` and set {MACHINE_TABLE}=PATH",
+                      stacklevel=4)
