@@ -387,6 +387,10 @@ def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu", mode: s
     backward, what training and attacks run). ``measured``: called with the table so far after
     each reference model, so a run that is stopped keeps what it measured (a lent GPU's time)."""
     points: list[dict] = []
+
+    def table() -> dict:
+        return {"machine": machine(device), "devices": {torch.device(device).type: list(points)}}
+
     for name, base, size, kwargs in CALIBRATION_MODELS:
         if mode == "train" and name == "resnet18":
             size = (3, 112, 112)  # a training step at 224 x 224 takes too long to calibrate on a CPU
@@ -400,8 +404,8 @@ def calibrate(batches: list[int], repeats: int = 5, device: str = "cpu", mode: s
                                "mode": mode, "macs": by["dense"].macs, "batch": b, "experts": n,
                                "relative_ms": {s: 1.0 / by[f"moe {s}"].speedup for s in STRATEGIES if s != "auto"}})
         if measured is not None:
-            measured({"machine": machine(device), "devices": {torch.device(device).type: list(points)}})
-    return {"machine": machine(device), "devices": {torch.device(device).type: points}}
+            measured(table())
+    return table()
 
 
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:

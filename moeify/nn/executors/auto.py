@@ -86,9 +86,11 @@ def _overlaid(machine: str) -> dict[tuple[str, str], list[Point]]:
     return table
 
 
-def measured(device_type: str, table: dict | None = None) -> bool:
-    """Whether ``table`` (``active_table()`` unless given) has points for ``device_type``."""
-    return any(dev == device_type for dev, _ in (active_table() if table is None else table))
+def points_for(device_type: str, mode: str = "eval", table: dict | None = None) -> list[Point]:
+    """The points ``auto`` chooses from for a call of ``mode`` on ``device_type``: that mode's, else
+    the eval ones (none: the device type was not measured). ``table``: ``active_table()`` unless given."""
+    table = active_table() if table is None else table
+    return table.get((device_type, mode)) or table.get((device_type, "eval")) or []
 
 
 def fastest(device_type: str, batch: int, macs: float, mode: str = "eval", experts: int = 2,
@@ -96,8 +98,7 @@ def fastest(device_type: str, batch: int, macs: float, mode: str = "eval", exper
     """The measured-fastest strategy at the calibration point nearest (in log batch size, log
     model MACs per sample and log experts) to this call; ``mode`` train for calls that will be
     differentiated. ``table``: ``active_table()`` unless given."""
-    table = active_table() if table is None else table
-    points = table.get((device_type, mode)) or table.get((device_type, "eval"))
+    points = points_for(device_type, mode, table)
     if not points:
         return UNMEASURED
 
@@ -128,11 +129,11 @@ class Auto(Executor):
             batch, device = x.idx.shape[0], x.idx.device
         else:  # a tensor or a RowGroups (whose shape and device need no merge)
             batch, device = x.shape[0], x.device
-        key = (device.type, batch, getattr(layer, "model_macs", 0.0), "train" if torch.is_grad_enabled() else "eval",
-               getattr(layer, "experts", 2))
+        mode = "train" if torch.is_grad_enabled() else "eval"
+        key = (device.type, batch, getattr(layer, "model_macs", 0.0), mode, getattr(layer, "experts", 2))
         chosen = self._chosen.get(key)
         if chosen is None:
-            self._tell_if_unmeasured(device.type)
+            self._tell_if_unmeasured(device.type, mode)
             name = fastest(*key)
             if name == self.name or name not in self.strategies:
                 raise MoeifyError(f"auto's calibration table ({table_source()}) names strategy {name!r}, which is "
@@ -141,9 +142,9 @@ class Auto(Executor):
             chosen = self._chosen[key] = self.strategies[name]
         return chosen
 
-    def _tell_if_unmeasured(self, device_type: str) -> None:
+    def _tell_if_unmeasured(self, device_type: str, mode: str) -> None:
         """Warn once per device type that no table measured it, so auto runs ``static`` there."""
-        if device_type in self._told or measured(device_type):
+        if device_type in self._told or points_for(device_type, mode):
             return
         self._told.add(device_type)
         warnings.warn(f"auto has no measurements for {device_type} and runs static there; measure this machine "
