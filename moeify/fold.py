@@ -44,10 +44,9 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
 
 
 def _copy(model: nn.Module) -> fx.GraphModule:
-    """A traced copy sharing nothing with ``model`` but its conversion plan (a read-only record
-    whose graph nodes a deep copy would walk one by one)."""
-    plan = getattr(model, "moeify_plan", None)
-    work = copy.deepcopy(model, {} if plan is None else {id(plan): plan})
+    """A traced copy sharing nothing with ``model`` (a conversion plan is copied as its record,
+    without the graph analysis behind it)."""
+    work = copy.deepcopy(model)
     return work if isinstance(work, fx.GraphModule) else trace(work)
 
 

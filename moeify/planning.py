@@ -40,7 +40,14 @@ class LayerPlan:
     experts_by: str = "contiguous"
     """How channels were split into experts: contiguous ranges, or "cluster" (calibrated conversion,
     with the share of importance the top-K experts capture, clustered vs contiguous)."""
+    reordered: list[str] = field(default_factory=list)
+    """Consumers that read the layer's channels in another order: they run in full behind the gate."""
     group: ChannelGroup | None = field(default=None, repr=False)
+    """The graph analysis behind this layer (its nodes, for ``convert``); a saved or copied plan
+    is the record without it."""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "group": None}
 
 
 @dataclass
@@ -79,8 +86,7 @@ class ConversionPlan:
                           ("gates", "left"), ("packed", "left"), ("dense MACs", "right"), ("MoE MACs", "right")):
             t.add_column(col, justify=just)
         for lp in self.layers:
-            reordered = {node_name(u.node) for u in lp.group.reordered()} if lp.group is not None else set()
-            gates = ", ".join([f"{c} (reordered: in full)" if c in reordered else c for c in lp.consumers]
+            gates = ", ".join([f"{c} (reordered: in full)" if c in lp.reordered else c for c in lp.consumers]
                               + [f"{a} (add)" for a in lp.add_gates]) or "-"
             by = "" if lp.experts_by == "contiguous" else f" {lp.experts_by}"
             t.add_row(lp.name, str(lp.channels), f"{lp.top_k}/{lp.experts}{by}", "-> " + gates,
@@ -233,7 +239,8 @@ def _plan_scope(gm: fx.GraphModule, groups: list[ChannelGroup], spec: MoESpec, m
                                 [node_name(u.node) for u in g.producers],
                                 [node_name(u.node) for u in g.consumers],
                                 [u.node.name for u in g.add_sinks], packed=blocker is None,
-                                pack_blocker=blocker, group=g))
+                                pack_blocker=blocker, reordered=[node_name(u.node) for u in g.reordered()],
+                                group=g))
     # a residual add gets at most one gated branch: keep the costliest, the shortcut stays dense
     by_add: dict[str, list[LayerPlan]] = {}
     for lp in layers:

@@ -18,9 +18,11 @@ from torch import nn
 from .conversion import _analyse, _inputs, _spec, rebuild_info
 from .errors import ConversionError
 from .graph.interior import interior
+from .graph.trace import inserted
 from .spec import MoESpec
 
 
+@inserted
 def narrow_add(a: torch.Tensor, b: torch.Tensor, cdim: int = 1) -> torch.Tensor:
     """``a + b`` where the narrower operand covers the first channels of the wider one."""
     if a.shape[cdim] == b.shape[cdim]:

@@ -1,5 +1,7 @@
 """The public API contract: model untouched, keys kept, MAC counts, save/load, clean refusals."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,6 +70,40 @@ def test_save_load_round_trip_named_and_user(tmp_path):
         assert torch.equal(user(x), loaded(x))
     with pytest.raises(moeify.MoeifyError, match="does not match"):
         moeify.load(tmp_path / "user.moe", model=PreActResNet(width=32))
+
+
+LOAD_PICKLED = """
+import sys, torch, moeify
+moe, x, y = torch.load(sys.argv[1], weights_only=False)
+with torch.no_grad():
+    assert torch.equal(moe(x), y), "outputs differ"
+    next(iter(moeify.moe_layers(moe).values())).router.proj.weight.fill_(float("nan"))
+    try:
+        moe(x)
+    except moeify.RoutingError:
+        print("refused")
+"""
+
+
+def test_a_converted_model_pickles_whole(tmp_path):
+    """torch.save of the whole model: a process that never converted a model loads it, with its
+    MoE layers, the calls the rewrite inserted (the NaN/inf route check, the packed residual
+    add) and its plan, and computes the same outputs; values kept between calls are not saved."""
+    x = torch.rand(2, 3, 32, 32)
+    moe = moeify.convert(randomize(moeify.create_model("cifar_resnet18", width=8)), experts=2, top_k=1,
+                         scope="paper", example_inputs=x).eval()
+    with torch.no_grad():
+        for _ in range(2):
+            moe(x[:1])  # the batch-1 lane keeps weight slices and lookups with the modules
+        y = moe(x)
+    torch.save((moe, x, y), tmp_path / "moe.pt")
+    again = torch.load(tmp_path / "moe.pt", weights_only=False)[0]
+    assert [(n.op, n.target) for n in again.graph.nodes] == [(n.op, n.target) for n in moe.graph.nodes]
+    assert str(again.moeify_plan) == str(moe.moeify_plan)
+    assert not any(k.startswith("_moe_") for m in again.modules() for k in vars(m))
+    done = subprocess.run([sys.executable, "-c", LOAD_PICKLED, str(tmp_path / "moe.pt")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "refused", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 import traceback
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.fx as fx
@@ -42,13 +44,28 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
     return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
 
 
+F = TypeVar("F", bound=Callable)
+
+_INSERTED: list[Callable] = []
+"""Functions rewrites insert into graphs (``inserted``)."""
+
+
+def inserted(fn: F) -> F:
+    """Mark ``fn`` as a function a rewrite inserts into graphs: tracing a rewritten model's code
+    again (fx does, to rebuild a pickled GraphModule) keeps each call of it one node instead of
+    tracing into it (its checks of argument types would see proxies and take the wrong branch)."""
+    _INSERTED.append(fn)
+    return fn
+
+
 class MoeifyTracer(fx.Tracer):
-    """fx tracer with timm's leaf-module / autowrap settings and conv/BN subclasses as leaves."""
+    """fx tracer with timm's leaf-module / autowrap settings and conv/BN subclasses as leaves;
+    the functions rewrites insert stay calls."""
 
     def __init__(self) -> None:
         self._timm_leaves, timm_functions = _timm_notrace()
         self._leaves = _extra_leaf_types()
-        super().__init__(autowrap_functions=timm_functions)
+        super().__init__(autowrap_functions=(*timm_functions, *_INSERTED))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves) or isinstance(m, self._timm_leaves):
@@ -68,6 +85,16 @@ class TracedModule(fx.GraphModule):
         code = super().recompile()
         type(self)._wrapped_call = staticmethod(nn.Module.__call__)  # fx keeps a class's own wrapper
         return code
+
+    def __reduce__(self):
+        """Pickled as fx pickles a GraphModule (its code, traced again on loading, by the tracer
+        that made it), and rebuilt as a TracedModule."""
+        return _traced_from_code, super().__reduce__()[1]
+
+
+def _traced_from_code(body: dict, import_block: str) -> TracedModule:
+    forward = fx.graph_module._forward_from_src(import_block + body["_code"], {})
+    return fx.graph_module._deserialize_graph_module(forward, body, graph_module_cls=TracedModule)
 
 
 def _where(exc: BaseException) -> str:

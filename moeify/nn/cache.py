@@ -124,7 +124,24 @@ def remember(module: torch.nn.Module, key: str, value: T) -> T:
     compiled graph (a compiled call reads what an eager call kept, or makes its own)."""
     if not torch.compiler.is_compiling():
         module.__dict__[key] = value
+        _REMEMBERED.add(key)
     return value
+
+
+_STORE = "_moe_kept"
+_REMEMBERED: set[str] = {_STORE}
+"""The keys ``remember`` and ``store`` have kept values under in a module's ``__dict__``."""
+
+
+def store(module: torch.nn.Module) -> dict:
+    """The dict of ``module``'s ``kept`` values (``kept``'s first argument), made on first use."""
+    return module.__dict__.setdefault(_STORE, {})
+
+
+def forget(state: dict) -> dict:
+    """A module's ``__dict__`` less the values kept in it: what a copy or a pickle of the module
+    carries (kept values hold weak references, and are remade on the next call)."""
+    return {k: v for k, v in state.items() if k not in _REMEMBERED}
 
 
 def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:

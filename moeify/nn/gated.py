@@ -15,11 +15,13 @@ from torch import nn
 
 from . import onednn
 from .kernel import PLAIN_CONV_FORWARDS, WEIGHT_RULES, Kernel
-from .cache import cached, remember
+from .cache import cached, forget, remember
 from .packing import PackedBranch
 from .route import Route
 from .rowgroups import as_tensor
+from ..graph.trace import inserted
 
+@inserted
 def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = False):
     """A branch joining a residual add: full width, unselected experts' channels zero.
 
@@ -29,6 +31,7 @@ def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = Fal
     return route.executor.gate_branch(x, route, cdim, lazy)
 
 
+@inserted
 def gate_reordered(x: torch.Tensor, route: Route, order: tuple[int, ...], cdim: int = 1) -> torch.Tensor:
     """The layer's gate on a consumer that reads its channels in another order (after a channel
     shuffle; ``order[i]``: the layer's channel at position i). Masked math, so the consumer runs in
@@ -37,6 +40,7 @@ def gate_reordered(x: torch.Tensor, route: Route, order: tuple[int, ...], cdim: 
     return route.apply(x, cdim, torch.as_tensor(order, device=x.device))
 
 
+@inserted
 def moe_add(a, b, free: tuple[bool, bool] = (False, False)):
     """``a + b`` where an operand may be a packed branch from ``gate_channels(..., lazy=True)``.
     ``free[i]``: nothing reads operand i after this add (the rewrite's liveness pass), so the sum
@@ -125,13 +129,30 @@ _CLASSES: dict[tuple[type, type], type] = {}
 def with_mixin(m: nn.Module, mixin: type) -> nn.Module:
     """Give module ``m`` the routed forward of ``mixin`` in place: its class becomes a subclass
     ``MoE<Class>`` of (mixin, its class), so the object, its parameters and keys stay the same."""
-    cls = type(m)
-    if issubclass(cls, mixin):
-        return m
-    if (mixin, cls) not in _CLASSES:
-        _CLASSES[mixin, cls] = type(f"MoE{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
-    m.__class__ = _CLASSES[mixin, cls]
+    if not isinstance(m, mixin):
+        m.__class__ = _mixed_class(mixin, type(m))
     return m
+
+
+def _mixed_class(mixin: type, cls: type) -> type:
+    """The class (mixin, cls), made once per pair. It is made at run time, so pickle cannot find
+    it by name: its objects pickle as (mixin, cls) and their state (``_mixed_module``)."""
+    if (mixin, cls) not in _CLASSES:
+        body = {"__module__": mixin.__module__, "__reduce_ex__": _reduce_mixed}
+        _CLASSES[mixin, cls] = type(f"MoE{cls.__name__}", (mixin, cls), body)
+    return _CLASSES[mixin, cls]
+
+
+def _reduce_mixed(self: nn.Module, protocol: int):
+    """How pickle and ``copy.deepcopy`` rebuild a mixed module: by its two classes, with its state
+    less what ``remember`` kept (remade on its next call)."""
+    mixin, cls = type(self).__bases__
+    return _mixed_module, (mixin, cls), forget(self.__dict__)
+
+
+def _mixed_module(mixin: type, cls: type) -> nn.Module:
+    mixed = _mixed_class(mixin, cls)
+    return mixed.__new__(mixed)
 
 
 def make_moe_module(m: nn.Module) -> nn.Module:
@@ -175,8 +196,8 @@ def _functional(conv: Callable, name: str, cdim: int):
     return moe_fn
 
 
-moe_conv1d = _functional(F.conv1d, "moe_conv1d", 1)
-moe_conv2d = _functional(F.conv2d, "moe_conv2d", 1)
-moe_conv3d = _functional(F.conv3d, "moe_conv3d", 1)
-moe_linear = _functional(F.linear, "moe_linear", -1)
+moe_conv1d = inserted(_functional(F.conv1d, "moe_conv1d", 1))
+moe_conv2d = inserted(_functional(F.conv2d, "moe_conv2d", 1))
+moe_conv3d = inserted(_functional(F.conv3d, "moe_conv3d", 1))
+moe_linear = inserted(_functional(F.linear, "moe_linear", -1))
 FUNCTIONAL = {F.conv1d: moe_conv1d, F.conv2d: moe_conv2d, F.conv3d: moe_conv3d, F.linear: moe_linear}

@@ -23,6 +23,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import RoutingError
+from ..graph.trace import inserted
 from .policy import Recorder, current_policy
 
 
@@ -161,6 +162,7 @@ def _(finite: torch.Tensor) -> torch.Tensor:
     return finite.new_empty((), dtype=torch.float32)
 
 
+@inserted
 def routes_checked(out, *routes):
     """``out``, after checking the chosen scores of ``routes`` (and of ``out`` when it is a Route)
     that are still unchecked: one host read for all of them; raises RoutingError on a NaN/inf."""

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .executors import current_executor
-from .cache import cached, kept
+from .cache import cached, forget, kept, store
 from .packing import expert_channels, take
 from .pool import pool_mean
 from .route import Route, select_top_k
@@ -53,6 +53,10 @@ class LayerRouter(nn.Module):
             w = self._columns(w, experts, h.shape[1] // len(experts), (w,))
         return F.linear(h, w, params.get("bias"))
 
+    def __getstate__(self) -> dict:
+        """What a pickle or a copy carries: the state less the column copies kept (remade on use)."""
+        return forget(super().__getstate__())
+
     def _columns(self, w: torch.Tensor, experts: list[int], per: int, owners: tuple) -> torch.Tensor:
         """W's columns for ``experts``: a view where autograd records or a compiler traces;
         otherwise a contiguous copy kept with the router while ``owners`` (what W is made from)
@@ -60,7 +64,7 @@ class LayerRouter(nn.Module):
         batch 1, than the copy it needs once)."""
         if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
             return take(w, 1, experts, per)
-        return kept(self.__dict__.setdefault("_moe_kept", {}), tuple(experts), owners,
+        return kept(store(self), tuple(experts), owners,
                     lambda: take(w, 1, experts, per).contiguous())
 
     def _standardised(self, h: torch.Tensor, experts: list[int] | None) -> torch.Tensor:

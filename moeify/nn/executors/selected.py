@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..channelwise import sliced_bn
-from ..cache import kept
+from ..cache import kept, store
 from ..packing import PackedBranch, add_selection, place, take
 from ..weights import kernel_slices
 from ..policy import current_policy
@@ -83,7 +83,7 @@ class Selected(Grouped):
             return sliced_bn(bn, list(route.one), per)
 
         owners = ts if ts[2] is not None and ts[3] is not None else tuple(t for t in ts if t is not None)
-        rm, rv, w, b = kept(bn.__dict__.setdefault("_moe_kept", {}), route.one, owners, make)
+        rm, rv, w, b = kept(store(bn), route.one, owners, make)
         return torch.batch_norm(x, w, b, rm, rv, False, 0.0, bn.eps, torch.backends.cudnn.enabled)  # F.batch_norm's call
 
     def add_packed(self, stream: torch.Tensor, branch: PackedBranch, into: bool = False) -> torch.Tensor:
