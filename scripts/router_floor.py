@@ -5,7 +5,9 @@ twin, the bench's twin + routers baseline (moeify's router, its choice read back
 
 The bare router is a floor, not a variant anyone could ship: it skips the NaN/inf check, the
 route object and every strategy decision. If the twin plus bare routers is already below a speed
-target, no execution strategy with one router per layer reaches that target here.
+target, no execution strategy with one router per layer reaches that target here. For the same
+reason the MoE is also timed without its NaN/inf route check (the graph's ``routes_checked`` call
+removed): what the check costs, timing only.
 
 With ``--compile`` every variant is compiled (``torch.compile``, default options) and the bare
 router keeps its choice on the device, where it scales the producer's output by a factor of 1 (so
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 import moeify
 from bench_args import build, model_arguments
 from moeify.bench import interleaved_rounds, noise_in_biases, with_routers
+from moeify.nn.route import routes_checked
 from moeify.stats import paired_bootstrap
 
 
@@ -67,6 +70,17 @@ def bare(twin_with_routers: torch.nn.Module, mixin: type = BareRouted) -> torch.
     return out
 
 
+def unchecked(moe: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``moe`` without its NaN/inf route check (timing only: a NaN route goes unnoticed)."""
+    out = copy.deepcopy(moe)
+    for node in list(out.graph.nodes):
+        if node.target is routes_checked:
+            node.replace_all_uses_with(node.args[0])
+            out.graph.erase_node(node)
+    out.recompile()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arguments(ap, repeats=300)
@@ -79,7 +93,8 @@ def main() -> None:
     routed = with_routers(twin, moe)
     n = sum("moeify_bench_router" in m._modules for m in routed.modules())
     models = {"dense": dense, "static twin": twin, "twin + routers": routed,
-              "twin + bare routers": bare(routed, DeviceRouted if a.compile else BareRouted), "moe": moe}
+              "twin + bare routers": bare(routed, DeviceRouted if a.compile else BareRouted), "moe": moe,
+              "moe, no route check": unchecked(moe)}
     if a.compile:  # the bench's router reads its choice back: a graph break, not a floor
         del models["twin + routers"]
     x = torch.rand(1, *size).contiguous(memory_format=torch.channels_last)
@@ -94,7 +109,8 @@ def main() -> None:
                 run(x)
         return f
 
-    with noise_in_biases(moe):  # batch 1: the spread routes' noise in the routers' biases
+    # batch 1: the spread routes' noise in the routers' biases
+    with noise_in_biases(moe), noise_in_biases(models["moe, no route check"]):
         rounds = interleaved_rounds({k: call(m) for k, m in models.items()}, a.repeats, warmup=3)
     ms = {k: statistics.median(v) for k, v in rounds.items()}
     print(f"{a.model} {spec.experts} experts top-{spec.top_k}, scope {spec.scope}, batch 1, MoE strategy "
