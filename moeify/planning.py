@@ -47,6 +47,7 @@ class LayerPlan:
     is the record without it."""
 
     def __getstate__(self) -> dict:
+        """Pickled and copied as the record, without ``group``."""
         return {**self.__dict__, "group": None}
 
 

@@ -44,13 +44,13 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
     return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
 
 
-F = TypeVar("F", bound=Callable)
+Fn = TypeVar("Fn", bound=Callable)
 
 _INSERTED: list[Callable] = []
 """Functions rewrites insert into graphs (``inserted``)."""
 
 
-def inserted(fn: F) -> F:
+def inserted(fn: Fn) -> Fn:
     """Mark ``fn`` as a function a rewrite inserts into graphs: tracing a rewritten model's code
     again (fx does, to rebuild a pickled GraphModule) keeps each call of it one node instead of
     tracing into it (its checks of argument types would see proxies and take the wrong branch)."""
@@ -93,6 +93,7 @@ class TracedModule(fx.GraphModule):
 
 
 def _traced_from_code(body: dict, import_block: str) -> TracedModule:
+    """fx's own rebuild of a pickled GraphModule (``reduce_graph_module``), made a TracedModule."""
     forward = fx.graph_module._forward_from_src(import_block + body["_code"], {})
     return fx.graph_module._deserialize_graph_module(forward, body, graph_module_cls=TracedModule)
 

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..graph.trace import inserted
 from . import onednn
 from .kernel import PLAIN_CONV_FORWARDS, WEIGHT_RULES, Kernel
 from .cache import cached, forget, remember
 from .packing import PackedBranch
 from .route import Route
 from .rowgroups import as_tensor
-from ..graph.trace import inserted
+
 
 @inserted
 def gate_channels(x: torch.Tensor, route: Route, cdim: int = 1, lazy: bool = False):
@@ -145,7 +146,7 @@ def _mixed_class(mixin: type, cls: type) -> type:
 
 def _reduce_mixed(self: nn.Module, protocol: int):
     """How pickle and ``copy.deepcopy`` rebuild a mixed module: by its two classes, with its state
-    less what ``remember`` kept (remade on its next call)."""
+    less the values kept in it (``cache.forget``: remade on its next call)."""
     mixin, cls = type(self).__bases__
     return _mixed_module, (mixin, cls), forget(self.__dict__)
 
