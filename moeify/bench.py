@@ -58,6 +58,7 @@ class BenchRow:
     speedup_high: float = math.nan
     of_twin_low: float = math.nan
     of_twin_high: float = math.nan
+    runs: str = ""  # for "moe auto": the strategy auto ran at this batch size
 
 
 def machine(device: str = "cpu") -> str:
@@ -327,13 +328,14 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
             rounds = interleaved_rounds(fns, repeats, warmup=1 + onednn.PLAIN_USES)
         ms = {k: statistics.median(v) for k, v in rounds.items()}
         macs = _macs(models, x[:min(b, 8)].float().cpu().contiguous(), mode, device)
-        macs["moe auto"] = macs[f"moe {_auto_choice(models['moe'], x, mode)}"]  # its choice at this batch size
+        choice = "static" if compile else _auto_choice(models["moe"], x, mode)  # compiled, auto always runs static
+        macs["moe auto"] = macs[f"moe {choice}"]
         twin_gain = ms["dense"] / ms["static twin"] - 1
         for k in VARIANTS:
             gain = ms["dense"] / ms[k]
             rows.append(BenchRow(name, spec.experts, spec.top_k, spec.scope, mode, b, k, ms[k], macs[k], gain,
                                  macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain >= MIN_TWIN_GAIN else float("nan"),
-                                 *_intervals(rounds, k)))
+                                 *_intervals(rounds, k), runs=choice if k == "moe auto" else ""))
     return rows
 
 

@@ -271,7 +271,8 @@ def _bench_table(rows: list, title: str):
         speedup = f"{r.speedup:.2f}x" + ("" if r.variant == "dense" else _interval(r.speedup_low, r.speedup_high, "{:.2f}"))
         share = "" if r.variant == "dense" else ("-" if math.isnan(r.of_twin) else f"{r.of_twin:.0%}" + (
             "" if fixed else _interval(r.of_twin_low, r.of_twin_high, "{:.0%}")))
-        t.add_row(f"{r.top_k}/{r.experts}", str(r.batch), r.variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M",
+        variant = f"{r.variant} ({r.runs})" if r.runs else r.variant  # auto: what it ran at this batch
+        t.add_row(f"{r.top_k}/{r.experts}", str(r.batch), variant, f"{r.ms:.2f}", f"{r.macs / 1e6:,.1f} M",
                   speedup, f"{r.ideal:.2f}x", share)
     return t
 

@@ -122,6 +122,10 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     assert macs[1, "moe masked"] >= macs[1, "dense"] and macs[4, "moe static"] >= macs[4, "dense"]
     # the twin + routers baseline adds the routers' MACs to the twin's, never more than the MoE runs
     assert macs[1, "static twin"] < macs[1, "twin + routers"] <= macs[1, "moe grouped"]
+    for x in rows:  # auto's row names the strategy it ran at that batch, and counts that strategy's MACs
+        assert (x["runs"] in ("masked", "grouped", "static")) == (x["variant"] == "moe auto"), x
+        assert x["variant"] != "moe auto" or x["macs"] == macs[x["batch"], f"moe {x['runs']}"]
+    assert "moe auto (" in r.stdout
     again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
 
