@@ -201,3 +201,18 @@ def test_pgd_spends_a_forward_on_ranking_only_between_restarts(restarts):
     adv = pgd(model, x, y, cfg, gen=torch.Generator().manual_seed(0))
     assert len(calls) == restarts * 3 + (restarts > 1) * restarts
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and not adv.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["at", "trades"])
+def test_a_training_attack_leaves_the_model_statistics_alone(kind):
+    """A training step's attack runs in the recipe's BatchNorm mode (eval), the TRADES attack's
+    clean distribution included, as TRADES computes it: a model in training mode comes out of
+    the attack with its running statistics (BatchNorm's, the standardised routers') untouched."""
+    from moeify.train.methods import _attack
+
+    x, y = _data(8)
+    moe = moeify.convert(_backbone(), experts=2, top_k=1, example_inputs=x[:2], router_norm=True).train()
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    _attack(moe, x, y, kind, AttackConfig(eps=0.1, steps=2), None, torch.Generator().manual_seed(0))
+    assert moe.training and all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import AttackConfig, pgd, trades_kl
+from ..attacks import AttackConfig, bn_mode, pgd, trades_kl
 from ..nn.policy import Recorder, routing_policy
 
 
@@ -77,4 +77,6 @@ def _attack(attacked: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, at
         return x_adv
     if kind == "at":
         return pgd(attacked, x, y, attack, gen=gen)
-    return pgd(attacked, x, y, attack, loss=trades_kl(attacked, x), gen=gen)
+    with bn_mode(attacked, attack.bn_mode):  # the clean distribution too, as TRADES computes it (eval by default)
+        loss = trades_kl(attacked, x)
+    return pgd(attacked, x, y, attack, loss=loss, gen=gen)
