@@ -27,6 +27,7 @@ from .fold import fold_batchnorm
 from .macs import count_macs
 from .nn import GlobalRouter, LayerRouter, execution, onednn, select_top_k
 from .nn.executors import get_executor
+from .nn.executors.auto import COMPILED
 from .nn.gated import with_mixin
 from .spec import MoESpec
 from .stats import paired_bootstrap
@@ -328,7 +329,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
             rounds = interleaved_rounds(fns, repeats, warmup=1 + onednn.PLAIN_USES)
         ms = {k: statistics.median(v) for k, v in rounds.items()}
         macs = _macs(models, x[:min(b, 8)].float().cpu().contiguous(), mode, device)
-        choice = "static" if compile else _auto_choice(models["moe"], x, mode)  # compiled, auto always runs static
+        choice = COMPILED if compile else _auto_choice(models["moe"], x, mode)
         macs["moe auto"] = macs[f"moe {choice}"]
         twin_gain = ms["dense"] / ms["static twin"] - 1
         for k in VARIANTS:

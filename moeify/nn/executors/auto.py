@@ -29,6 +29,8 @@ from .base import Executor
 
 CALIBRATION = Path(__file__).with_name("calibration.json")
 UNMEASURED = "static"
+COMPILED = "static"
+"""What ``auto`` runs under ``torch.compile``: the one strategy that traces as one graph."""
 MACHINE_TABLE = "MOEIFY_CALIBRATION"
 """The environment variable naming this machine's own tables (written by ``moeify bench
 --calibrate PATH``; several joined by ``os.pathsep``). Set it before the first model call:
@@ -124,7 +126,7 @@ class Auto(Executor):
         model's dense MACs (``MoELayer.model_macs``) and the number of experts (one per model
         spec), never on the layer's shape."""
         if torch.compiler.is_compiling():
-            return self.strategies["static"]
+            return self.strategies[COMPILED]
         if isinstance(x, Route):  # a shared global Route
             batch, device = x.idx.shape[0], x.idx.device
         else:  # a tensor or a RowGroups (whose shape and device need no merge)
