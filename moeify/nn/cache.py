@@ -118,6 +118,11 @@ def _trim(store: dict, budget: float, value: Callable) -> None:
         total -= _nbytes(value(store.pop(next(iter(store)))))
 
 
+_STORE = "_moe_kept"
+_REMEMBERED: set[str] = {_STORE}
+"""The keys ``remember`` and ``store`` have kept values under in a module's ``__dict__``."""
+
+
 def remember(module: torch.nn.Module, key: str, value: T) -> T:
     """``value``, kept in ``module.__dict__[key]`` for the module's later calls; not while
     compiling, where dynamo would replay the store, remaking the value, after every call of the
@@ -126,11 +131,6 @@ def remember(module: torch.nn.Module, key: str, value: T) -> T:
         module.__dict__[key] = value
         _REMEMBERED.add(key)
     return value
-
-
-_STORE = "_moe_kept"
-_REMEMBERED: set[str] = {_STORE}
-"""The keys ``remember`` and ``store`` have kept values under in a module's ``__dict__``."""
 
 
 def store(module: torch.nn.Module) -> dict:
@@ -144,12 +144,12 @@ def forget(state: dict) -> dict:
     return {k: v for k, v in state.items() if k not in _REMEMBERED}
 
 
-def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
-    """``make()``, kept in ``store`` (a dict its caller owns: a layer's, a Kernel's) under ``key``
+def kept(values: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], T]) -> T:
+    """``make()``, kept in ``values`` (a dict its caller owns: a layer's, a Kernel's) under ``key``
     while every owner keeps its version and storage: the one-selection lane's lookup (a dict read
     and a check per owner, where ``cached`` also finds the owner's table and keys versions). Copies
     count against ``CACHE_BUDGET``, as there."""
-    hit = store.get(key)
+    hit = values.get(key)
     if hit is not None:
         value, stamp = hit
         for t, (version, storage) in zip(owners, stamp):
@@ -157,12 +157,12 @@ def kept(store: dict, key, owners: tuple[torch.Tensor, ...], make: Callable[[], 
                 break
         else:
             return value
-        del store[key]
+        del values[key]
     value = make()
     try:
         stamp = tuple((t._version, weakref.ref(t.untyped_storage())) for t in owners)
     except RuntimeError:  # an inference tensor has no version counter to check a kept value against
         return value
-    _trim(store, _budget(owners[0]) - _nbytes(value), lambda v: v[0])
-    store[key] = value, stamp
+    _trim(values, _budget(owners[0]) - _nbytes(value), lambda v: v[0])
+    values[key] = value, stamp
     return value
