@@ -27,12 +27,11 @@ from .base import Executor, Kernel
 
 MAX_GROUPS = {"cpu": 8}
 """Per device type, the most routing patterns one batch may have for a layer to run sparse; with
-more, it runs masked (then packs its output). CPU (2 cores): per-pattern convs stop paying off
-beyond about 8 groups (resnet18, 8 experts, top-4, batches 16 and 64: sparse 0.64x and 0.89x of
-dense, masked 1.06x and 1.01x). Accelerators (any other type): 1, since per-pattern kernels whose
-batch sizes change with every batch cost more in launches, host reads and cuDNN plan lookups than
-the MACs they save (H200, resnet18, batches 16-256: sparse 2.2-3.7x slower than masked); a batch
-routed alike (batch 1 included) still runs sparse."""
+more, it runs masked (then packs its output). CPU: per-pattern convs stop paying off beyond about
+8 groups (resnet18 with 8 experts, top-4). Accelerators (any other type): 1, since per-pattern
+kernels whose batch sizes change with every batch cost more in launches, host reads and cuDNN plan
+lookups than the MACs they save; a batch routed alike (batch 1 included) still runs sparse. The
+measurements behind both: docs/benchmarks.md ("Sweep at K/N = ½", "CUDA")."""
 
 Groups = list[tuple[list[int], torch.Tensor | None]]
 
