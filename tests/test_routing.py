@@ -73,6 +73,37 @@ def test_standardised_router_trains_on_the_batch_statistics():
     assert r.scores(h.detach()).abs().max() > 10 * s.abs().max()  # eval follows the (lagging) running ones
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "standardised"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_compiled_router_scores_equal_eager(norm, train):
+    """Under torch.compile a router's product is a broadcast sum over the channels (so inductor
+    fuses it with the pooling; eager it is one F.linear): the same scores, the same gradients for
+    the input and the router's weights, and the same running statistics, in every router path
+    (float64, so only the summation order differs)."""
+    torch.manual_seed(0)
+    eager = LayerRouter(24, 4, 2, norm=norm).double().train(train)
+    if norm:
+        with torch.no_grad():
+            eager.in_mean.normal_()
+            eager.in_var.uniform_(0.5, 2.0)
+    compiled = copy.deepcopy(eager)
+    x = torch.randn(5, 24, 3, 3, dtype=torch.float64)
+    runs = []
+    for r, fn in ((eager, eager.scores), (compiled, torch.compile(compiled.scores, fullgraph=True, backend="eager"))):
+        h = x.clone().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            s = fn(h)
+        grads = ()
+        if train:
+            (s * torch.arange(1.0, 5.0, dtype=torch.float64)).sum().backward()
+            grads = (h.grad, r.proj.weight.grad)
+        runs.append((s.detach(), grads, [b.clone() for b in r.buffers()]))
+    (s_e, g_e, b_e), (s_c, g_c, b_c) = runs
+    assert torch.allclose(s_c, s_e, rtol=1e-12, atol=1e-12)
+    assert all(torch.allclose(c, e, rtol=1e-12, atol=1e-12) for c, e in zip(g_c, g_e))
+    assert all(torch.equal(c, e) for c, e in zip(b_c, b_e))
+
+
 def test_standardised_routers_split_inputs_from_the_first_batches():
     moe = _moe(router_norm=True).eval()
     for layer in moeify.moe_layers(moe).values():

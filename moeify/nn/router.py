@@ -12,6 +12,17 @@ from .pool import pool_mean
 from .route import Route, select_top_k
 
 
+def scores_product(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(h, w, bias)``: a router's scores [B, N] from its pooled input [B, C]. Under
+    ``torch.compile``, as a broadcast product summed over the channels, which inductor generates
+    as one reduction fused with the pooling before it; a [C] x [C, N] matmul with a handful of
+    experts N is otherwise an extern GEMM call of its own per router. Eager, one ``F.linear``."""
+    if not torch.compiler.is_compiling():
+        return F.linear(h, w, bias)
+    y = (h.unsqueeze(-1) * w.t()).sum(-2)
+    return y if bias is None else y + bias
+
+
 NORM_MOMENTUM = 0.1  # running-statistics update of a standardising router, as BatchNorm's default
 NORM_EPS = 1e-5
 
@@ -51,7 +62,7 @@ class LayerRouter(nn.Module):
         w = params["weight"]
         if experts is not None:
             w = self._columns(w, experts, h.shape[1] // len(experts), (w,))
-        return F.linear(h, w, params.get("bias"))
+        return scores_product(h, w, params.get("bias"))
 
     def __getstate__(self) -> dict:
         """What a pickle or a copy carries: the state less the column copies kept (remade on use)."""
@@ -79,11 +90,11 @@ class LayerRouter(nn.Module):
                 w = self.proj.weight if experts is None else take(self.proj.weight, 1, experts, h.shape[1] // len(experts))
                 hf = h.float()
                 z = (hf - hf.mean(0)) * torch.rsqrt(hf.var(0, unbiased=False) + NORM_EPS)
-                return F.linear(z.to(h.dtype), w)
+                return scores_product(z.to(h.dtype), w)
         w, bias = self._folded()
         if experts is not None:
             w = self._columns(w, experts, h.shape[1] // len(experts), (self.proj.weight, self.in_mean, self.in_var))
-        return F.linear(h, w, bias)
+        return scores_product(h, w, bias)
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W / std, -(W / std) mean): the statistics folded into the linear layer. Made once and
