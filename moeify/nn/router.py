@@ -15,7 +15,7 @@ from .route import Route, select_top_k
 def scores_product(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(h, w, bias)``: a router's scores [B, N] from its pooled input [B, C]. Under
     ``torch.compile``, as a broadcast product summed over the channels, which inductor generates
-    as one reduction fused with the pooling before it; a [C] x [C, N] matmul with a handful of
+    as one reduction fused with the pooling before it; a [B, C] x [C, N] matmul with a handful of
     experts N is otherwise an extern GEMM call of its own per router. Eager, one ``F.linear``."""
     if not torch.compiler.is_compiling():
         return F.linear(h, w, bias)
