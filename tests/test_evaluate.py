@@ -215,4 +215,3 @@ def test_a_training_attack_leaves_the_model_statistics_alone(kind):
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     _attack(moe, x, y, kind, AttackConfig(eps=0.1, steps=2), None, torch.Generator().manual_seed(0))
     assert moe.training and all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
-
