@@ -12,6 +12,8 @@
 #   mkdir -p .fmnist && cp /usr/share/datasets/fashion-mnist/* .fmnist/
 set -u
 OUT=${OUT:-device-out}
+# only a few files come back from a lent machine: the quickstart run and its reports stay in RUNS
+RUNS=${RUNS:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD:$PWD/.whl/site" PYTHONUNBUFFERED=1
 mkdir -p /usr/share/datasets/fashion-mnist && cp .fmnist/* /usr/share/datasets/fashion-mnist/ 2>/dev/null
@@ -60,9 +62,9 @@ run() {
   run 90 python3 -m moeify bench resnet18 --sweep --batch 16,256 --repeats 5 --device cuda --json "$OUT/cuda_sweep.json"
 
   step evaluate eager vs --compile: a one-epoch quickstart model, PGD on 1000 images, the same per-example results
-  run 90 python3 -m moeify robustify --recipe quickstart --set train.epochs=1 --out "$OUT/qs1"
-  run 90 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --out "$OUT/qs1-eval"
-  run 150 python3 -m moeify evaluate "$OUT/qs1" --n 1000 --attacks pgd --compile --out "$OUT/qs1-eval-compiled"
-  [ -f "$OUT/qs1-eval-compiled/report.json" ] && python3 -c "import json; a, b = (json.load(open(f'$OUT/{d}/report.json')) for d in ('qs1-eval', 'qs1-eval-compiled')); print('timings eager', a['timings_s'], 'compiled', b['timings_s'], 'same per-example results:', a['per_example'] == b['per_example'])"
+  run 90 python3 -m moeify robustify --recipe quickstart --set train.epochs=1 --out "$RUNS/qs1"
+  run 90 python3 -m moeify evaluate "$RUNS/qs1" --n 1000 --attacks pgd --out "$RUNS/qs1-eval"
+  run 150 python3 -m moeify evaluate "$RUNS/qs1" --n 1000 --attacks pgd --compile --out "$RUNS/qs1-eval-compiled"
+  [ -f "$RUNS/qs1-eval-compiled/report.json" ] && python3 -c "import json; a, b = (json.load(open(f'$RUNS/{d}/report.json')) for d in ('qs1-eval', 'qs1-eval-compiled')); print('timings eager', a['timings_s'], 'compiled', b['timings_s'], 'same per-example results:', a['per_example'] == b['per_example'])"
   step done
 } 2>&1 | tee "$OUT/log.txt"
