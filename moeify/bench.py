@@ -284,11 +284,19 @@ def _hashed_noise(like: torch.Tensor, key: int) -> torch.Tensor:
     return (1e3 * (h - h.floor() - 0.5)).to(like.dtype)
 
 
+def variants_for(strategies: tuple[str, ...]) -> tuple[str, ...]:
+    """The variants ``compare`` times for these MoE strategies: dense and the twins, then the MoE's."""
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        raise MoeifyError(f"--strategies must be some of {','.join(STRATEGIES)}, not {','.join(unknown) or 'none'}")
+    return tuple(k for k in VARIANTS if not k.startswith("moe ") or k[4:] in strategies)
+
+
 def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, device: str = "cpu",
             mode: str = "eval", channels_last: bool = True, compile: bool = False,
             routing: str = "spread", input_size: tuple[int, ...] | None = None,
             model_kwargs: dict | None = None, fold_bn: bool = False,
-            compile_mode: str = "default") -> list[BenchRow]:
+            compile_mode: str = "default", strategies: tuple[str, ...] = STRATEGIES) -> list[BenchRow]:
     """Median latency per batch of dense, static twin (+ routers) and the MoE under each execution
     strategy, with executed MACs.
 
@@ -296,7 +304,10 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
     in); ``"model"`` keeps the freshly initialised routers' choices. ``fold_bn``: every variant
     with its BatchNorms folded into the convs (``fold_batchnorm``; inference only). ``compile``:
     every variant through ``torch.compile`` in ``compile_mode`` (``"reduce-overhead"``: CUDA graphs).
+    ``strategies``: the MoE strategies timed (dense and the twins always are); each compiled one
+    costs a compilation per batch size.
     """
+    variants = variants_for(strategies)
     if fold_bn and mode != "eval":
         raise MoeifyError("folded BatchNorm is for inference: benchmark it in eval mode")
     dense = create_model(name, input_size=input_size, **(model_kwargs or {}))
@@ -313,7 +324,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
     # compiled, each strategy runs its own copy of the MoE: dynamo keeps one cache per code object,
     # so on a shared module every call would first check the guards of the other strategies' graphs
     runners = {k: (copy.deepcopy(models["moe"]) if compile else models["moe"]) if k.startswith("moe ") else models[k]
-               for k in VARIANTS}
+               for k in variants}
     moes = list({id(m): m for k, m in runners.items() if k.startswith("moe ")}.values())
     if compile:  # one compiled wrapper per variant: a strategy is fixed when its graph is traced
         runners = {k: torch.compile(m, mode=compile_mode) for k, m in runners.items()}
@@ -321,7 +332,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
     rows: list[BenchRow] = []
     for b in batches:
         x = torch.rand(b, *size, device=device).contiguous(memory_format=fmt)
-        fns = {k: _step(runners[k], k[4:] if k.startswith("moe ") else "auto", x, mode, sync) for k in VARIANTS}
+        fns = {k: _step(runners[k], k[4:] if k.startswith("moe ") else "auto", x, mode, sync) for k in variants}
         with contextlib.ExitStack() as stack:
             for m in moes if routing == "spread" and b == 1 else []:
                 stack.enter_context(noise_in_biases(m))
@@ -332,7 +343,7 @@ def compare(name: str, spec: MoESpec, batches: list[int], repeats: int = 10, dev
         choice = COMPILED if compile else _auto_choice(models["moe"], x, mode)
         macs["moe auto"] = macs[f"moe {choice}"]
         twin_gain = ms["dense"] / ms["static twin"] - 1
-        for k in VARIANTS:
+        for k in variants:
             gain = ms["dense"] / ms[k]
             rows.append(BenchRow(name, spec.experts, spec.top_k, spec.scope, mode, b, k, ms[k], macs[k], gain,
                                  macs["dense"] / macs[k], (gain - 1) / twin_gain if twin_gain >= MIN_TWIN_GAIN else float("nan"),

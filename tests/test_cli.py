@@ -76,6 +76,7 @@ def test_convert_user_file():
     (("bench-train", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
     (("bench", "resnet18", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
     (("bench", "resnet18", "--compile-mode", "fast"), "--compile-mode must be one of default,"),
+    (("bench", "resnet18", "--strategies", "static,fast"), "--strategies must be some of masked,grouped,static,auto, not fast"),
     (("--allocator", "jemalloc", "convert", "resnet18"), "--allocator must be kept or system, not 'jemalloc'"),
 ])
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
@@ -128,6 +129,12 @@ def test_bench_times_all_variants_and_writes_json(tmp_path):
     assert "moe auto (" in r.stdout
     again = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--json", str(out))
     assert again.returncode != 0 and "exists" in again.stderr
+    some = tmp_path / "some.json"  # --strategies: dense and the twins, then only the strategies named
+    r = run("bench", f"{TESTS / 'models.py'}:build_preact", "--input-size", "3,16,16", "--batch", "2", "--repeats", "1",
+            "--strategies", "static,masked", "--json", str(some))
+    assert r.returncode == 0, r.stderr
+    assert [x["variant"] for x in json.loads(some.read_text())["rows"]] == [
+        "dense", "static twin", "twin + routers", "moe masked", "moe static"]
 
 
 def test_bench_train_reports_intervals_and_the_share_of_s_dense_gain(capsys, monkeypatch):
