@@ -9,8 +9,9 @@ several sizes. A shipped table rather than a micro-benchmark at first use, so th
 does not depend on what a noisy machine measured once, and results are reproducible;
 a machine measures its own with ``moeify bench --calibrate PATH`` and points
 ``$MOEIFY_CALIBRATION`` at it: the device types and modes it measured replace the shipped ones
-(a GPU user's first step: the shipped table has no GPU). A device type without measurements uses
-``static``: it never reads routes back, which is what stalls an accelerator.
+(the shipped GPU points are one H200's, in eval; another GPU is worth measuring). A device type
+without measurements uses ``static``: it never reads routes back, which is what stalls an
+accelerator.
 """
 from __future__ import annotations
 
