@@ -147,14 +147,17 @@ def test_compiled_static_still_refuses_non_finite_routes():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("batch", [1, 8])
-def test_static_runs_in_cuda_graphs_like_masked(batch):
-    """``torch.compile(moe, mode="reduce-overhead")`` captures the static strategy in CUDA graphs:
-    no part of the model is skipped, replays equal eager masked execution (true fp32), and a NaN
-    route is still refused."""
+@pytest.mark.parametrize("batch,gather", [(1, 0), (1, 1), (8, 8)])
+def test_static_runs_in_cuda_graphs_like_masked(batch, gather, monkeypatch):
+    """``torch.compile(moe, mode="reduce-overhead")`` captures the static strategy in CUDA graphs,
+    with its masked math (the CUDA default) and with gathered per-sample weights: no part of the
+    model is skipped, replays equal eager masked execution (true fp32), and a NaN route is still
+    refused."""
     from torch._dynamo.utils import counters
 
     from moeify.attacks import full_fp32
+
+    monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cuda", gather)
 
     torch.manual_seed(0)
     size = (3, 48, 48)

@@ -328,17 +328,20 @@ def test_global_router_shares_one_route():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("experts,top_k,spread", [(4, 2, False), (4, 2, True), (2, 1, True)])
-@pytest.mark.parametrize("mode,cuda_groups", [("grouped", None), ("grouped", 8), ("static", None), ("auto", None)])
-def test_cuda_strategy_equals_masked(experts, top_k, spread, mode, cuda_groups, monkeypatch):
+@pytest.mark.parametrize("mode,cuda_limit", [("grouped", None), ("grouped", 8), ("static", None), ("static", 8),
+                                             ("auto", None)])
+def test_cuda_strategy_equals_masked(experts, top_k, spread, mode, cuda_limit, monkeypatch):
     """The CUDA path: grouped runs a batch routed alike sparse and a spread batch masked by default
-    (``MAX_GROUPS``) or, allowed more groups, split by routing pattern (row groups); static gathers
-    per-sample weights. In true fp32 (TF32, on by default for CUDA convolutions, rounds sliced and
-    full convs differently)."""
+    (``MAX_GROUPS``) or, allowed more groups, split by routing pattern (row groups); static runs the
+    masked math by default or, allowed to (``GATHER_MAX_BATCH``), gathers per-sample weights. In
+    true fp32 (TF32, on by default for CUDA convolutions, rounds sliced and full convs differently)."""
     from moeify.attacks import full_fp32
-    from moeify.nn.executors import grouped
+    from moeify.nn.executors import EXECUTORS, grouped
 
-    if cuda_groups:
-        monkeypatch.setitem(grouped.MAX_GROUPS, "cuda", cuda_groups)
+    if cuda_limit and mode == "grouped":
+        monkeypatch.setitem(grouped.MAX_GROUPS, "cuda", cuda_limit)
+    if cuda_limit and mode == "static":
+        monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cuda", cuda_limit)
     moe = _moe(experts=experts, top_k=top_k).cuda()
     x = torch.rand(8, 3, 16, 16, device="cuda")
     with full_fp32():

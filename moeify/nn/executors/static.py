@@ -20,13 +20,16 @@ from ..route import Route
 from ..rowgroups import as_tensor
 from .base import Executor, Kernel
 
-GATHER_MAX_BATCH = {"cpu": 1, "cuda": 64}
+GATHER_MAX_BATCH = {"cpu": 1, "cuda": 0}
 """Per device type, the largest batch whose layers gather per-sample weights (any other type:
 the CUDA value). CPU: 1. The grouped conv itself is cheap there, but each sample's copy of its
 weight slices (batch x K/N of a layer's weight) and the layout copies around the grouped conv
 cost more than the MACs it saves wherever weights outweigh activations (docs/benchmarks.md,
-"Per-sample weights on the CPU"). CUDA: not yet measured on a GPU; 64 keeps the per-sample weight
-copies small."""
+"Per-sample weights on the CPU"). CUDA: 0, the masked math at every batch. On an H200 the
+gathered path lost to the masked math at every batch from 1 to 64 on all five reference
+models, and under CUDA graphs it cost more than the twin with routers, whose time the masked
+math nearly matches at batch 1, where a GPU's convs are bound by latency rather than MACs
+(docs/benchmarks.md, "CUDA (H200), sixteenth session")."""
 
 
 def take_experts(v: torch.Tensor, dim: int, idx: torch.Tensor, experts: int, batched: bool) -> torch.Tensor:
