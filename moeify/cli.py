@@ -182,12 +182,12 @@ def bench(
     model_kwargs: Annotated[Optional[str], typer.Option("--model-kwargs", help="Constructor arguments, e.g. width=16,stem_stride=2.")] = None,
     calibrate: Annotated[Optional[str], typer.Option("--calibrate", help="Instead: measure the table the auto strategy reads (reference models, --batch sizes, --device) and write it here; auto uses it where MOEIFY_CALIBRATION names it.")] = None,
     fold_bn: Annotated[bool, typer.Option("--fold-bn", help="Fold every variant's BatchNorms into its convs first, as deployed inference does (eval only).")] = False,
-    strategies: Annotated[str, typer.Option(help="Comma-separated MoE strategies to time (dense and the twins always are); fewer compile faster.")] = "masked,grouped,static,auto",
+    strategies: Annotated[Optional[str], typer.Option(help="Comma-separated MoE strategies to time (default: all; dense and the twins always are); fewer compile faster.")] = None,
 ) -> None:
     """Time dense, static twin (+ routers) and the MoE under every execution strategy (interleaved, medians)."""
     import json
 
-    from .bench import compare, convert_seconds, machine, rows_as_dicts, variants_for
+    from .bench import STRATEGIES, compare, convert_seconds, machine, rows_as_dicts, variants_for
     from .bench import sweep as run_sweep
     from .nn.executors.auto import table_source
     from .spec import MoESpec
@@ -208,8 +208,10 @@ def bench(
         if compile_mode not in modes:
             raise MoeifyError(f"--compile-mode must be one of {', '.join(modes)}, not {compile_mode!r}")
     batches = _int_list(batch, "--batch", "1,16", positive=True)
-    chosen = tuple(s.strip() for s in strategies.split(",") if s.strip())
+    chosen = STRATEGIES if strategies is None else tuple(s.strip() for s in strategies.split(",") if s.strip())
     variants_for(chosen)  # refused before any model is built
+    if calibrate and strategies is not None:
+        raise MoeifyError("--calibrate measures every strategy, which auto chooses among: drop --strategies")
     if calibrate:
         _calibrate(calibrate, batches, repeats, device, mode, (2, 4, 8) if sweep else (2,))
         return

@@ -77,6 +77,7 @@ def test_convert_user_file():
     (("bench", "resnet18", "--device", "gpu"), "--device must be cpu or cuda, not 'gpu'"),
     (("bench", "resnet18", "--compile-mode", "fast"), "--compile-mode must be one of default,"),
     (("bench", "resnet18", "--strategies", "static,fast"), "--strategies must be some of masked,grouped,static,auto, not fast"),
+    (("bench", "--calibrate", "cal.json", "--strategies", "static"), "--calibrate measures every strategy"),
     (("--allocator", "jemalloc", "convert", "resnet18"), "--allocator must be kept or system, not 'jemalloc'"),
 ])
 def test_bad_input_is_one_line_without_traceback(capsys, args, message):
