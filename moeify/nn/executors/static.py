@@ -25,10 +25,11 @@ GATHER_MAX_BATCH = {"cpu": 1, "cuda": 0}
 the CUDA value). CPU: 1. The grouped conv itself is cheap there, but each sample's copy of its
 weight slices (batch x K/N of a layer's weight) and the layout copies around the grouped conv
 cost more than the MACs it saves wherever weights outweigh activations (docs/benchmarks.md,
-"Per-sample weights on the CPU"). CUDA: 0, the masked math at every batch. On an H200 the
+"Per-sample weights on the CPU"). CUDA: 0, the masked math at every batch. On an H200, eager, the
 gathered path lost to the masked math at every batch from 1 to 64 on all five reference
-models, and under CUDA graphs it cost more than the twin with routers, whose time the masked
-math nearly matches at batch 1, where a GPU's convs are bound by latency rather than MACs
+models. Under CUDA graphs at batch 1 it cost more than the twin with routers; there dense and
+the twin take the same time (a GPU's convs are bound by latency, not MACs), so the masked math
+should cost about what the twin with routers does, which the next GPU run is to confirm
 (docs/benchmarks.md, "CUDA (H200), sixteenth session")."""
 
 
