@@ -210,9 +210,9 @@ def bench(
     batches = _int_list(batch, "--batch", "1,16", positive=True)
     chosen = STRATEGIES if strategies is None else tuple(s.strip() for s in strategies.split(",") if s.strip())
     variants_for(chosen)  # refused before any model is built
-    if calibrate and strategies is not None:
-        raise MoeifyError("--calibrate measures every strategy, which auto chooses among: drop --strategies")
     if calibrate:
+        if strategies is not None:
+            raise MoeifyError("--calibrate measures every strategy, which auto chooses among: drop --strategies")
         _calibrate(calibrate, batches, repeats, device, mode, (2, 4, 8) if sweep else (2,))
         return
     size = _size(input_size)
