@@ -25,12 +25,9 @@ GATHER_MAX_BATCH = {"cpu": 1, "cuda": 0}
 the CUDA value). CPU: 1. The grouped conv itself is cheap there, but each sample's copy of its
 weight slices (batch x K/N of a layer's weight) and the layout copies around the grouped conv
 cost more than the MACs it saves wherever weights outweigh activations (docs/benchmarks.md,
-"Per-sample weights on the CPU"). CUDA: 0, the masked math at every batch. On an H200, eager, the
-gathered path lost to the masked math at every batch from 1 to 64 on all five reference
-models. Under CUDA graphs at batch 1 it cost more than the twin with routers; there dense and
-the twin take the same time (a GPU's convs are bound by latency, not MACs), so the masked math
-should cost about what the twin with routers does, which the next GPU run is to confirm
-(docs/benchmarks.md, "CUDA (H200), sixteenth session")."""
+"Per-sample weights on the CPU"). CUDA: 0, the masked math at every batch: on an H200 gathering
+lost to it at every batch measured, eager, and under CUDA graphs cost more than the twin with
+routers (docs/benchmarks.md, "CUDA (H200), sixteenth session")."""
 
 
 def take_experts(v: torch.Tensor, dim: int, idx: torch.Tensor, experts: int, batched: bool) -> torch.Tensor:
