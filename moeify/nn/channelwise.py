@@ -2,10 +2,10 @@
 
 Each strategy (``executors/``) decides how they run; here are the kernels they share: on the
 selected channels of a packed tensor, sliced parameters when the batch shares one selection and
-per-sample gathered parameters otherwise. In training,
-BatchNorm's statistics of a channel are taken over the samples that selected it, in both
-execution modes, so sparse and masked compute the same function; channels nobody selected keep
-their running statistics.
+per-sample gathered parameters otherwise. In training, BatchNorm's statistics of a channel are
+taken over the samples that selected it, packed or at full width (``selected_norm.py``), so
+sparse and masked compute the same function; channels nobody selected keep their running
+statistics.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .kernel import PLAIN_CONV_FORWARDS
 from .cache import cached, remember
 from .packing import broadcast, expert_channels, take
 from .route import Route
+from .selected_norm import SelectedBatchNorm
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -32,26 +33,21 @@ def bn_state(bn: nn.modules.batchnorm._BatchNorm) -> tuple[bool, float]:
     return use_batch, factor
 
 
-def on_slots(v: torch.Tensor, ch: torch.Tensor | None, ndim: int) -> torch.Tensor:
-    """Per-channel values [C] laid out to broadcast over a [B, S, ...] tensor whose slot s of
-    sample b is channel ``ch[b, s]`` (``ch`` None: channel s, a view instead of a gather)."""
-    return broadcast(v[None] if ch is None else v[ch], ndim, 1)
+def on_slots(v: torch.Tensor, ch: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Per-channel values [C] laid out to broadcast over a packed [B, S, ...] tensor whose slot s
+    of sample b is channel ``ch[b, s]``."""
+    return broadcast(v[ch], ndim, 1)
 
 
-def _selected_stats(x: torch.Tensor, ch: torch.Tensor | None, weight: torch.Tensor | None, channels: int):
-    """Per-channel mean, biased variance and element count of ``x`` [B, S, ...] over the samples
-    that hold each channel, and ``x`` minus its channel's mean: slot s of sample b is channel
-    ``ch[b, s]`` (``ch`` None: channel s, then means broadcast instead of being gathered),
-    counted with ``weight[b, s]`` (1 or 0). Two passes of sums, as BatchNorm takes them."""
+def _selected_stats(x: torch.Tensor, ch: torch.Tensor, channels: int):
+    """Per-channel mean, biased variance and element count of packed ``x`` [B, S, ...] over the
+    samples that hold each channel (slot s of sample b is channel ``ch[b, s]``), and ``x`` minus
+    its channel's mean. Two passes of sums, as BatchNorm takes them."""
     dims = tuple(range(2, x.ndim))
     hw = x[0, 0].numel()
-    w = None if weight is None else weight.to(x.dtype)
 
-    def per_channel(per_slot: torch.Tensor) -> torch.Tensor:  # [B, S] -> [C], the weighted sum over samples
-        v = per_slot if w is None else per_slot * w
-        if ch is None:
-            return v.sum(0)
-        return x.new_zeros(channels).index_add(0, ch.reshape(-1), v.reshape(-1))
+    def per_channel(per_slot: torch.Tensor) -> torch.Tensor:  # [B, S] -> [C], the sum over samples
+        return x.new_zeros(channels).index_add(0, ch.reshape(-1), per_slot.reshape(-1))
 
     count = per_channel(x.new_ones(x.shape[:2])) * hw
     denom = count.clamp_min(1)
@@ -117,16 +113,21 @@ def per_sample_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
     channels = bn.num_features
     per = channels // route.experts
     use_batch, factor = state or bn_state(bn)
-    if not use_batch and not route.packed:
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-    ch, sel = (route.channel_index(per), None) if route.packed else (None, route.channel_mask(channels).detach().ne(0))
+    if not route.packed:
+        if not use_batch:
+            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        y, mean, var, count = SelectedBatchNorm.apply(x, route.channel_mask(channels).detach().ne(0), bn.weight,
+                                                      bn.bias, bn.eps)
+        _update_running(bn, mean, var, count, factor)
+        return y
+    ch = route.channel_index(per)
     if use_batch:
-        mean, var, count, d = _selected_stats(x, ch, sel, channels)
+        mean, var, count, d = _selected_stats(x, ch, channels)
         _update_running(bn, mean, var, count, factor)
         scale, shift = torch.rsqrt(var + bn.eps), bn.bias
         if bn.weight is not None:
             scale = scale * bn.weight
-    else:  # running statistics of a packed tensor (full width took the native op above)
+    else:  # running statistics
         d, scale = x, torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight

@@ -1,0 +1,69 @@
+"""Training BatchNorm of a full-width MoE tensor: each channel normalised with the statistics of
+the samples that selected it, as one autograd op.
+
+Masked execution computes every channel of every sample, so its training BatchNorm must take a
+channel's statistics over the samples whose route selects the channel (what the sparse strategies
+see). Written as plain tensor ops, autograd runs that through about a dozen full-size passes per
+layer, forward and backward; here it takes eight, against five for ``F.batch_norm``:
+
+- forward: the mean, then the variance from the deviations (two passes, as BatchNorm takes them),
+  each summed per (sample, channel) and then over the selecting samples, and one fused
+  multiply-add;
+- backward: one fused pass for both per-channel sums (``native_batch_norm_backward`` in its
+  running-statistics form: the sums of g and of g times the normalised input) and two fused
+  multiply-adds for the input's gradient, in closed form.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """[C] or [B, C] laid out to broadcast over a [B, C, ...] tensor."""
+    v = v[None] if v.ndim == 1 else v
+    return v.reshape(*v.shape, *[1] * (ndim - 2))
+
+
+class SelectedBatchNorm(torch.autograd.Function):
+    """``(out, mean, var, count)``: ``x`` [B, C, ...] normalised per channel with the biased mean and
+    variance over the samples b with ``sel[b, c]`` (elements counted in ``count``), then scaled
+    and shifted; at every position, selected or not, so an unselected sample's values are the
+    same function as in the plain-op form. ``mean``, ``var`` and ``count`` (for the running
+    statistics) carry no gradient; a channel no sample selected has mean and variance 0."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sel: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float):
+        dims = tuple(range(2, x.ndim))
+        count = sel.sum(0).to(x.dtype) * x[0, 0].numel()
+        coef = sel.to(x.dtype) / count.clamp_min(1)  # [B, C]: each element's weight in its channel's mean
+        mean = ((x.sum(dims) if dims else x) * coef).sum(0)
+        dev = (x - _broadcast(mean, x.ndim)).square_()
+        var = ((dev.sum(dims) if dims else dev) * coef).sum(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
+        out = torch.addcmul(_broadcast(shift, x.ndim), x, _broadcast(scale, x.ndim))
+        ctx.save_for_backward(x, coef, weight, mean, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var, count)
+        return out, mean, var, count
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, *_):
+        x, coef, weight, mean, var = ctx.saved_tensors
+        # the sums over every position of g (the bias's gradient) and of g times the normalised
+        # input (the weight's), in one pass: BatchNorm's own backward, given these statistics
+        _, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
+            g, x, torch.ones_like(mean) if weight is None else weight, mean, var, None, None, False, ctx.eps,
+            [False, True, True])
+        invstd = torch.rsqrt(var + ctx.eps)
+        scale = invstd if weight is None else invstd * weight
+        # d out / d x: scale * g, less what flows through the mean and variance of the samples that
+        # selected the channel: coef * scale * (sum g + xhat * sum g xhat), xhat = (x - mean) * invstd
+        slope = coef * (scale * invstd * g_xhat)  # [B, C]
+        offset = coef * (scale * g_sum) - slope * mean
+        gx = torch.addcmul(_broadcast(-offset, x.ndim), x, _broadcast(-slope, x.ndim))
+        gx.addcmul_(g, _broadcast(scale, x.ndim))
+        gx_needed, _, gw_needed, gb_needed, _ = ctx.needs_input_grad
+        return (gx if gx_needed else None, None, g_xhat if gw_needed else None, g_sum if gb_needed else None, None)
