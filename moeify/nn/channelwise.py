@@ -58,14 +58,15 @@ def _selected_stats(x: torch.Tensor, ch: torch.Tensor, channels: int):
 
 
 def _update_running(bn, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, factor: float) -> None:
+    """BatchNorm's running averages moved towards this batch's statistics (the variance unbiased
+    by each channel's ``count``); a channel no sample selected (count 0) keeps its own."""
     if not bn.track_running_stats or bn.running_mean is None or not bn.training:
         return
     with torch.no_grad():
-        seen = count > 0
+        step = (count > 0).to(bn.running_mean.dtype) * factor
         unbiased = var * count / (count - 1).clamp_min(1)
-        f = factor * seen.to(mean.dtype)
-        bn.running_mean.mul_(1 - f).add_(f * mean.detach())
-        bn.running_var.mul_(1 - f).add_(f * unbiased.detach())
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), step)
+        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), step)
 
 
 def sliced_bn(bn: nn.modules.batchnorm._BatchNorm, experts: list[int], per: int) -> tuple:

@@ -15,13 +15,14 @@ layer, forward and backward; here it takes eight, against five for ``F.batch_nor
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """[C] or [B, C] laid out to broadcast over a [B, C, ...] tensor."""
-    v = v[None] if v.ndim == 1 else v
-    return v.reshape(*v.shape, *[1] * (ndim - 2))
+    """[C] or [B, C] viewed to broadcast over a [B, C, ...] tensor."""
+    return v.view((1,) * (2 - v.ndim) + tuple(v.shape) + (1,) * (ndim - 2))
 
 
 class SelectedBatchNorm(torch.autograd.Function):
@@ -35,8 +36,9 @@ class SelectedBatchNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, sel: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 eps: float):
         dims = tuple(range(2, x.ndim))
-        count = sel.sum(0).to(x.dtype) * x[0, 0].numel()
-        coef = sel.to(x.dtype) / count.clamp_min(1)  # [B, C]: each element's weight in its channel's mean
+        m = sel.to(x.dtype)
+        count = m.sum(0) * math.prod(x.shape[2:])
+        coef = m / count.clamp_min(1)  # [B, C]: each element's weight in its channel's mean
         mean = ((x.sum(dims) if dims else x) * coef).sum(0)
         dev = (x - _broadcast(mean, x.ndim)).square_()
         var = ((dev.sum(dims) if dims else dev) * coef).sum(0)
@@ -44,26 +46,27 @@ class SelectedBatchNorm(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
         out = torch.addcmul(_broadcast(shift, x.ndim), x, _broadcast(scale, x.ndim))
-        ctx.save_for_backward(x, coef, weight, mean, var)
+        ctx.save_for_backward(x, coef, mean, invstd, scale)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var, count)
+        ctx.set_materialize_grads(False)  # no zero tensors made for the statistics' (absent) gradients
         return out, mean, var, count
 
     @staticmethod
     def backward(ctx, g: torch.Tensor, *_):
-        x, coef, weight, mean, var = ctx.saved_tensors
+        if g is None:  # the output is not part of what is differentiated
+            return None, None, None, None, None
+        x, coef, mean, invstd, scale = ctx.saved_tensors
         # the sums over every position of g (the bias's gradient) and of g times the normalised
         # input (the weight's), in one pass: BatchNorm's own backward, given these statistics
         _, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
-            g, x, torch.ones_like(mean) if weight is None else weight, mean, var, None, None, False, ctx.eps,
-            [False, True, True])
-        invstd = torch.rsqrt(var + ctx.eps)
-        scale = invstd if weight is None else invstd * weight
+            g, x, None, None, None, mean, invstd, True, ctx.eps, [False, True, True])
         # d out / d x: scale * g, less what flows through the mean and variance of the samples that
-        # selected the channel: coef * scale * (sum g + xhat * sum g xhat), xhat = (x - mean) * invstd
+        # selected the channel: coef * scale * (sum g + xhat * sum g xhat), xhat = (x - mean) * invstd;
+        # as scale * g - slope * x + (slope * mean - coef * scale * sum g)
         slope = coef * (scale * invstd * g_xhat)  # [B, C]
-        offset = coef * (scale * g_sum) - slope * mean
-        gx = torch.addcmul(_broadcast(-offset, x.ndim), x, _broadcast(-slope, x.ndim))
+        offset = torch.addcmul(slope * mean, coef, scale * g_sum, value=-1)
+        gx = torch.addcmul(_broadcast(offset, x.ndim), x, _broadcast(slope, x.ndim), value=-1)
         gx.addcmul_(g, _broadcast(scale, x.ndim))
         gx_needed, _, gw_needed, gb_needed, _ = ctx.needs_input_grad
         return (gx if gx_needed else None, None, g_xhat if gw_needed else None, g_sum if gb_needed else None, None)
