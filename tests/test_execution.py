@@ -261,6 +261,22 @@ def test_ties_break_to_the_lower_expert_and_gate_is_one():
     route.gate.sum().backward()
     assert scores.grad.abs().sum() > 0
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_constant_gate_mask_selects_the_channels_the_gated_mask_does(top_k):
+    """Without a gradient the channel mask is made by a comparison (bool), with one by scattering
+    the gates: the same channels, and zeroing with either gives the same tensor and dtype."""
+    scores = torch.randn(6, 4, generator=torch.Generator().manual_seed(top_k))
+    plain = select_top_k(scores, top_k)
+    gated = select_top_k(scores.clone().requires_grad_(), top_k)
+    assert plain.needs_grad is False and gated.needs_grad
+    mask = plain.channel_mask(12)
+    assert mask.dtype == torch.bool and mask.shape == (6, 12)
+    assert torch.equal(mask, gated.channel_mask(12).detach().ne(0))
+    assert mask.sum(1).tolist() == [top_k * 3] * 6
+    x = torch.randn(6, 12, 5, dtype=torch.float64)
+    assert torch.equal(plain.apply(x, 1), gated.apply(x, 1).detach())
+    assert plain.apply(x, 1).dtype == torch.float64
+
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])

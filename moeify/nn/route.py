@@ -88,9 +88,13 @@ class Route:
 
     def channel_mask(self, channels: int) -> torch.Tensor:
         """[B, channels]: each expert's gate repeated over its contiguous block of channels (made
-        once per route and width: a layer's producer, consumer and add share it)."""
+        once per route and width: a layer's producer, consumer and add share it). With constant
+        gates (nothing records through them), a bool mask of the selected channels, made by one
+        comparison instead of a scatter and an expand."""
         if channels not in self._masks:
-            self._masks[channels] = repeat_columns(self.expert_mask(), channels // self.experts)
+            per = channels // self.experts
+            self._masks[channels] = repeat_columns(self.expert_mask(), per) if self._gate is not None \
+                else selected_channels(self.idx, per, self.experts)
         return self._masks[channels]
 
     def slot_gates(self, rows: torch.Tensor | None, per: int) -> torch.Tensor:
@@ -108,7 +112,9 @@ class Route:
         """Zero the unselected experts' channels of full-width ``x`` (channels on ``cdim``); with
         ``order``, x holds them reordered (x's channel i is the layer's channel ``order[i]``)."""
         cdim = cdim % x.ndim
-        m = self.channel_mask(x.shape[cdim]).to(x.dtype)
+        m = self.channel_mask(x.shape[cdim])
+        if m.dtype != torch.bool:  # a bool mask keeps x's dtype in the product
+            m = m.to(x.dtype)
         if order is not None:
             m = m.index_select(1, order)
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
@@ -120,6 +126,24 @@ def repeat_columns(m: torch.Tensor, n: int) -> torch.Tensor:
     """[B, C] -> [B, C * n], each column repeated n times: an expand, not ``repeat_interleave``
     (which reads its output size back, a host sync on CUDA)."""
     return m[:, :, None].expand(-1, -1, n).reshape(m.shape[0], -1)
+
+
+_OWNERS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+"""[C] the expert owning each channel, per (channels per expert, experts, device): made once."""
+
+
+def selected_channels(idx: torch.Tensor, per: int, experts: int) -> torch.Tensor:
+    """[B, experts * per] bool: whether sample b selected channel c's expert (``idx`` [B, K])."""
+    key = (per, experts, idx.device)
+    owner = None if torch.compiler.is_compiling() else _OWNERS.get(key)
+    if owner is None:
+        with torch.inference_mode(False):  # usable outside inference mode too
+            owner = torch.arange(experts * per, device=idx.device) // per
+        if not torch.compiler.is_compiling():
+            _OWNERS[key] = owner
+    if idx.shape[1] == 1:
+        return owner == idx
+    return (owner[:, None] == idx[:, None, :]).any(-1)
 
 
 def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.Tensor | None]]:
