@@ -90,11 +90,16 @@ class Route:
         """[B, channels]: each expert's gate repeated over its contiguous block of channels (made
         once per route and width: a layer's producer, consumer and add share it). With constant
         gates (nothing records through them), a bool mask of the selected channels, made by one
-        comparison instead of a scatter and an expand."""
+        comparison instead of a scatter and an expand; with one gate per sample, that mask times it."""
         if channels not in self._masks:
             per = channels // self.experts
-            self._masks[channels] = repeat_columns(self.expert_mask(), per) if self._gate is not None \
-                else selected_channels(self.idx, per, self.experts)
+            if self._gate is None:
+                mask = selected_channels(self.idx, per, self.experts)
+            elif self.top_k == 1:  # one gate per sample: the bool mask times it
+                mask = selected_channels(self.idx, per, self.experts) * self._gate
+            else:
+                mask = repeat_columns(self.expert_mask(), per)
+            self._masks[channels] = mask
         return self._masks[channels]
 
     def slot_gates(self, rows: torch.Tensor | None, per: int) -> torch.Tensor:
