@@ -28,9 +28,10 @@ def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
 class SelectedBatchNorm(torch.autograd.Function):
     """``(out, mean, var, count)``: ``x`` [B, C, ...] normalised per channel with the biased mean and
     variance over the samples b with ``sel[b, c]`` (elements counted in ``count``), then scaled
-    and shifted; at every position, selected or not, so an unselected sample's values are the
-    same function as in the plain-op form. ``mean``, ``var`` and ``count`` (for the running
-    statistics) carry no gradient; a channel no sample selected has mean and variance 0."""
+    and shifted, at every position (the layer's masks zero the unselected ones; gradients that
+    reach them still flow back through the statistics, as autograd would take them). ``mean``,
+    ``var`` and ``count`` (for the running statistics) carry no gradient; a channel no sample
+    selected has mean and variance 0."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sel: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
