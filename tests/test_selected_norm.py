@@ -62,3 +62,26 @@ def test_selected_batch_norm_keeps_channels_last_and_float32():
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.allclose(gx.double(), ref_gx, rtol=1e-4, atol=1e-4)
+
+
+def test_selected_batch_norm_takes_half_precision_maps_as_autocast_gives_them():
+    """Under autocast a conv hands BatchNorm a bfloat16 map while its parameters stay float32: the
+    statistics are taken in float32, and the backward takes the float32 gradient of the output."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, 5, 5, generator=g).bfloat16().requires_grad_()
+    sel = torch.rand(8, 6, generator=g) < 0.5
+    sel[0] = True
+    weight = (torch.rand(6, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(6, generator=g).requires_grad_()
+    out, mean, var, _ = SelectedBatchNorm.apply(x, sel, weight, bias, 1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, weight, bias])
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    ref, ref_mean, ref_var = by_definition(x64, sel, w64, b64, 1e-5)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x64, w64, b64])
+    assert mean.dtype == var.dtype == torch.float32 and grads[0].dtype == torch.bfloat16
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(var.double(), ref_var, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grads[0].double(), ref_grads[0], rtol=1e-2, atol=1e-2)
+    for got, want in zip(grads[1:], ref_grads[1:]):
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4)

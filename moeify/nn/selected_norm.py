@@ -37,10 +37,11 @@ class SelectedBatchNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, sel: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 eps: float):
         dims = tuple(range(2, x.ndim))
-        m = sel.to(x.dtype)
+        acc = torch.promote_types(x.dtype, torch.float32)  # statistics of half-precision maps in float32
+        m = sel.to(acc)
         count = m.sum(0) * math.prod(x.shape[2:])
         coef = m / count.clamp_min(1)  # [B, C]: each element's weight in its channel's mean
-        mean = ((x.sum(dims) if dims else x) * coef).sum(0)
+        mean = ((x.sum(dims, dtype=acc) if dims else x) * coef).sum(0)
         dev = (x - _broadcast(mean, x.ndim)).square_()
         var = ((dev.sum(dims) if dims else dev) * coef).sum(0)
         invstd = torch.rsqrt(var + eps)
@@ -58,6 +59,7 @@ class SelectedBatchNorm(torch.autograd.Function):
         if g is None:  # the output is not part of what is differentiated
             return None, None, None, None, None
         x, coef, mean, invstd, scale = ctx.saved_tensors
+        x = x.to(g.dtype)  # a half-precision map under autocast: its output (and g) are float32
         # the sums over every position of g (the bias's gradient) and of g times the normalised
         # input (the weight's), in one pass: BatchNorm's own backward, given these statistics
         _, g_xhat, g_sum = torch.ops.aten.native_batch_norm_backward(
