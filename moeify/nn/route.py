@@ -104,13 +104,14 @@ class Route:
 
     def slot_gates(self, rows: torch.Tensor | None, per: int) -> torch.Tensor:
         """[B or len(rows), K * per]: each packed slot's gate, for the samples ``rows`` (None: all);
-        made once per route, rows and width: a layer's producer and consumer share it (the rows
-        are kept with it, so an id is never matched to other rows)."""
+        for a top-1 route [B or len(rows), 1], the sample's one gate, which broadcasts over its
+        slots. Made once per route, rows and width: a layer's producer and consumer share it (the
+        rows are kept with it, so an id is never matched to other rows)."""
         key = (id(rows), per)
         made = self._slots.get(key)
         if made is None or made[0] is not rows:
             g = self.gate if rows is None else self.gate.index_select(0, rows)
-            made = self._slots[key] = (rows, repeat_columns(g, per))
+            made = self._slots[key] = (rows, g if self.top_k == 1 else repeat_columns(g, per))
         return made[1]
 
     def apply(self, x: torch.Tensor, cdim: int, order: torch.Tensor | None = None) -> torch.Tensor:
