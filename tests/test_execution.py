@@ -14,6 +14,7 @@ from moeify.nn import cache, onednn, select_top_k
 from moeify.nn.executors import EXECUTORS
 from moeify.nn.executors.static import per_sample_weight
 from moeify.nn.route import Route
+from moeify.nn.weights import weight_slice, weight_slices
 
 
 def _moe(cls=PreActResNet, scope="branches", experts=4, top_k=2, train=False):
@@ -659,3 +660,25 @@ def test_router_pool_has_the_gradient_of_mean():
             (h.square().sum() + (t * w).sum()).backward()
             grads.append(t.grad)
         assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("shape, sels", [
+    ((6, 8), [([0], 4, [1], 3), ([1], 4, [0], 3), ([0], 4, [0], 3), ([1], 4, [1], 3)]),  # top-1 both sides: a partition
+    ((6, 5), [(None, 1, [0], 3), (None, 1, [1], 3)]),  # output side only: a partition
+    ((6, 8), [([0], 4, [1], 3), ([1], 4, [0], 3)]),  # disjoint, two blocks never selected
+    ((5, 12), [([0, 1], 4, None, 1), ([1, 2], 4, None, 1), ([0, 2], 4, None, 1)]),  # top-2 of 3: overlapping
+])
+def test_weight_slices_gradient_equals_autograd_slicing(shape, sels):
+    """Several routing patterns' slices of one weight as one op: its gradient is the sum of the
+    slices' gradients, whether the patterns partition the weight, leave parts of it out or overlap."""
+    g = torch.Generator().manual_seed(len(sels))
+    w = torch.randn(*shape, 3, 3, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w.requires_grad_()
+    slices = weight_slices(w, sels)
+    ups = [torch.randn(s.shape, generator=g, dtype=torch.float64) for s in slices]
+    (got,) = torch.autograd.grad(sum((s * u).sum() for s, u in zip(slices, ups)), w)
+    leaf = w.detach().requires_grad_()
+    views = [weight_slice(leaf, *sel) for sel in sels]
+    (want,) = torch.autograd.grad(sum((v * u).sum() for v, u in zip(views, ups)), leaf)
+    assert all(torch.equal(a, b) for a, b in zip(slices, views))
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)

@@ -31,9 +31,10 @@ def weight_slice(w: torch.Tensor, in_sel: list[int] | None, per_in: int, out_sel
 
 
 class _WeightSlices(torch.autograd.Function):
-    """One weight's selections for several routing patterns, each a contiguous copy. Backward adds
+    """One weight's selections for several routing patterns, each a contiguous copy. Backward writes
     every selection's gradient into one full-size gradient (autograd's slices would make a
-    zero-filled full-size gradient per selection and sum them)."""
+    zero-filled full-size gradient per selection and sum them): copied where the selections do not
+    overlap (a top-1 route's patterns never do), added where they do, zero only where none is."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, sels: tuple) -> tuple[torch.Tensor, ...]:
@@ -44,19 +45,41 @@ class _WeightSlices(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: torch.Tensor):
         shape, dtype, device, fmt = ctx.like
-        out = torch.zeros(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
-        for (in_sel, per_in, out_sel, per_out), g in zip(ctx.sels, grads):
-            if g is None:
-                continue
+        given = [(sel, g) for sel, g in zip(ctx.sels, grads) if g is not None]
+        disjoint, covered = _layout([sel for sel, _ in given], shape)
+        make = torch.empty if disjoint and covered else torch.zeros
+        out = make(shape, dtype=dtype, device=device).contiguous(memory_format=fmt)
+        for (in_sel, per_in, out_sel, per_out), g in given:
             o_pos = 0
             for o_start, o_len in _spans(out_sel, per_out, shape[0]):
                 i_pos = 0
                 for i_start, i_len in _spans(in_sel, per_in, shape[1]):
-                    out[o_start:o_start + o_len, i_start:i_start + i_len] += \
-                        g[o_pos:o_pos + o_len, i_pos:i_pos + i_len]
+                    block = out[o_start:o_start + o_len, i_start:i_start + i_len]
+                    part = g[o_pos:o_pos + o_len, i_pos:i_pos + i_len]
+                    if disjoint:
+                        block.copy_(part)
+                    else:
+                        block.add_(part)
                     i_pos += i_len
                 o_pos += o_len
         return out, None
+
+
+def _layout(sels: list, shape: torch.Size) -> tuple[bool, bool]:
+    """(no two selections share a weight entry, their areas add up to the whole weight's): when the
+    first holds, the second says they cover it."""
+    def sides(sel) -> tuple[set | None, set | None]:  # the experts on each side; None: all channels
+        in_sel, _, out_sel, _ = sel
+        return None if out_sel is None else set(out_sel), None if in_sel is None else set(in_sel)
+
+    def meet(a: set | None, b: set | None) -> bool:
+        return a is None or b is None or bool(a & b)
+
+    sets = [sides(sel) for sel in sels]
+    disjoint = not any(meet(a[0], b[0]) and meet(a[1], b[1]) for i, a in enumerate(sets) for b in sets[i + 1:])
+    area = sum((shape[0] if out_sel is None else len(out_sel) * per_out) *
+               (shape[1] if in_sel is None else len(in_sel) * per_in) for in_sel, per_in, out_sel, per_out in sels)
+    return disjoint, area == shape[0] * shape[1]
 
 
 def _spans(sel: list[int] | None, per: int, size: int) -> list[tuple[int, int]]:
