@@ -76,6 +76,36 @@ def test_strategy_equals_masked_with_gradients(mode, cls, scope, train, dtype, r
         assert torch.allclose(stats_s[name].to(v.dtype), v, rtol=rtol, atol=rtol), name
 
 
+@pytest.mark.parametrize("mode", ["grouped", "static-gather"])
+@pytest.mark.parametrize("cls,scope,experts,top_k", [(PreActResNet, "paper", 2, 1), (Zoo, "hidden", 4, 2)])
+def test_strategies_train_under_autocast_like_masked(mode, cls, scope, experts, top_k, monkeypatch):
+    """Mixed-precision training (``train.mixed_precision: bf16``): every strategy's training step
+    runs under autocast on bfloat16 maps (masked math's BatchNorm included) and agrees with masked
+    to bfloat16's precision: outputs, parameter gradients, BatchNorm running statistics. Input
+    gradients are only required finite: bfloat16 rounding moves them by a fifth of their largest."""
+    if mode == "static-gather":
+        monkeypatch.setitem(EXECUTORS["static"].gather_max_batch, "cpu", 8)
+        mode = "static"
+    torch.manual_seed(0)
+    moe = _moe(cls, scope, experts=experts, top_k=top_k, train=True)
+    state = {k: v.clone() for k, v in moe.state_dict().items()}
+    x = torch.rand(8, 3, 16, 16)
+    results = {}
+    for strategy in (mode, "masked"):
+        moe.load_state_dict(state)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, gx, gp = _grads(moe, x, strategy, spread=True)
+        results[strategy] = out.float(), gx, gp, {k: v.clone() for k, v in moe.state_dict().items()}
+    (out_s, gx_s, gp_s, st_s), (out_m, gx_m, gp_m, st_m) = results[mode], results["masked"]
+    assert out_m.dtype == torch.float32 and bool(torch.isfinite(gx_s).all()) and bool(torch.isfinite(gx_m).all())
+    assert (out_s - out_m).abs().max() <= 2e-2 * out_m.abs().max()
+    overall = max(g.abs().max() for g in gp_m.values())
+    assert set(gp_s) == set(gp_m) and all((gp_s[n] - gp_m[n]).abs().max() <= 2e-2 * overall for n in gp_m)
+    for name, v in st_m.items():
+        if v.is_floating_point():
+            assert torch.allclose(st_s[name], v, rtol=1e-2, atol=1e-3), name
+
+
 @pytest.mark.parametrize("mode", ["masked", "grouped", "static", "static-gather"])
 def test_channels_last_trains_like_contiguous(mode, monkeypatch):
     """Training lays models and images out channels-last on a CPU (``train.build.training_layout``):
