@@ -9,9 +9,9 @@ layer, forward and backward; here it takes eight, against five for ``F.batch_nor
 - forward: the mean, then the variance from the deviations (two passes, as BatchNorm takes them),
   each summed per (sample, channel) and then over the selecting samples, and one fused
   multiply-add;
-- backward: one fused pass for both per-channel sums (``native_batch_norm_backward`` in its
-  running-statistics form: the sums of g and of g times the normalised input) and two fused
-  multiply-adds for the input's gradient, in closed form.
+- backward: one fused pass for both per-channel sums (``native_batch_norm_backward`` given these
+  statistics, asked for the weight's and bias's gradients only: the sums of g times the
+  normalised input and of g) and two fused multiply-adds for the input's gradient, in closed form.
 """
 from __future__ import annotations
 
