@@ -73,6 +73,24 @@ def test_standardised_router_trains_on_the_batch_statistics():
     assert r.scores(h.detach()).abs().max() > 10 * s.abs().max()  # eval follows the (lagging) running ones
 
 
+def test_standardised_router_reads_a_packed_input_as_its_full_width_one():
+    """A router whose input holds only the experts every sample selected (a packed layer with one
+    routing pattern) trains as on the full-width input with zeros elsewhere: the same scores, and
+    running statistics of 0 mean and variance for the channels no sample holds."""
+    torch.manual_seed(0)
+    full_width = LayerRouter(8, 2, 1, norm=True).train()
+    packed = copy.deepcopy(full_width)
+    for step in range(3):
+        x = torch.zeros(16, 8, 3, 3)
+        x[:, 4:] = torch.randn(16, 4, 3, 3) * 2 + step  # expert 1's channels (4 per expert)
+        s_full = full_width.scores(x)
+        s_packed = packed.scores(x[:, 4:], [1])
+        assert torch.allclose(s_packed, s_full, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(packed.in_mean, full_width.in_mean, atol=1e-6)
+    assert torch.allclose(packed.in_var, full_width.in_var, atol=1e-6)
+    assert full_width.in_mean[4:].min() > 0.5 and full_width.in_var[4:].min() > 0.1  # statistics that moved
+
+
 @pytest.mark.parametrize("norm", [False, True], ids=["plain", "standardised"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_compiled_router_scores_equal_eager(norm, train):

@@ -85,11 +85,12 @@ class LayerRouter(nn.Module):
         lag them early in training, and the scores ran away, docs/results.md); in eval, the
         running statistics folded into the linear layer."""
         if self.training:
-            self._update_stats(h, experts)
+            hf = h.float()
+            var, mean = torch.var_mean(hf, 0, correction=0)  # one pass for both, used twice
+            self._update_stats(mean.detach(), var.detach(), experts)
             if h.shape[0] > 1:
                 w = self.proj.weight if experts is None else take(self.proj.weight, 1, experts, h.shape[1] // len(experts))
-                hf = h.float()
-                z = (hf - hf.mean(0)) * torch.rsqrt(hf.var(0, unbiased=False) + NORM_EPS)
+                z = (hf - mean) * torch.rsqrt(var + NORM_EPS)
                 return scores_product(z.to(h.dtype), w)
         w, bias = self._folded()
         if experts is not None:
@@ -110,18 +111,20 @@ class LayerRouter(nn.Module):
             return fold(mean.clone(), var.clone())
         return cached((w, mean, var), ("folded", w._version, mean._version, var._version), lambda: fold(mean, var))
 
-    def _update_stats(self, h: torch.Tensor, experts: list[int] | None) -> None:
-        """Fold the batch's per-channel mean and variance of the full-width pooled vector into the
-        running statistics: averaged over the first batches, then BatchNorm's moving average."""
+    def _update_stats(self, mean: torch.Tensor, var: torch.Tensor, experts: list[int] | None) -> None:
+        """Fold the batch's per-channel mean and biased variance of the pooled vector into the
+        running statistics: averaged over the first batches, then BatchNorm's moving average. With
+        ``experts`` they are the selected channels' (the others are zeros in the full-width vector
+        every sample shares, so their mean and variance are 0)."""
         with torch.no_grad():
-            full = h.detach().float()
-            if experts is not None:  # the selected channels in place, zeros elsewhere
-                ch = expert_channels(experts, h.shape[1] // len(experts), h.device)
-                full = full.new_zeros(h.shape[0], self.in_mean.numel()).index_copy_(1, ch, full)
-            var = full.var(0, unbiased=False) if len(full) > 1 else torch.zeros_like(full[0])
+            mean, var = mean.to(self.in_mean), var.to(self.in_var)
+            if experts is not None:
+                ch = expert_channels(experts, mean.numel() // len(experts), mean.device)
+                mean = torch.zeros_like(self.in_mean).index_copy_(0, ch, mean)
+                var = torch.zeros_like(self.in_var).index_copy_(0, ch, var)
             f = torch.clamp(1.0 / (self.in_batches.float() + 1.0), min=NORM_MOMENTUM)
-            self.in_mean.mul_(1 - f).add_(f * full.mean(0).to(self.in_mean))
-            self.in_var.mul_(1 - f).add_(f * var.to(self.in_var))
+            self.in_mean.lerp_(mean, f)
+            self.in_var.lerp_(var, f)
             self.in_batches.add_(1)
 
     def revive(self, dead: int, source: int, generator: torch.Generator, scale: float = 0.1) -> None:
