@@ -293,6 +293,21 @@ def test_ties_break_to_the_lower_expert_and_gate_is_one():
     assert scores.grad.abs().sum() > 0
 
 @pytest.mark.parametrize("top_k", [1, 2])
+def test_gates_carry_the_chosen_experts_log_probability_gradient(top_k):
+    """The straight-through gate: value exactly 1, gradient that of log softmax(scores) at the
+    chosen experts (what routers learn from)."""
+    g = torch.Generator().manual_seed(top_k)
+    scores = torch.randn(6, 4, generator=g, requires_grad=True)
+    route = select_top_k(scores, top_k)
+    upstream = torch.randn(6, top_k, generator=g)
+    (got,) = torch.autograd.grad((route.gate * upstream).sum(), scores)
+    leaf = scores.detach().requires_grad_()
+    (want,) = torch.autograd.grad((torch.log_softmax(leaf, -1).gather(1, route.idx) * upstream).sum(), leaf)
+    assert torch.equal(route.gate, torch.ones(6, top_k))
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
 def test_constant_gate_mask_selects_the_channels_the_gated_mask_does(top_k):
     """Without a gradient the channel mask is made by a comparison (bool), with one by scattering
     the gates: the same channels, and zeroing with either gives the same tensor and dtype."""

@@ -277,6 +277,25 @@ def select_one(scores: torch.Tensor, top_k: int) -> Route:
     return r
 
 
+class _ChosenGates(torch.autograd.Function):
+    """[B, K] gates of value exactly 1 whose gradient is the chosen experts' log-probabilities'
+    (the straight-through estimator): d log softmax(s)_i / d s = onehot(i) - softmax(s), taken in
+    float32; one op where a log-softmax, a gather, a subtraction and an exp would be four."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(torch.softmax(scores.float(), dim=-1), idx)
+        ctx.dtype = scores.dtype
+        return torch.ones(idx.shape, dtype=scores.dtype, device=scores.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        p, idx = ctx.saved_tensors
+        grad = grad.float()
+        return torch.scatter_add(p * grad.sum(-1, keepdim=True).neg(), 1, idx, grad).to(ctx.dtype), None
+
+
 def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, noise: float = 0.0,
                  drop: float = 0.0) -> Route:
     """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
@@ -315,9 +334,7 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, no
     pending = chosen if defer_check else None
     if not scores.requires_grad:
         return Route(idx, None, scores.shape[-1], chosen=pending)
-    logp = torch.log_softmax(scores.float(), dim=-1)
-    sel = logp.gather(1, idx)
-    gate = torch.exp(sel - sel.detach()).to(scores.dtype)
+    gate = _ChosenGates.apply(scores, idx)
     if drop:  # choices forced by the dropout: value 1, no router gradient
         forced = preferred.gather(1, idx) < preferred.topk(top_k, dim=-1).values[..., -1:]
         gate = torch.where(forced, gate.detach(), gate)
