@@ -45,6 +45,9 @@ run() {
   step training step compiled into CUDA graphs, paper scope, the training target of the issue
   run 150 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 256 --mode train --repeats 5 --device cuda --compile-mode reduce-overhead --strategies static --json "$OUT/train_graphs.json"
 
+  step "eager training step, paper scope, masked math (the seventeenth session cut its calls; the sixteenth read masked 0.39x)"
+  run 60 python3 -m moeify bench resnet18 --experts 2 --top-k 1 --scope paper --batch 256 --mode train --repeats 5 --device cuda --strategies masked,static
+
   step robust training step compiled: dense / S-Dense / MoE TRADES and AdvMoE, width 64
   run 180 python3 -m moeify bench-train --recipe quickstart --set model.kwargs.width=64 --set train.compile=true --repeats 5 --device cuda
 
