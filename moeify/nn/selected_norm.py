@@ -19,10 +19,7 @@ import math
 
 import torch
 
-
-def _broadcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """[C] or [B, C] viewed to broadcast over a [B, C, ...] tensor."""
-    return v.view((1,) * (2 - v.ndim) + tuple(v.shape) + (1,) * (ndim - 2))
+from .packing import broadcast
 
 
 class SelectedBatchNorm(torch.autograd.Function):
@@ -42,12 +39,12 @@ class SelectedBatchNorm(torch.autograd.Function):
         count = m.sum(0) * math.prod(x.shape[2:])
         coef = m / count.clamp_min(1)  # [B, C]: each element's weight in its channel's mean
         mean = ((x.sum(dims, dtype=acc) if dims else x) * coef).sum(0)
-        dev = (x - _broadcast(mean, x.ndim)).square_()
+        dev = (x - broadcast(mean[None], x.ndim, 1)).square_()
         var = ((dev.sum(dims) if dims else dev) * coef).sum(0)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
-        out = torch.addcmul(_broadcast(shift, x.ndim), x, _broadcast(scale, x.ndim))
+        out = torch.addcmul(broadcast(shift[None], x.ndim, 1), x, broadcast(scale[None], x.ndim, 1))
         ctx.save_for_backward(x, coef, mean, invstd, scale)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var, count)
@@ -69,7 +66,7 @@ class SelectedBatchNorm(torch.autograd.Function):
         # as scale * g - slope * x + (slope * mean - coef * scale * sum g)
         slope = coef * (scale * invstd * g_xhat)  # [B, C]
         offset = torch.addcmul(slope * mean, coef, scale * g_sum, value=-1)
-        gx = torch.addcmul(_broadcast(offset, x.ndim), x, _broadcast(slope, x.ndim), value=-1)
-        gx.addcmul_(g, _broadcast(scale, x.ndim))
+        gx = torch.addcmul(broadcast(offset, x.ndim, 1), x, broadcast(slope, x.ndim, 1), value=-1)
+        gx.addcmul_(g, broadcast(scale[None], x.ndim, 1))
         gx_needed, _, gw_needed, gb_needed, _ = ctx.needs_input_grad
         return (gx if gx_needed else None, None, g_xhat if gw_needed else None, g_sum if gb_needed else None, None)
