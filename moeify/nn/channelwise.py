@@ -17,7 +17,7 @@ from .gated import with_mixin
 from .kernel import PLAIN_CONV_FORWARDS
 from .cache import cached, remember
 from .packing import broadcast, expert_channels, take
-from .route import Route
+from .route import Route, selected_channels
 from .selected_norm import SelectedBatchNorm
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -117,7 +117,7 @@ def per_sample_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
     if not route.packed:
         if not use_batch:
             return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        y, mean, var, count = SelectedBatchNorm.apply(x, route.channel_mask(channels).detach().ne(0), bn.weight,
+        y, mean, var, count = SelectedBatchNorm.apply(x, selected_channels(route.idx, per, route.experts), bn.weight,
                                                       bn.bias, bn.eps)
         _update_running(bn, mean, var, count, factor)
         return y
