@@ -292,6 +292,7 @@ def test_ties_break_to_the_lower_expert_and_gate_is_one():
     route.gate.sum().backward()
     assert scores.grad.abs().sum() > 0
 
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_gates_carry_the_chosen_experts_log_probability_gradient(top_k):
     """The straight-through gate: value exactly 1, gradient that of log softmax(scores) at the
