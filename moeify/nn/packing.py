@@ -57,9 +57,10 @@ def take(t: torch.Tensor, dim: int, experts: list[int], per: int) -> torch.Tenso
 
 
 def broadcast(v: torch.Tensor, ndim: int, cdim: int) -> torch.Tensor:
-    """[B, C] -> a shape that broadcasts over a [B, ..., C (at cdim), ...] tensor."""
-    shape = [v.shape[0]] + [1] * (ndim - 1)
-    shape[cdim] = v.shape[1]
+    """[B, C] (or [C], the same for every sample) -> a shape that broadcasts over a
+    [B, ..., C (at cdim), ...] tensor, in one reshape."""
+    shape = [v.shape[0] if v.ndim == 2 else 1] + [1] * (ndim - 1)
+    shape[cdim] = v.shape[-1]
     return v.reshape(shape)
 
 

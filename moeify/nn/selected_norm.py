@@ -39,12 +39,12 @@ class SelectedBatchNorm(torch.autograd.Function):
         count = m.sum(0) * math.prod(x.shape[2:])
         coef = m / count.clamp_min(1)  # [B, C]: each element's weight in its channel's mean
         mean = ((x.sum(dims, dtype=acc) if dims else x) * coef).sum(0)
-        dev = (x - broadcast(mean[None], x.ndim, 1)).square_()
+        dev = (x - broadcast(mean, x.ndim, 1)).square_()
         var = ((dev.sum(dims) if dims else dev) * coef).sum(0)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         shift = -mean * scale if bias is None else torch.addcmul(bias, mean, scale, value=-1)
-        out = torch.addcmul(broadcast(shift[None], x.ndim, 1), x, broadcast(scale[None], x.ndim, 1))
+        out = torch.addcmul(broadcast(shift, x.ndim, 1), x, broadcast(scale, x.ndim, 1))
         ctx.save_for_backward(x, coef, mean, invstd, scale)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var, count)
@@ -67,6 +67,6 @@ class SelectedBatchNorm(torch.autograd.Function):
         slope = coef * (scale * invstd * g_xhat)  # [B, C]
         offset = torch.addcmul(slope * mean, coef, scale * g_sum, value=-1)
         gx = torch.addcmul(broadcast(offset, x.ndim, 1), x, broadcast(slope, x.ndim, 1), value=-1)
-        gx.addcmul_(g, broadcast(scale[None], x.ndim, 1))
+        gx.addcmul_(g, broadcast(scale, x.ndim, 1))
         gx_needed, _, gw_needed, gb_needed, _ = ctx.needs_input_grad
         return (gx if gx_needed else None, None, g_xhat if gw_needed else None, g_sum if gb_needed else None, None)
