@@ -1,4 +1,14 @@
-"""Exceptions moeify raises on purpose; the CLI turns them into one-line messages."""
+"""Exceptions moeify raises on purpose; the CLI turns them into one-line messages.
+
+``route_checks`` is where a compiled model leaves its NaN/inf route check for its own call to
+read once the compiled code has returned (``graph/trace.py``): a read of a device value inside a
+compiled graph needs an opaque Python op there, which cost more than the routers themselves in a
+small model, and an in-graph assert cannot raise RoutingError (and ends the process when inductor
+places it inside a parallel region).
+"""
+from __future__ import annotations
+
+import threading
 
 
 class MoeifyError(Exception):
@@ -11,3 +21,18 @@ class ConversionError(MoeifyError):
 
 class RoutingError(MoeifyError):
     """A router produced scores that cannot be routed (NaN or inf)."""
+
+    @classmethod
+    def non_finite(cls) -> "RoutingError":
+        return cls("router produced non-finite scores (NaN/inf); refusing to route (it would silently pick expert 0); "
+                   "check the learning rate and the inputs")
+
+
+route_checks = threading.local()
+"""This thread's deferred route check: ``taken`` is true while a converted model's own call runs
+and will read ``finite`` (a 0-d bool tensor that compiled code stores, or None) when it returns."""
+
+
+def route_checks_taken() -> bool:
+    """Whether the call running now reads the route check after its compiled code returns."""
+    return getattr(route_checks, "taken", False)

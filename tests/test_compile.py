@@ -126,10 +126,11 @@ def _nan_router(moe) -> None:
 
 
 def test_compiled_static_still_refuses_non_finite_routes():
-    """The route check survives compilation as one opaque op that reads one flag per call, and its
-    RoutingError reaches the caller as itself under ``fullgraph=True`` (fx's own error report
-    would turn it into a dynamo error), also for a copy of the model; the op is declared unsafe
-    for CUDA graphs, so inductor captures the rest of the model around it."""
+    """The route check survives compilation (one flag read per call), and its RoutingError
+    reaches the caller as itself under ``fullgraph=True`` (fx's own error report would turn it
+    into a dynamo error), also for a copy of the model; the opaque op that checks where no
+    in-graph assert can (a GPU, a larger graph) is declared unsafe for CUDA graphs, so inductor
+    captures the rest of the model around it."""
     import copy
 
     torch.manual_seed(0)
@@ -144,6 +145,36 @@ def test_compiled_static_still_refuses_non_finite_routes():
             fn(x)
     if hasattr(torch.Tag, "cudagraph_unsafe"):
         assert torch.Tag.cudagraph_unsafe in torch.ops.moeify.check_routes.default.tags
+
+
+def test_every_route_is_checked_compiled_alone_and_inside_a_larger_graph():
+    """Compiled on its own (inductor's C++ code here), a MoE leaves its route check to its own
+    call, which reads it after the compiled code; traced into a larger compiled graph
+    (``fullgraph=True``), it checks with the opaque op. Either way a NaN in any one router's
+    scores is refused as RoutingError, the first router's as the last's: each route's check is
+    carried into the next route's choice, and the last one's reaches the end of the call."""
+    torch.manual_seed(0)
+    model = moeify.create_model("cifar_resnet_small", input_size=(1, 28, 28), width=8, stem_stride=2, in_chans=1)
+    moe = moeify.convert(model, experts=2, top_k=1, scope="paper").eval()
+    x = torch.rand(2, 1, 28, 28)
+    runs = {"alone": torch.compile(moe, fullgraph=True),
+            "inside": torch.compile(torch.nn.Sequential(torch.nn.Identity(), moe), fullgraph=True,
+                                    backend="aot_eager")}
+    layers = list(moeify.moe_layers(moe).values())
+    assert len(layers) == 6
+    with torch.no_grad(), moeify.execution("static"):
+        for run in runs.values():
+            assert torch.isfinite(run(x)).all()
+        for layer in layers:
+            w = layer.router.proj.weight
+            kept = w.clone()
+            w[0, 0] = float("nan")
+            for run in runs.values():
+                with pytest.raises(moeify.RoutingError, match="NaN"):
+                    run(x)
+            w.copy_(kept)
+        for run in runs.values():  # and nothing is left over from a refused call
+            assert torch.isfinite(run(x)).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import ConversionError
+from ..errors import ConversionError, RoutingError, route_checks
 
 
 def _extra_leaf_types() -> tuple[type, ...]:
@@ -74,22 +74,47 @@ class MoeifyTracer(fx.Tracer):
 
 
 class TracedModule(fx.GraphModule):
-    """A GraphModule whose errors reach its caller as raised, compiled or not. fx runs every
-    GraphModule call inside a handler that walks a raised exception's traceback with a generator;
-    under ``torch.compile(..., fullgraph=True)`` that handler cannot be compiled, so an error the
-    model raises on purpose (a refused NaN route) would reach the caller as dynamo's "Attempt to
-    trace generator" instead. Here the call goes straight to ``nn.Module.__call__`` (torch's own
-    code, so dynamo still starts each model's trace at its own generated forward)."""
+    """A GraphModule whose errors reach its caller as raised, compiled or not (``_call``)."""
 
     def recompile(self):
         code = super().recompile()
-        type(self)._wrapped_call = staticmethod(nn.Module.__call__)  # fx keeps a class's own wrapper
+        type(self).__call__ = _call  # fx sets its own wrapper on every recompile
         return code
 
     def __reduce__(self):
         """Pickled as fx pickles a GraphModule (its code, traced again on loading, by the tracer
         that made it), and rebuilt as a TracedModule."""
         return _traced_from_code, super().__reduce__()[1]
+
+
+def _call(self: TracedModule, *args, **kwargs):
+    """A TracedModule's call. fx runs every GraphModule call inside a handler that walks a raised
+    exception's traceback with a generator; under ``torch.compile(..., fullgraph=True)`` that
+    handler cannot be compiled, so an error the model raises on purpose (a refused NaN route) would
+    reach the caller as dynamo's "Attempt to trace generator". This goes straight to
+    ``nn.Module.__call__`` instead, and then raises the route check that compiled code left to it
+    (``errors.route_checks``). Dynamo does not compile this frame when it is the first one
+    (``torch.compile(model)``), only the model's call inside it, so the check is read here,
+    eagerly, after the compiled code (everything the frame needs is inline: each function it
+    called would be a frame of its own for dynamo to compile). Traced into a larger graph, the call
+    takes no check, and the model's code sees that and checks its routes itself."""
+    if torch.compiler.is_compiling():
+        return nn.Module.__call__(self, *args, **kwargs)
+    taken = getattr(route_checks, "taken", False)
+    route_checks.taken, route_checks.finite = True, None
+    try:
+        out = nn.Module.__call__(self, *args, **kwargs)
+        finite = route_checks.finite
+    finally:
+        route_checks.taken, route_checks.finite = taken, None
+    if finite is not None and not bool(finite):
+        raise RoutingError.non_finite()
+    return out
+
+
+_skip_top_frame = getattr(torch._dynamo.eval_frame, "skip_code", None)
+if _skip_top_frame is not None:  # absent (an older torch): dynamo traces this frame too, and the model raises itself
+    _skip_top_frame(_call.__code__)
 
 
 def _traced_from_code(body: dict, import_block: str) -> TracedModule:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import RoutingError
+from ..errors import RoutingError, route_checks, route_checks_taken
 from ..graph.trace import inserted
 from .policy import Recorder, current_policy
 
@@ -168,8 +168,7 @@ def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.
 
 
 def _non_finite() -> RoutingError:
-    return RoutingError("router produced non-finite scores (NaN/inf); refusing to route (it would silently "
-                        "pick expert 0); check the learning rate and the inputs")
+    return RoutingError.non_finite()
 
 
 _HOST_READ = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
@@ -178,11 +177,11 @@ _HOST_READ = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cuda
 
 @torch.library.custom_op("moeify::check_routes", mutates_args=(), **_HOST_READ)
 def _check_routes(finite: torch.Tensor) -> torch.Tensor:
-    """Raise RoutingError unless every element of ``finite`` is true; an opaque op, so a compiled
-    graph keeps it whole (one read of one flag per model call). Marked unsafe for CUDA graphs (a
-    host read cannot be captured): inductor's graph partition leaves it out and captures the rest
-    of the model (``mode="reduce-overhead"``)."""
-    if not bool(finite.all()):
+    """Raise RoutingError unless ``finite`` (0-d bool) is true; an opaque op, so a compiled graph
+    keeps it whole (one read of one flag per model call). Marked unsafe for CUDA graphs (a host
+    read cannot be captured): inductor's graph partition leaves it out and captures the rest of
+    the model (``mode="reduce-overhead"``)."""
+    if not bool(finite):
         raise _non_finite()
     return finite.new_ones((), dtype=torch.float32)
 
@@ -195,16 +194,26 @@ def _(finite: torch.Tensor) -> torch.Tensor:
 @inserted
 def routes_checked(out, *routes):
     """``out``, after checking the chosen scores of ``routes`` (and of ``out`` when it is a Route)
-    that are still unchecked: one host read for all of them; raises RoutingError on a NaN/inf."""
+    that are still unchecked: one host read for all of them; raises RoutingError on a NaN/inf.
+
+    Compiled on the CPU as the model's own call (not inside a larger graph), the flag is left to
+    that call, which reads it once the compiled code has returned (``errors.route_checks``):
+    inside the graph a read needs the opaque ``check_routes`` op, a Python call after the
+    kernels. Elsewhere (a GPU, the model traced into a larger graph) it is that op."""
     pending = [r.chosen for r in (out, *routes) if isinstance(r, Route) and r.chosen is not None]
     if not pending:
         return out
-    finite = torch.isfinite(torch.cat([c.reshape(-1).to(pending[0]) for c in pending]))
-    if torch.compiler.is_compiling():
-        return _keep(out, _check_routes(finite))
-    if not bool(finite.all()):
-        raise _non_finite()
-    return out
+    if not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(torch.cat([c.reshape(-1).to(pending[0]) for c in pending])).all()):
+            raise _non_finite()
+        return out
+    # 0 exactly where every score is finite (x * 0 is 0 or -0), NaN otherwise; a sum, not a cat,
+    # which inductor lays out as one view per route, each made by a Python call per model call
+    finite = sum((c.float() * 0).sum() for c in pending) == 0
+    if finite.device.type == "cpu" and route_checks_taken():
+        route_checks.finite = finite
+        return out
+    return _keep(out, _check_routes(finite))
 
 
 def _keep(out, ok: torch.Tensor):
@@ -297,7 +306,7 @@ class _ChosenGates(torch.autograd.Function):
 
 
 def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, noise: float = 0.0,
-                 drop: float = 0.0) -> Route:
+                 drop: float = 0.0, carried: torch.Tensor | None = None) -> Route:
     """Route from router scores [B, N]: stable top-K, straight-through gates of value exactly 1
     (or what an active routing policy decides, see policy.py). A NaN/inf chosen score raises now,
     or, with ``defer_check``, in ``routes_checked`` at the end of the model call. ``noise``: the
@@ -307,16 +316,21 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, no
     a better one was dropped trains on it, but its gate gives the router no gradient: the
     straight-through gradient of a choice the router gives probability ~0 does not fade, and it
     would push that expert's score down without bound (measured: an unnormalised router's scores
-    reached 5e37 within an epoch)."""
+    reached 5e37 within an epoch). ``carried``: an earlier route's chosen scores, still unchecked,
+    which this route's check then covers: their non-finiteness (0, or NaN per sample) is added to
+    the scores the choice reads, so a NaN/inf there makes this route's chosen score NaN, and a
+    finite one leaves the choice as it was (s + 0 == s)."""
     policy = current_policy()
     if policy is not None:
         decided = policy.route(scores, top_k)
         if decided is not None:
-            return Route(decided[0], decided[1], scores.shape[-1])
+            return Route(decided[0], decided[1], scores.shape[-1], chosen=carried)
     elif scores.shape[0] == 1 and not (defer_check or noise or drop or scores.requires_grad
                                        or torch.compiler.is_compiling()):
         return select_one(scores, top_k)
     detached = scores.detach()
+    if carried is not None:
+        detached = detached + (carried * 0).sum(-1, keepdim=True).to(detached.dtype)
     if noise:
         detached = detached + noise * torch.randn_like(detached)
     preferred = detached

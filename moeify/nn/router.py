@@ -201,7 +201,7 @@ class MoELayer(nn.Module):
             r = lead.executor.follow(self, x, in_route)
             if r is not None:
                 return r
-        return current_executor().resolve(x, self).route(self, x, in_route)
+        return current_executor().resolve(x, self).route(self, x, in_route, lead)
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, channels={self.channels}, experts={self.experts}, top_k={self.top_k}, packed={self.packed}"

@@ -50,8 +50,10 @@ class Executor:
         strategy again; None: resolve and route as usual."""
         return None
 
-    def route(self, layer: nn.Module, x, in_route: Route | None) -> Route:
-        """The layer's Route from its input (or a shared global Route), adopted by this executor."""
+    def route(self, layer: nn.Module, x, in_route: Route | None, earlier: Route | None = None) -> Route:
+        """The layer's Route from its input (or a shared global Route), adopted by this executor.
+        ``earlier``: a route made before it in the same call; where a compiler traces the call,
+        this route's NaN/inf check takes over that route's (``select_top_k``'s ``carried``)."""
         if isinstance(x, Route):
             return x.adopted(self, layer.packed and self.packs(x.idx.shape[0], x.idx.device))
         router = layer.router
@@ -70,7 +72,11 @@ class Executor:
                 h = in_route.apply(h, 1)
             scores = router.scores(h)
         noise, drop = (layer.noise, layer.expert_dropout) if layer.training else (0.0, 0.0)
-        r = select_top_k(scores, layer.top_k, self.defers_check(scores.device), noise, drop)
+        defer = self.defers_check(scores.device)
+        carried = None
+        if defer and earlier is not None and earlier.chosen is not None and torch.compiler.is_compiling():
+            carried, earlier.chosen = earlier.chosen, None  # checked with this route's scores
+        r = select_top_k(scores, layer.top_k, defer, noise, drop, carried)
         r.executor, r.packed = self, layer.packed and self.packs(scores.shape[0], scores.device)
         return r
 

@@ -142,14 +142,14 @@ class Grouped(Executor):
     def __init__(self, one: Executor | None = None) -> None:
         self.one = one  # the lane for a route whose batch shares one host-known selection (``selected.py``)
 
-    def route(self, layer: nn.Module, x, in_route: Route | None) -> Route:
+    def route(self, layer: nn.Module, x, in_route: Route | None, earlier: Route | None = None) -> Route:
         """The generic route; one sample chosen on the host in inference goes to the ``one`` lane."""
         if self.one is not None and not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.shape[0] == 1 \
                 and not layer.training and not self.defers_check(x.device):
             r = self.one.route_one(layer, x, in_route)
             if r is not None:
                 return r
-        r = super().route(layer, x, in_route)
+        r = super().route(layer, x, in_route, earlier)
         if r.one is not None and self.one is not None:
             r.executor = self.one
         return r
