@@ -150,7 +150,8 @@ def test_compiled_static_still_refuses_non_finite_routes():
 def test_every_route_is_checked_compiled_alone_and_inside_a_larger_graph():
     """Compiled on its own (inductor's C++ code here), a MoE leaves its route check to its own
     call, which reads it after the compiled code; traced into a larger compiled graph
-    (``fullgraph=True``), it checks with the opaque op. Either way a NaN in any one router's
+    (``fullgraph=True``), or its forward compiled without that call, it checks with the opaque op
+    (the compiled forward is not reused across the two). Either way a NaN in any one router's
     scores is refused as RoutingError, the first router's as the last's: each route's check is
     carried into the next route's choice, and the last one's reaches the end of the call."""
     torch.manual_seed(0)
@@ -159,7 +160,9 @@ def test_every_route_is_checked_compiled_alone_and_inside_a_larger_graph():
     x = torch.rand(2, 1, 28, 28)
     runs = {"alone": torch.compile(moe, fullgraph=True),
             "inside": torch.compile(torch.nn.Sequential(torch.nn.Identity(), moe), fullgraph=True,
-                                    backend="aot_eager")}
+                                    backend="aot_eager"),
+            "its forward, compiled after the model was": torch.compile(moe.forward, fullgraph=True,
+                                                                       backend="aot_eager")}
     layers = list(moeify.moe_layers(moe).values())
     assert len(layers) == 6
     with torch.no_grad(), moeify.execution("static"):
