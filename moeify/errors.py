@@ -3,8 +3,9 @@
 ``route_checks`` is where a compiled model leaves its NaN/inf route check for its own call to
 read once the compiled code has returned (``graph/trace.py``): a read of a device value inside a
 compiled graph needs an opaque Python op there, which cost more than the routers themselves in a
-small model, and an in-graph assert cannot raise RoutingError (and ends the process when inductor
-places it inside a parallel region).
+small model on the CPU and splits a graph that CUDA graphs capture, and an in-graph assert cannot
+raise RoutingError (on the CPU it ends the process when inductor places it inside a parallel
+region; on a GPU a failed device assert leaves the process's CUDA context unusable).
 """
 from __future__ import annotations
 

@@ -128,9 +128,9 @@ def _nan_router(moe) -> None:
 def test_compiled_static_still_refuses_non_finite_routes():
     """The route check survives compilation (one flag read per call), and its RoutingError
     reaches the caller as itself under ``fullgraph=True`` (fx's own error report would turn it
-    into a dynamo error), also for a copy of the model; the opaque op that checks where no
-    in-graph assert can (a GPU, a larger graph) is declared unsafe for CUDA graphs, so inductor
-    captures the rest of the model around it."""
+    into a dynamo error), also for a copy of the model; the opaque op that checks where the
+    model's own call cannot (the model traced into a larger graph) is declared unsafe for CUDA
+    graphs, so inductor captures the rest of the model around it."""
     import copy
 
     torch.manual_seed(0)

@@ -196,10 +196,10 @@ def routes_checked(out, *routes):
     """``out``, after checking the chosen scores of ``routes`` (and of ``out`` when it is a Route)
     that are still unchecked: one host read for all of them; raises RoutingError on a NaN/inf.
 
-    Compiled on the CPU as the model's own call (not inside a larger graph), the flag is left to
-    that call, which reads it once the compiled code has returned (``errors.route_checks``):
-    inside the graph a read needs the opaque ``check_routes`` op, a Python call after the
-    kernels. Elsewhere (a GPU, the model traced into a larger graph) it is that op."""
+    Compiled as the model's own call (not traced into a larger graph), the flag is left to that
+    call, which reads it once the compiled code has returned (``errors.route_checks``): inside the
+    graph a read needs the opaque ``check_routes`` op, a Python call after the kernels (and, under
+    CUDA graphs, a split of the captured graph). Traced into a larger graph, it is that op."""
     pending = [r.chosen for r in (out, *routes) if isinstance(r, Route) and r.chosen is not None]
     if not pending:
         return out
@@ -210,7 +210,7 @@ def routes_checked(out, *routes):
     # 0 exactly where every score is finite (x * 0 is 0 or -0), NaN otherwise; a sum, not a cat,
     # which inductor lays out as one view per route, each made by a Python call per model call
     finite = sum((c.float() * 0).sum() for c in pending) == 0
-    if finite.device.type == "cpu" and route_checks_taken():
+    if route_checks_taken():
         route_checks.finite = finite
         return out
     return _keep(out, _check_routes(finite))
