@@ -180,6 +180,24 @@ def test_every_route_is_checked_compiled_alone_and_inside_a_larger_graph():
             assert torch.isfinite(run(x)).all()
 
 
+def test_a_compiled_training_call_refuses_a_nan_in_the_first_route():
+    """In training (autograd through AOTAutograd) the check is left to the model's call as in
+    eval: a NaN in the first router's scores, carried through every later route's choice, is
+    refused as RoutingError, and a finite call trains as before (its gradients are finite)."""
+    torch.manual_seed(0)
+    model = moeify.create_model("cifar_resnet_small", input_size=(1, 28, 28), width=8, stem_stride=2, in_chans=1)
+    moe = moeify.convert(model, experts=2, top_k=1, scope="paper").train()
+    x = torch.rand(4, 1, 28, 28)
+    with moeify.execution("static"):
+        run = torch.compile(moe, fullgraph=True, backend="aot_eager")
+        run(x).square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in moe.parameters() if p.grad is not None)
+        with torch.no_grad():
+            next(iter(moeify.moe_layers(moe).values())).router.proj.weight[0, 0] = float("nan")
+        with pytest.raises(moeify.RoutingError, match="NaN"):
+            run(x)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("batch,gather", [(1, 0), (1, 1), (8, 8)])
 def test_static_runs_in_cuda_graphs_like_masked(batch, gather, monkeypatch):
