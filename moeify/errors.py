@@ -25,6 +25,7 @@ class RoutingError(MoeifyError):
 
     @classmethod
     def non_finite(cls) -> "RoutingError":
+        """The refusal of a route whose chosen score is NaN or infinite."""
         return cls("router produced non-finite scores (NaN/inf); refusing to route (it would silently pick expert 0); "
                    "check the learning rate and the inputs")
 

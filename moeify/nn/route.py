@@ -167,10 +167,6 @@ def pattern_groups(key: torch.Tensor, base: int) -> list[tuple[list[int], torch.
     return [([(c // base ** (k - 1 - j)) % base for j in range(k)], r) for c, r in zip(uniq.tolist(), rows)]
 
 
-def _non_finite() -> RoutingError:
-    return RoutingError.non_finite()
-
-
 _HOST_READ = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 """How an op that reads a device value on the host is declared (torch >= 2.8 knows the tag)."""
 
@@ -182,7 +178,7 @@ def _check_routes(finite: torch.Tensor) -> torch.Tensor:
     read cannot be captured): inductor's graph partition leaves it out and captures the rest of
     the model (``mode="reduce-overhead"``)."""
     if not bool(finite):
-        raise _non_finite()
+        raise RoutingError.non_finite()
     return finite.new_ones((), dtype=torch.float32)
 
 
@@ -205,7 +201,7 @@ def routes_checked(out, *routes):
         return out
     if not torch.compiler.is_compiling():
         if not bool(torch.isfinite(torch.cat([c.reshape(-1).to(pending[0]) for c in pending])).all()):
-            raise _non_finite()
+            raise RoutingError.non_finite()
         return out
     # 0 exactly where every score is finite (x * 0 is 0 or -0), NaN otherwise; a sum, not a cat,
     # which inductor lays out as one view per route, each made by a Python call per model call
@@ -266,14 +262,14 @@ def select_one(scores: torch.Tensor, top_k: int) -> Route:
     s = scores.tolist()[0]
     for v in s:  # plain loops: at batch 1 this runs once per layer and call
         if v != v:
-            raise _non_finite()
+            raise RoutingError.non_finite()
     if top_k == 1:  # the first maximum: ties go to the lower index
         sel = [max(range(len(s)), key=s.__getitem__)]
     else:
         sel = sorted(sorted(range(len(s)), key=s.__getitem__, reverse=True)[:top_k])  # stable: ties keep index order
     for i in sel:
         if not math.isfinite(s[i]):
-            raise _non_finite()
+            raise RoutingError.non_finite()
     key = (tuple(sel), scores.device)
     idx = _ONE_SAMPLE.get(key)
     if idx is None:
@@ -342,7 +338,7 @@ def select_top_k(scores: torch.Tensor, top_k: int, defer_check: bool = False, no
         idx = top_k_indices(detached, top_k)  # NaN sorts first, so it is always chosen
         chosen = detached.gather(-1, idx)
     if not defer_check and not _all_finite(chosen):
-        raise _non_finite()
+        raise RoutingError.non_finite()
     if isinstance(policy, Recorder):
         policy.choices.append(idx)
     pending = chosen if defer_check else None
