@@ -37,3 +37,8 @@ def build(a: argparse.Namespace) -> tuple[torch.nn.Module, moeify.MoESpec, torch
     moe = moeify.convert(dense, spec=spec).eval()
     spread_routing(moe)
     return dense, spec, moe
+
+
+def median(t: torch.Tensor) -> torch.Tensor:
+    """Medians over the last dimension (the rounds of a bootstrap resample)."""
+    return torch.quantile(t, 0.5, dim=-1)

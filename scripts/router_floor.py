@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import moeify
-from bench_args import build, model_arguments
+from bench_args import build, median, model_arguments
 from moeify.bench import interleaved_rounds, noise_in_biases, with_routers
 from moeify.nn.route import routes_checked
 from moeify.stats import paired_bootstrap
@@ -54,10 +54,6 @@ class DeviceRouted:
         choice = F.linear(x.mean((2, 3)), params["weight"], params["bias"]).argmax(-1)
         y = super().forward(x, *args, **kwargs)
         return y * (choice >= 0).to(y.dtype).view(-1, *[1] * (y.ndim - 1))
-
-
-def _median(t: torch.Tensor) -> torch.Tensor:
-    return torch.quantile(t, 0.5, dim=-1)
 
 
 def bare(twin_with_routers: torch.nn.Module, mixin: type = BareRouted) -> torch.nn.Module:
@@ -118,7 +114,7 @@ def main() -> None:
           f"{a.repeats} rounds")
     for k, v in ms.items():
         low, high = paired_bootstrap({"dense": rounds["dense"], k: rounds[k]},
-                                     lambda c, k=k: _median(c["dense"]) / _median(c[k]))
+                                     lambda c, k=k: median(c["dense"]) / median(c[k]))
         extra = f"  {(v - ms['static twin']) / n * 1e3:6.1f} us per router" if "router" in k else ""
         print(f"  {k:20s} {v:8.3f} ms  {ms['dense'] / v:5.2f}x ({low:.2f}-{high:.2f}){extra}")
 
