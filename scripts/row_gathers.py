@@ -74,7 +74,7 @@ def main() -> None:
 
     fns = {k: call(m) for k, m in models.items()} | {"gathers": gathers}
     rounds = interleaved_rounds(fns, a.repeats, warmup=2)
-    moved = sum(index.numel() * src[0].numel() * src.element_size() for src, _, index in rec.calls)
+    moved = sum(index.numel() * src.numel() // src.shape[dim] * src.element_size() for src, dim, index in rec.calls)
     print(f"{a.model} {spec.experts} experts top-{spec.top_k}, scope {spec.scope}, batch {a.batch}, MoE "
           f"strategy {a.strategy}, {torch.get_num_threads()} threads, {a.repeats} rounds; the MoE's forward "
           f"gathers {len(rec.calls)} times, {moved / 1e6:.0f} MB")
